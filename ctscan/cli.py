@@ -1,0 +1,304 @@
+"""`ctscan` command line: data, train, evaluate, models, serve, jobs.
+
+Every CTScanError (and other expected failures) ends as one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ctscan.errors import CTScanError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from ctscan.config import get_core_settings
+    from ctscan.store import open_store
+
+    return open_store(getattr(args, "store", None) or get_core_settings().model_store)
+
+
+def _data_dir(args: argparse.Namespace) -> str:
+    from ctscan.config import get_core_settings
+
+    return str(getattr(args, "data", None) or get_core_settings().data_dir)
+
+
+# --- train --------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from ctscan.config import get_core_settings
+    from ctscan.models import get_spec
+    from ctscan.training import TrainConfig, train_and_store
+
+    get_spec(args.model)
+    config = TrainConfig(
+        model=args.model, data_dir=_data_dir(args), init=args.init, input_size=args.input_size,
+        epochs=args.epochs, finetune_epochs=args.finetune_epochs, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, finetune_learning_rate=args.finetune_learning_rate,
+        patience=args.patience, seed=args.seed, threshold_rule=args.threshold_rule,
+        limit_per_class=args.limit_per_class, report_test=args.report_test,
+    )
+    run_dir = args.run_dir or (get_core_settings().runs_dir / args.model)
+    version, card, promoted = train_and_store(
+        config, run_dir=run_dir, store=_store(args), resume=args.resume, promote=args.promote,
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    summary = {
+        "model": args.model, "version": version, "promoted": promoted, "init": args.init,
+        "threshold": card["threshold"], "val": _short(card["metrics"]["val"]),
+        "test": _short(card["metrics"].get("test")), "run_dir": str(run_dir),
+        "training_seconds": card["training_seconds"],
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _short(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    if metrics is None:
+        return None
+    return {k: metrics[k] for k in ("accuracy", "precision", "recall", "f1", "auc") if k in metrics}
+
+
+# --- evaluate -----------------------------------------------------------------------------
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ctscan.evaluation import evaluate_store
+
+    report = evaluate_store(
+        store=_store(args), data_dir=_data_dir(args), models=args.model, split=args.split,
+        out_dir=args.out, resamples=args.resamples,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name, metrics in report["models"].items():
+            print(f"{name:12s} acc {metrics['accuracy']:.4f} prec {metrics['precision']:.4f} "
+                  f"rec {metrics['recall']:.4f} f1 {metrics['f1']:.4f} auc {metrics['auc']:.4f} "
+                  f"thr {metrics['threshold']:.3f}")
+    return 0
+
+
+# --- data ---------------------------------------------------------------------------------
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from ctscan.data import CTDataset
+
+    dataset = CTDataset(args.dir)
+    checked = dataset.verify_checksums()
+    print(json.dumps({"path": str(dataset.root), "checked": checked, "counts": dataset.counts(),
+                      "fingerprint": dataset.fingerprint()}, indent=2))
+    return 0
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from ctscan.download import download_dataset
+
+    result = download_dataset(Path(args.dest), base_url=args.base_url)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_data_upload(args: argparse.Namespace) -> int:
+    from ctscan.datasets import upload_dataset
+
+    result = upload_dataset(Path(args.dir), args.url, version=args.version)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# --- models -------------------------------------------------------------------------------
+def cmd_models_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    listing = {}
+    for name in store.list_models():
+        production = store.production(name)
+        versions = []
+        for version in store.list_versions(name):
+            card = store.card(name, version)
+            versions.append({"version": version, "production": version == production,
+                             "val": _short(card.get("metrics", {}).get("val")),
+                             "test": _short(card.get("metrics", {}).get("test"))})
+        listing[name] = versions
+    print(json.dumps(listing, indent=2))
+    return 0
+
+
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    store = _store(args)
+    store.promote(args.name, args.version, reason="promoted by an admin")
+    print(f"{args.name}: production is now {args.version}")
+    return 0
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> int:
+    store = _store(args)
+    version = store.rollback(args.name)
+    print(f"{args.name}: production rolled back to {version}")
+    return 0
+
+
+def cmd_models_seed(args: argparse.Namespace) -> int:
+    from ctscan.config import get_core_settings
+    from ctscan.release import seed_store
+
+    release = Path(args.release or get_core_settings().release_dir)
+    result = seed_store(release, _store(args))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_models_calibrate(args: argparse.Namespace) -> int:
+    from ctscan.evaluation import calibrate_ensemble
+
+    record = calibrate_ensemble(store=_store(args), data_dir=_data_dir(args))
+    print(json.dumps(record, indent=2))
+    return 0
+
+
+# --- serve and jobs are provided by the services ------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    if args.service == "inference":
+        from services.inference.main import serve as serve_inference
+
+        serve_inference(host=args.host, port=args.port or 8000)
+    elif args.service == "web":
+        from services.web.main import serve as serve_web
+
+        serve_web(host=args.host, port=args.port or 8080)
+    else:
+        from services.trainer.main import serve as serve_worker
+
+        serve_worker(concurrency=args.concurrency)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from services.trainer.cli import run_jobs_command
+
+    return run_jobs_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ctscan.metrics import THRESHOLD_RULES
+    from ctscan.models import MODEL_NAMES
+
+    parser = argparse.ArgumentParser(prog="ctscan", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train one model and save it to the model store")
+    train.add_argument("--model", required=True, help=f"one of {', '.join(MODEL_NAMES)}")
+    train.add_argument("--data", help="dataset folder (default: CTSCAN_DATA_DIR)")
+    train.add_argument("--init", default="imagenet", help="imagenet | none | PATH to backbone weights")
+    train.add_argument("--input-size", type=_positive_int)
+    train.add_argument("--epochs", type=_positive_int, default=30)
+    train.add_argument("--finetune-epochs", type=_positive_int)
+    train.add_argument("--batch-size", type=_positive_int, default=16)
+    train.add_argument("--learning-rate", type=float, default=1e-3)
+    train.add_argument("--finetune-learning-rate", type=float, default=1e-5)
+    train.add_argument("--patience", type=_positive_int, default=8)
+    train.add_argument("--seed", type=int, default=42)
+    train.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="youden")
+    train.add_argument("--limit-per-class", type=_positive_int, help="use a small subset (smoke runs)")
+    train.add_argument("--report-test", action="store_true",
+                       help="evaluate once on the test split for the model card (final report only)")
+    train.add_argument("--run-dir", type=Path)
+    train.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    train.add_argument("--promote", choices=("auto", "always", "never"), default="auto")
+    train.add_argument("--store", help="model store (default: CTSCAN_MODEL_STORE)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate production models on a split")
+    evaluate.add_argument("--model", default="all", help=f"all or one of {', '.join(MODEL_NAMES)}")
+    evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
+    evaluate.add_argument("--data")
+    evaluate.add_argument("--store")
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.add_argument("--out", type=Path, help="folder for ROC and confusion-matrix PNGs")
+    evaluate.add_argument("--resamples", type=_positive_int, default=1000)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)
+    verify = data.add_parser("verify", help="check split.csv and SHA256SUMS")
+    verify.add_argument("dir")
+    verify.set_defaults(func=cmd_data_verify)
+    download = data.add_parser("download", help="download UCSD COVID-CT and write split.csv")
+    download.add_argument("dest")
+    download.add_argument("--base-url", default=None, help="mirror of the UCSD-AI4H/COVID-CT repository")
+    download.set_defaults(func=cmd_data_download)
+    upload = data.add_parser("upload", help="publish a dataset version to S3")
+    upload.add_argument("dir")
+    upload.add_argument("url", help="s3://bucket/prefix/datasets/<name>")
+    upload.add_argument("--version")
+    upload.set_defaults(func=cmd_data_upload)
+
+    models = sub.add_parser("models", help="model store commands").add_subparsers(dest="models_command", required=True)
+    listing = models.add_parser("list")
+    listing.add_argument("--store")
+    listing.set_defaults(func=cmd_models_list)
+    promote = models.add_parser("promote")
+    promote.add_argument("name")
+    promote.add_argument("version")
+    promote.add_argument("--store")
+    promote.set_defaults(func=cmd_models_promote)
+    rollback = models.add_parser("rollback")
+    rollback.add_argument("name")
+    rollback.add_argument("--store")
+    rollback.set_defaults(func=cmd_models_rollback)
+    seed = models.add_parser("seed", help="copy the shipped release (models/) into the store")
+    seed.add_argument("--release")
+    seed.add_argument("--store")
+    seed.set_defaults(func=cmd_models_seed)
+    calibrate = models.add_parser("calibrate-ensemble", help="choose the ensemble threshold on val")
+    calibrate.add_argument("--data")
+    calibrate.add_argument("--store")
+    calibrate.set_defaults(func=cmd_models_calibrate)
+
+    serve = sub.add_parser("serve", help="run a service")
+    serve.add_argument("service", choices=("inference", "web", "worker"))
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=_positive_int)
+    serve.add_argument("--concurrency", type=_positive_int, default=1)
+    serve.set_defaults(func=cmd_serve)
+
+    jobs = sub.add_parser("jobs", help="training jobs (trainer service)")
+    try:
+        from services.trainer.cli import add_jobs_arguments
+
+        add_jobs_arguments(jobs)
+    except ImportError:
+        pass
+    jobs.set_defaults(func=cmd_jobs)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CTScanError as exc:
+        print(f"ctscan: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ctscan: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""The three architectures of the product, built by one factory.
+
+Each model takes RGB pixels 0..255 (float32, NHWC) and does its backbone's own
+preprocessing inside, so servers and the ONNX copy feed plain pixels. The backbone is built
+on the preprocessed tensor (one flat graph), which keeps Grad-CAM and layer freezing simple.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ctscan.errors import ModelError
+
+if TYPE_CHECKING:
+    import keras
+
+INPUT_NAME = "pixels"
+OUTPUT_NAME = "probability_covid"
+HEAD_PREFIX = "head_"
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    name: str
+    input_size: int
+    min_input_size: int
+    dense_units: int
+    dropout_rates: tuple[float, ...]
+    gradcam_layer: str  # last convolutional activation of the backbone
+    # Layers (from the top of the backbone) made trainable in the fine-tuning phase;
+    # 0 = the seed's regime keeps the base frozen throughout.
+    finetune_layers: int
+
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "inceptionv3": ArchitectureSpec("inceptionv3", 299, 75, 512, (0.5,), "mixed10", 0),
+    # The brief's head: Dense 512 then two Dropouts before the output unit.
+    "densenet121": ArchitectureSpec("densenet121", 224, 32, 512, (0.5, 0.3), "relu", 0),
+    "mobilenetv2": ArchitectureSpec("mobilenetv2", 224, 32, 1024, (0.5,), "out_relu", 20),
+}
+MODEL_NAMES = tuple(ARCHITECTURES)
+
+
+def get_spec(name: str) -> ArchitectureSpec:
+    try:
+        return ARCHITECTURES[name]
+    except KeyError:
+        raise ModelError(
+            f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}"
+        ) from None
+
+
+def _preprocessing(name: str, inputs: Any) -> Any:
+    import keras
+
+    if name == "densenet121":
+        # keras.applications.densenet.preprocess_input ("torch" mode) as plain layers.
+        scaled = keras.layers.Rescaling(1.0 / 255.0, name="pre_scale")(inputs)
+        return keras.layers.Normalization(
+            mean=[0.485, 0.456, 0.406],
+            variance=[0.229**2, 0.224**2, 0.225**2],
+            name="pre_normalize",
+        )(scaled)
+    # InceptionV3 and MobileNetV2 expect -1..1 ("tf" mode).
+    return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="pre_scale")(inputs)
+
+
+def _backbone(name: str, tensor: Any, weights: str | None) -> keras.Model:
+    import keras
+
+    constructors = {
+        "inceptionv3": keras.applications.InceptionV3,
+        "densenet121": keras.applications.DenseNet121,
+        "mobilenetv2": keras.applications.MobileNetV2,
+    }
+    return constructors[name](include_top=False, weights=weights, input_tensor=tensor)
+
+
+def parse_init(init: str) -> str | None:
+    """'imagenet' | 'none' | PATH -> the `weights` argument for keras.applications."""
+    if init == "imagenet":
+        return "imagenet"
+    if init == "none":
+        return None
+    path = Path(init).expanduser()
+    if not path.is_file():
+        raise ModelError(
+            f"init {init!r} is neither 'imagenet', 'none' nor an existing weights file"
+        )
+    return str(path)
+
+
+def build_model(
+    name: str,
+    init: str = "imagenet",
+    input_size: int | None = None,
+    *,
+    learning_rate: float = 1e-3,
+    compile_model: bool = True,
+) -> keras.Model:
+    """Build (and compile) one architecture with the brief's head.
+
+    init: "imagenet" (download, where reachable), "none" (random) or a path to backbone
+    weights saved without the top (for sites without internet).
+    """
+    spec = get_spec(name)
+    size = input_size or spec.input_size
+    if size < spec.min_input_size:
+        raise ModelError(f"{name} needs an input size of at least {spec.min_input_size}, got {size}")
+    weights = parse_init(init)
+
+    import keras
+
+    inputs = keras.Input(shape=(size, size, 3), name=INPUT_NAME, dtype="float32")
+    preprocessed = _preprocessing(name, inputs)
+    try:
+        backbone = _backbone(name, preprocessed, weights)
+    except (OSError, ValueError) as exc:
+        if weights == "imagenet":
+            raise ModelError(
+                "ImageNet weights could not be downloaded "
+                f"({type(exc).__name__}); use --init none (random initialisation) or "
+                "--init PATH with a local backbone weights file"
+            ) from None
+        if weights is not None:
+            raise ModelError(f"cannot load backbone weights from {weights}: {exc}") from None
+        raise
+    except Exception as exc:  # urllib raises several types when the network is unreachable
+        if weights == "imagenet":
+            raise ModelError(
+                "ImageNet weights could not be downloaded "
+                f"({type(exc).__name__}); use --init none (random initialisation) or "
+                "--init PATH with a local backbone weights file"
+            ) from None
+        raise
+    x = keras.layers.GlobalAveragePooling2D(name=f"{HEAD_PREFIX}pool")(backbone.output)
+    x = keras.layers.Dense(spec.dense_units, activation="relu", name=f"{HEAD_PREFIX}dense")(x)
+    for index, rate in enumerate(spec.dropout_rates):
+        x = keras.layers.Dropout(rate, name=f"{HEAD_PREFIX}dropout{index + 1}")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name=OUTPUT_NAME)(x)
+    model = keras.Model(inputs, outputs, name=name)
+    if compile_model:
+        compile_for_training(model, learning_rate=learning_rate)
+    return model
+
+
+def compile_for_training(model: keras.Model, *, learning_rate: float) -> None:
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+    )
+
+
+def backbone_layers(model: keras.Model) -> list[Any]:
+    """Backbone layers in graph order (everything between the input/preprocessing and the head)."""
+    return [
+        layer
+        for layer in model.layers
+        if layer.name != INPUT_NAME
+        and not layer.name.startswith(("pre_", HEAD_PREFIX))
+        and layer.name != OUTPUT_NAME
+    ]
+
+
+def set_backbone_trainable(model: keras.Model, *, trainable: bool) -> None:
+    for layer in backbone_layers(model):
+        layer.trainable = trainable
+
+
+def unfreeze_top(model: keras.Model, n_layers: int) -> int:
+    """Make the top `n_layers` backbone layers trainable, keeping BatchNormalization frozen
+    (its statistics were learnt on the pre-training data and small batches would wreck them).
+    Returns how many layers became trainable."""
+    import keras
+
+    layers = backbone_layers(model)
+    if not isinstance(n_layers, int) or isinstance(n_layers, bool) or n_layers < 1:
+        raise ValueError(f"n_layers must be a positive integer, got {n_layers!r}")
+    if n_layers > len(layers):
+        raise ValueError(f"the backbone has {len(layers)} layers; cannot unfreeze {n_layers}")
+    set_backbone_trainable(model, trainable=False)
+    unfrozen = 0
+    for layer in layers[-n_layers:]:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        layer.trainable = True
+        unfrozen += 1
+    return unfrozen
