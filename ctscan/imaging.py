@@ -79,7 +79,7 @@ def decode_raster(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             image_format = image.format or ""
             if image_format not in ("PNG", "JPEG"):
                 raise UnsupportedImageError(

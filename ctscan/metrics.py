@@ -63,7 +63,7 @@ def point_metrics(targets: np.ndarray, probabilities: np.ndarray, threshold: flo
         "f1": float(f1_score(targets, predicted, zero_division=0)),
         "auc": float(roc_auc_score(targets, probabilities)) if both_classes else float("nan"),
         "threshold": float(threshold),
-        "n": int(len(targets)),
+        "n": len(targets),
         # rows: true non_covid, covid; columns: predicted non_covid, covid
         "confusion_matrix": confusion_matrix(targets, predicted, labels=[0, 1]).tolist(),
     }

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probability_covid"
 HEAD_PREFIX = "head_"
+SCRATCH_BN_MOMENTUM = 0.9
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,13 @@ def build_model(
                 "--init PATH with a local backbone weights file"
             ) from None
         raise
+    if weights is None:
+        # Keras' backbones use BatchNorm momentum 0.99-0.999, tuned for ImageNet's millions of
+        # steps; trained from scratch on a few hundred images the moving statistics would
+        # barely move and inference-mode outputs collapse to a constant.
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = SCRATCH_BN_MOMENTUM
     x = keras.layers.GlobalAveragePooling2D(name=f"{HEAD_PREFIX}pool")(backbone.output)
     x = keras.layers.Dense(spec.dense_units, activation="relu", name=f"{HEAD_PREFIX}dense")(x)
     for index, rate in enumerate(spec.dropout_rates):

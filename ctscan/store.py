@@ -79,13 +79,18 @@ def verify_artifacts(files: dict[str, bytes], where: str) -> None:
 
 
 def pack_weights(model: keras.Model) -> bytes:
-    """Model weights -> compressed npz keyed by variable path (float16 where safe)."""
+    """Model weights -> compressed npz (float16 where safe).
+
+    Keys are the variable's position plus its path: Keras numbers unnamed layers per process
+    (InceptionV3's `batch_normalization_57`...), so names alone do not identify a variable
+    once several models were built; the architecture fixes the order.
+    """
     arrays: dict[str, np.ndarray] = {}
-    for variable in model.weights:
+    for index, variable in enumerate(model.weights):
         value = np.asarray(variable.numpy())
         if value.dtype == np.float32 and (value.size == 0 or np.abs(value).max() < FLOAT16_SAFE_MAX):
             value = value.astype(np.float16)
-        arrays[variable.path] = value
+        arrays[f"{index:05d}|{variable.path}"] = value
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
     return buffer.getvalue()
@@ -93,20 +98,27 @@ def pack_weights(model: keras.Model) -> bytes:
 
 def unpack_weights(model: keras.Model, data: bytes) -> None:
     """Restore weights packed by `pack_weights` into a model of the same architecture."""
-    with np.load(io.BytesIO(data)) as arrays:
-        stored = set(arrays.files)
-        expected = {variable.path for variable in model.weights}
-        if stored != expected:
-            missing = sorted(expected - stored)[:3]
-            extra = sorted(stored - expected)[:3]
-            raise StoreError(
-                f"weights do not fit model {model.name}: missing {missing}, unexpected {extra}"
-            )
-        for variable in model.weights:
-            value = arrays[variable.path]
+    try:
+        archive = np.load(io.BytesIO(data))
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"weights file is unreadable: {exc}") from None
+    with archive as arrays:
+        variables = list(model.weights)
+        if all("|" in key for key in arrays.files):
+            ordered = sorted(arrays.files, key=lambda key: int(key.split("|", 1)[0]))
+        else:  # early releases keyed by path only
+            ordered = [variable.path for variable in variables]
+            missing = sorted(set(ordered) - set(arrays.files))[:3]
+            if missing:
+                raise StoreError(f"weights do not fit model {model.name}: missing {missing}")
+        if len(ordered) != len(variables):
+            raise StoreError(f"weights do not fit model {model.name}: {len(ordered)} arrays stored, "
+                             f"the architecture has {len(variables)}")
+        for key, variable in zip(ordered, variables, strict=True):
+            value = arrays[key]
             if tuple(value.shape) != tuple(variable.shape):
-                raise StoreError(f"weights for {variable.path} have shape {value.shape}, "
-                                 f"model expects {tuple(variable.shape)}")
+                raise StoreError(f"weights do not fit model {model.name}: {key} has shape "
+                                 f"{value.shape}, the model expects {tuple(variable.shape)}")
             variable.assign(value.astype(np.float32))
 
 

@@ -327,7 +327,7 @@ class Trainer:
                 model.save_weights(self.run_dir / BEST_WEIGHTS)
             else:
                 state.epochs_since_best += 1
-            entry = {
+            entry: dict[str, Any] = {
                 "epoch": state.epochs_done, "phase": phase.name,
                 "loss": float(fit.history["loss"][-1]), "val_loss": val_loss,
                 "val_auc": float(val["auc"]), "val_accuracy": float(val["accuracy"]),

@@ -1,0 +1,60 @@
+"""One-shot seed job for docker compose: bucket, release models and (optionally) the dataset.
+
+1. creates the S3 bucket named in CTSCAN_MODEL_STORE (s3://bucket/prefix) if it is missing;
+2. copies the shipped release (CTSCAN_RELEASE_DIR, mounted from ./models) into that store
+   with `ctscan models seed` (never replaces what the store already holds);
+3. when CTSCAN_SEED_DATASET_DIR holds a dataset (split.csv), publishes it with
+   `ctscan data upload DIR CTSCAN_DATASETS_URL`.
+
+Idempotent: running it again changes nothing. Exits non-zero, naming the step, on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+
+def ensure_bucket(store_url: str) -> None:
+    import boto3
+    from botocore.exceptions import ClientError
+
+    bucket = urlparse(store_url).netloc
+    client = boto3.client("s3", endpoint_url=os.environ.get("CTSCAN_S3_ENDPOINT_URL") or None)
+    try:
+        client.head_bucket(Bucket=bucket)
+        print(f"seed: bucket {bucket} exists")
+    except ClientError:
+        client.create_bucket(Bucket=bucket)
+        print(f"seed: created bucket {bucket}")
+
+
+def main() -> int:
+    from ctscan.cli import main as ctscan_main
+
+    store = os.environ.get("CTSCAN_MODEL_STORE", "")
+    if not store.startswith("s3://"):
+        print(f"seed: CTSCAN_MODEL_STORE must be s3://bucket/prefix, got {store!r}", file=sys.stderr)
+        return 2
+    ensure_bucket(store)
+    release = os.environ.get("CTSCAN_RELEASE_DIR", "/app/models")
+    status = ctscan_main(["models", "seed", "--release", release, "--store", store])
+    if status:
+        print(f"seed: copying the release from {release} failed (is ./models present?)", file=sys.stderr)
+        return status
+    dataset = Path(os.environ.get("CTSCAN_SEED_DATASET_DIR", "/dataset"))
+    datasets_url = os.environ.get("CTSCAN_DATASETS_URL", "")
+    if (dataset / "split.csv").is_file() and datasets_url:
+        status = ctscan_main(["data", "upload", str(dataset), datasets_url.rstrip("/") + "/ucsd-covid-ct"])
+        if status:
+            print(f"seed: uploading the dataset from {dataset} failed", file=sys.stderr)
+            return status
+    else:
+        print(f"seed: no dataset at {dataset} (set CTSCAN_DATASET_DIR to publish one); skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

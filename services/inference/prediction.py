@@ -1,0 +1,118 @@
+"""One prediction: decode an upload, run the model (or the ensemble), optionally explain it.
+
+Plain domain code with keyword-only arguments; the routes turn its exceptions into HTTP
+errors. Nothing from a DICOM header is read beyond pixel-related tags, and nothing of the
+upload is logged or kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from ctscan import DISCLAIMER, DISPLAY_LABELS, NEGATIVE_LABEL, POSITIVE_LABEL
+from ctscan.evaluation import ENSEMBLE
+from ctscan.gradcam import overlay_png
+from ctscan.imaging import DecodedImage, decode_image, resize_for_model
+from services.inference.registry import ModelRegistry, ServedModel
+
+HEATMAP_GRID = 224  # members' heatmaps are averaged on a common grid before the overlay
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class UnrecognisedFileError(ValueError):
+    """The bytes are not PNG, JPEG or DICOM at all (HTTP 415, unlike a broken image: 422)."""
+
+
+def sniff_format(data: bytes) -> str:
+    """Recognise the container from its magic bytes, before any decoding."""
+    if data.startswith(PNG_MAGIC):
+        return "PNG"
+    if data.startswith(JPEG_MAGIC):
+        return "JPEG"
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        return "DICOM"
+    raise UnrecognisedFileError("the file is not a PNG, JPEG or DICOM image")
+
+
+def _label(probability_covid: float, threshold: float) -> str:
+    return DISPLAY_LABELS[POSITIVE_LABEL if probability_covid >= threshold else NEGATIVE_LABEL]
+
+
+def _confidence(probability_covid: float, threshold: float) -> float:
+    return probability_covid if probability_covid >= threshold else 1.0 - probability_covid
+
+
+def _on_grid(heatmap: np.ndarray) -> np.ndarray:
+    image = Image.fromarray(heatmap.astype(np.float32), mode="F")
+    return np.asarray(image.resize((HEATMAP_GRID, HEATMAP_GRID), Image.Resampling.BILINEAR))
+
+
+def _explain(entries: list[ServedModel], decoded: DecodedImage, inputs: list[np.ndarray]) -> str:
+    heatmaps = [_on_grid(entry.gradcam(pixels)) for entry, pixels in zip(entries, inputs, strict=True)]
+    mean = np.mean(heatmaps, axis=0)
+    return base64.b64encode(overlay_png(decoded.pixels, mean)).decode("ascii")
+
+
+async def predict_upload(
+    *, registry: ModelRegistry, data: bytes, model: str, explain: bool, request_id: str
+) -> dict[str, Any]:
+    """Decode `data`, predict with `model` (a name or "ensemble") and build the API answer."""
+    started = time.perf_counter()
+    registry.check_model(model)  # a wrong model name is reported before anything about the file
+    sniff_format(data)
+    settings = registry.settings
+    with registry.acquire(model) as (entries, ensemble):
+        decoded = await run_in_threadpool(decode_image, data, max_pixels=settings.max_pixels,
+                                          max_side=settings.max_side)
+        inputs = [await run_in_threadpool(resize_for_model, decoded.pixels, entry.input_size)
+                  for entry in entries]
+        decoded_at = time.perf_counter()
+        probabilities = await asyncio.gather(
+            *(entry.batcher.predict(pixels) for entry, pixels in zip(entries, inputs, strict=True)))
+        inferred_at = time.perf_counter()
+        heatmap = await run_in_threadpool(_explain, entries, decoded, inputs) if explain else None
+        explained_at = time.perf_counter()
+
+    members: dict[str, Any] | None = None
+    disagreement: bool | None = None
+    if model == ENSEMBLE and ensemble is not None:
+        probability_covid = float(np.mean(probabilities))
+        threshold = ensemble.threshold
+        members = {
+            entry.name: {"probability_covid": probability, "label": _label(probability, entry.threshold),
+                         "version": entry.version, "threshold": entry.threshold}
+            for entry, probability in zip(entries, probabilities, strict=True)}
+        disagreement = len({member["label"] for member in members.values()}) > 1
+        model_version = ",".join(f"{name}={version}" for name, version in ensemble.members.items())
+    else:
+        probability_covid = float(probabilities[0])
+        threshold = entries[0].threshold
+        model_version = entries[0].version
+    return {
+        "label": _label(probability_covid, threshold),
+        "probability_covid": probability_covid,
+        "confidence": _confidence(probability_covid, threshold),
+        "threshold": threshold,
+        "model": model,
+        "model_version": model_version,
+        "members": members,
+        "disagreement": disagreement,
+        "heatmap_png_base64": heatmap,
+        "request_id": request_id,
+        "timings_ms": {
+            "decode": (decoded_at - started) * 1000,
+            "inference": (inferred_at - decoded_at) * 1000,
+            "gradcam": (explained_at - inferred_at) * 1000 if explain else None,
+            "total": (time.perf_counter() - started) * 1000,
+        },
+        "source_format": decoded.source_format,
+        "disclaimer": DISCLAIMER,
+    }

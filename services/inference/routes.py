@@ -1,0 +1,137 @@
+"""HTTP routes of the inference service: translation between HTTP and `prediction`/`registry`."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ctscan.errors import ImageError
+from ctscan.evaluation import ENSEMBLE
+from services.inference.deps import MetricsDep, RegistryDep, SettingsDep
+from services.inference.errors import APIError, error_response, image_error
+from services.inference.prediction import UnrecognisedFileError, predict_upload
+from services.inference.registry import ModelNotReadyError, ModelNotServedError
+from services.inference.schemas import (
+    ErrorResponse,
+    Health,
+    ModelsResponse,
+    Prediction,
+    Readiness,
+)
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_READ_CHUNK = 1 << 20
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "Unknown model"), (413, "Upload or image dimensions too large"),
+        (415, "Not a PNG, JPEG or DICOM file"), (422, "Undecodable image or invalid request"),
+        (503, "Model not loaded yet"))
+}
+
+
+def request_id_for(request: Request) -> str:
+    supplied = request.headers.get("x-request-id", "")
+    return supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+
+
+@router.get("/healthz", response_model=Health, tags=["operations"])
+async def healthz() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=Readiness, tags=["operations"],
+            responses={503: {"model": ErrorResponse, "description": "Models still loading"}})
+async def readyz(registry: RegistryDep) -> Any:
+    """200 once every configured model is loaded and warmed up, else 503 naming what is missing."""
+    if not registry.is_ready():
+        missing = registry.missing()
+        state = "loading" if not registry.loading_done.is_set() else "failed to load"
+        details = "; ".join(f"{n}: {registry.errors[n]}" for n in missing if n in registry.errors)
+        message = f"not ready: {', '.join(missing) or 'models'} {state}" + (f" ({details})" if details else "")
+        return error_response(503, "not_ready", message)
+    models = registry.models
+    return {"status": "ready", "models": {n: m.version for n, m in models.items()},
+            "backends": {n: m.predictor.backend for n, m in models.items()}}
+
+
+@router.get("/models", response_model=ModelsResponse, tags=["models"])
+async def list_models(registry: RegistryDep) -> dict[str, Any]:
+    """The loaded models (version, input size, threshold, card metrics) and the ensemble."""
+    models = []
+    for name, served in registry.models.items():
+        models.append({
+            "name": name, "version": served.version, "input_size": served.input_size,
+            "threshold": served.threshold, "init": served.card.get("init"),
+            "metrics": served.card.get("metrics", {}),
+            "backend": served.predictor.backend,
+            "onnx_max_abs_difference": served.predictor.max_abs_difference,
+            "onnx_fallback_reason": served.predictor.fallback_reason,
+            "loaded_at": served.loaded_at, "reload_error": registry.errors.get(name),
+        })
+    ensemble = registry.ensemble
+    return {
+        "models": models,
+        "ensemble": None if ensemble is None else {
+            "members": ensemble.members, "threshold": ensemble.threshold,
+            "threshold_source": ensemble.threshold_source},
+        "missing": registry.missing(),
+        "errors": dict(registry.errors),
+    }
+
+
+@router.get("/metrics", tags=["operations"], response_class=Response)
+async def metrics(metrics: MetricsDep) -> Response:
+    """Prometheus metrics: requests and latency by model and status, batch sizes, versions."""
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def _read_limited(upload: UploadFile, limit: int) -> bytes:
+    chunks, total = [], 0
+    while chunk := await upload.read(_READ_CHUNK):
+        total += len(chunk)
+        if total > limit:
+            raise APIError(413, "upload_too_large", f"the file exceeds the {limit} byte upload limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@router.post("/predict", response_model=Prediction, responses=ERRORS, tags=["predict"])
+async def predict(
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    file: Annotated[UploadFile, File(description="A CT slice: PNG, JPEG or DICOM")],
+    model: Annotated[str | None, Query(description="inceptionv3 | densenet121 | mobilenetv2 | ensemble")] = None,
+    explain: Annotated[bool | None, Query(description="Add a Grad-CAM heatmap")] = None,
+    model_form: Annotated[str | None, Form(alias="model")] = None,
+    explain_form: Annotated[bool | None, Form(alias="explain")] = None,
+) -> JSONResponse:
+    """Classify one chest-CT slice as COVID or non-COVID (decision support, not a diagnosis)."""
+    model_name = model or model_form or ENSEMBLE
+    want_heatmap = bool(explain if explain is not None else explain_form)
+    request_id = request.state.request_id
+    request.state.model = model_name if model_name in registry.servable_names() else "invalid"
+    data = await _read_limited(file, settings.max_upload_bytes)
+    try:
+        answer = await predict_upload(registry=registry, data=data, model=model_name,
+                                      explain=want_heatmap, request_id=request_id)
+    except ModelNotServedError as exc:
+        raise APIError(400, "unknown_model", str(exc)) from None
+    except ModelNotReadyError as exc:
+        raise APIError(503, "not_ready", str(exc)) from None
+    except UnrecognisedFileError as exc:
+        raise APIError(415, "unsupported_media_type", str(exc)) from None
+    except ImageError as exc:
+        raise image_error(exc) from None
+    return JSONResponse(answer)

@@ -1,0 +1,44 @@
+"""`ctscan serve worker`: run a Celery worker for training jobs (GPU when present, else CPU)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+
+from ctscan.errors import CTScanError
+from services.trainer.settings import get_trainer_settings
+
+log = logging.getLogger(__name__)
+
+
+def visible_gpus() -> list[str]:
+    """GPUs seen by the driver, without importing TensorFlow in the parent process (it must
+    not hold CUDA state across the fork of the worker's children)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "" or not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line for line in out.stdout.splitlines() if line.startswith("GPU")]
+
+
+def serve(concurrency: int = 1) -> None:
+    settings = get_trainer_settings()
+    if settings.admin_token_value() is None:
+        raise CTScanError("CTSCAN_ADMIN_TOKEN is not set (or is a placeholder); the trainer refuses "
+                          "to start without the admin credential")
+    gpus = visible_gpus()
+    if gpus:
+        # Several jobs can share a GPU only if none grabs all of its memory up front.
+        os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+    logging.basicConfig(level=logging.INFO)
+    log.info("trainer worker: %s, concurrency %d, queue %s, store %s", "GPU: " + "; ".join(gpus) if gpus
+             else "CPU (no GPU found)", concurrency, settings.queue, settings.model_store)
+    from services.trainer.celery_app import app
+
+    # prefork: time limits and "worker lost" detection need child processes.
+    app.worker_main(["worker", f"--concurrency={concurrency}", "--pool=prefork", "--loglevel=INFO",
+                     f"--queues={settings.queue}", "--without-gossip", "--without-mingle"])

@@ -1,0 +1,177 @@
+"""Flask application factory: settings, security headers, CSRF, error pages, blueprints."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from flask import Flask, Response, jsonify, render_template, request
+from flask_wtf.csrf import CSRFError, CSRFProtect  # type: ignore[import-untyped]
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from ctscan import DISCLAIMER
+from ctscan.store import ModelStore
+from services.web.console import JobsClientLike, default_jobs_client, default_store
+from services.web.inference_client import InferenceClient
+from services.web.settings import WebSettings, get_web_settings
+
+log = logging.getLogger("ctscan.web")
+
+# Images are shown inline as data: URLs; nothing is loaded from other origins.
+CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+                           "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+
+
+class LoginThrottle:
+    """Slows password guessing: after `limit` failures from one address, refuse for a while."""
+
+    def __init__(self, limit: int = 5, window_s: float = 300.0) -> None:
+        self.limit, self.window_s = limit, window_s
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def blocked(self, address: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            recent = [t for t in self._failures.get(address, []) if now - t < self.window_s]
+            self._failures[address] = recent
+            return len(recent) >= self.limit
+
+    def fail(self, address: str) -> None:
+        with self._lock:
+            self._failures.setdefault(address, []).append(time.monotonic())
+
+    def clear(self, address: str) -> None:
+        with self._lock:
+            self._failures.pop(address, None)
+
+
+@dataclass
+class WebServices:
+    """What the routes use, created once per app (tests pass their own)."""
+
+    settings: WebSettings
+    inference: InferenceClient
+    jobs_client_factory: Callable[[], JobsClientLike] = default_jobs_client
+    store_factory: Callable[[str], ModelStore] = default_store
+    login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    _jobs_client: JobsClientLike | None = field(default=None, repr=False)
+
+    def jobs(self) -> JobsClientLike:
+        if self._jobs_client is None:
+            self._jobs_client = self.jobs_client_factory()
+        return self._jobs_client
+
+    def store(self) -> ModelStore:
+        return self.store_factory(self.settings.model_store)
+
+
+def services() -> WebServices:
+    from flask import current_app
+
+    web: WebServices = current_app.extensions["ctscan_web"]
+    return web
+
+
+def create_app(settings: WebSettings | None = None, *, inference: InferenceClient | None = None,
+               jobs_client_factory: Callable[[], JobsClientLike] | None = None,
+               store_factory: Callable[[str], ModelStore] | None = None) -> Flask:
+    settings = settings or get_web_settings()
+    app = Flask(__name__, static_folder="static", template_folder="templates")
+    app.config.update(
+        SECRET_KEY=settings.secret_key.get_secret_value(),
+        MAX_CONTENT_LENGTH=settings.max_upload_bytes,
+        # Keep multipart parts in memory: uploads must never touch the disk.
+        MAX_FORM_MEMORY_SIZE=settings.max_upload_bytes,
+        SESSION_COOKIE_NAME="ctscan_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.session_cookie_secure,
+        PERMANENT_SESSION_LIFETIME=timedelta(hours=settings.session_hours),
+        MAX_FORM_PARTS=50,
+        WTF_CSRF_TIME_LIMIT=int(settings.session_hours * 3600),
+    )
+    CSRFProtect(app)
+    app.extensions["ctscan_web"] = WebServices(
+        settings=settings,
+        inference=inference or InferenceClient(
+            settings.inference_url, connect_timeout_s=settings.inference_connect_timeout_s,
+            read_timeout_s=settings.inference_read_timeout_s, retries=settings.inference_retries),
+        jobs_client_factory=jobs_client_factory or default_jobs_client,
+        store_factory=store_factory or default_store,
+    )
+
+    from services.web.views import admin, clinic
+
+    app.register_blueprint(clinic)
+    app.register_blueprint(admin)
+
+    @app.context_processor
+    def _globals() -> dict[str, Any]:
+        return {"disclaimer": DISCLAIMER, "max_upload_mb": settings.max_upload_mb}
+
+    @app.after_request
+    def _security_headers(response: Response) -> Response:
+        response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        if not request.path.startswith("/static/"):
+            # Result pages hold a patient's image: no browser or proxy cache may keep them.
+            response.headers["Cache-Control"] = "no-store"
+        return response
+
+    _register_error_pages(app)
+    return app
+
+
+def _wants_json() -> bool:
+    return request.path in ("/healthz",) or request.accept_mimetypes.best == "application/json"
+
+
+def _error_page(status: int, title: str, message: str) -> tuple[Any, int]:
+    if _wants_json():
+        return jsonify({"error": {"code": str(status), "message": message}}), status
+    return render_template("error.html", title=title, message=message, status=status), status
+
+
+def _register_error_pages(app: Flask) -> None:
+    @app.errorhandler(CSRFError)
+    def _csrf(_: CSRFError) -> tuple[Any, int]:
+        return _error_page(400, "This form has expired",
+                           "The form was missing its security token or it had expired. Please go "
+                           "back, reload the page and try again.")
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(_: RequestEntityTooLarge) -> tuple[Any, int]:
+        limit = app.extensions["ctscan_web"].settings.max_upload_mb
+        if request.path == "/predict":
+            from services.web.views import render_index
+
+            return render_index(error=f"This file is larger than the {limit:g} MB limit. Please "
+                                      "upload a single CT slice (PNG, JPEG or DICOM).", status=413)
+        return _error_page(413, "Too large", f"The request is larger than the {limit:g} MB limit.")
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> tuple[Any, int]:
+        status = exc.code or 500
+        titles = {404: "Page not found", 405: "Not allowed", 401: "Login required", 403: "Not allowed"}
+        messages = {404: "There is no page at this address.",
+                    405: "This address does not accept that kind of request.",
+                    401: "Please log in as an administrator.",
+                    403: "Please log in as an administrator to do this."}
+        return _error_page(status, titles.get(status, "Request refused"),
+                           messages.get(status, exc.description or "The request was refused."))
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> tuple[Any, int]:
+        # Logged for operators (type and message only); people never see a traceback.
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return _error_page(500, "Something went wrong",
+                           "An unexpected problem stopped this page. Please try again; if it "
+                           "keeps happening, tell the service desk.")

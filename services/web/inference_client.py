@@ -1,0 +1,138 @@
+"""HTTP client for the inference service (contract: GET /healthz, /readyz, /models; POST /predict).
+
+Every failure becomes an `InferenceError` subclass whose message is fit to show a clinician;
+routes never see a `requests` exception or a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from ctscan.errors import CTScanError
+
+MODEL_CHOICES = ("ensemble", "inceptionv3", "densenet121", "mobilenetv2")
+
+
+class InferenceError(CTScanError):
+    """The analysis could not be done; `status` is the HTTP status the web page answers with."""
+
+    status = 502
+
+
+class InferenceUnavailableError(InferenceError):
+    status = 503
+
+
+class InferenceTimeoutError(InferenceError):
+    status = 504
+
+
+class InferenceRejectedError(InferenceError):
+    """The service refused the image or the request (4xx, or 503 while models load)."""
+
+    def __init__(self, message: str, *, status: int, code: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+class InferenceClient:
+    def __init__(self, base_url: str, *, connect_timeout_s: float = 3.0, read_timeout_s: float = 60.0,
+                 retries: int = 2) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = (connect_timeout_s, read_timeout_s)
+        # Retry only what is safe and likely to pass on a second try: refused connections
+        # and a service that says it is still loading (502/503/504). A slow read is not
+        # retried: the clinician would wait twice the timeout for the same answer.
+        # POST /predict is retried too because it is a pure function of the image.
+        retry = Retry(
+            total=retries, connect=retries, read=False, status=retries, other=0,
+            backoff_factor=0.3, status_forcelist=(502, 503, 504),
+            allowed_methods=frozenset({"GET", "POST"}), raise_on_status=False,
+            respect_retry_after_header=False,
+        )
+        self.session = requests.Session()
+        adapter = HTTPAdapter(max_retries=retry)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    # --- low level --------------------------------------------------------------------
+    def _request(self, method: str, path: str, *, timeout: tuple[float, float] | None = None,
+                 **kwargs: Any) -> requests.Response:
+        try:
+            return self.session.request(method, f"{self.base_url}{path}", timeout=timeout or self.timeout,
+                                        **kwargs)
+        except requests.Timeout:
+            raise InferenceTimeoutError(
+                "The analysis service is taking too long to answer. Please try again in a "
+                "moment; if this keeps happening, tell the service desk.") from None
+        except (requests.ConnectionError, requests.exceptions.RetryError):
+            raise InferenceUnavailableError(
+                "The analysis service cannot be reached right now. Please try again in a few "
+                "minutes; if this keeps happening, tell the service desk.") from None
+        except requests.RequestException:
+            raise InferenceError("The analysis service could not be contacted.") from None
+
+    @staticmethod
+    def _error_from(response: requests.Response) -> InferenceError:
+        code, message = "error", ""
+        try:
+            body = response.json()
+            code = str(body["error"].get("code", code))
+            message = str(body["error"].get("message", ""))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            pass
+        status = response.status_code
+        if status == 413:
+            return InferenceRejectedError(
+                "This file is too large for the analysis service. Please send a single CT slice.",
+                status=413, code=code)
+        if status in (415, 422):
+            detail = f" ({message})" if message else ""
+            return InferenceRejectedError(
+                "This file could not be read as a CT image. Please upload a PNG, JPEG or DICOM "
+                f"slice{detail}.", status=415, code=code)
+        if status == 400:
+            return InferenceRejectedError(message or "The analysis service refused the request.",
+                                          status=400, code=code)
+        if status == 503:
+            return InferenceUnavailableError(
+                "The analysis service is starting up or not ready. Please try again in a minute.")
+        return InferenceError("The analysis service had a problem with this request. Please try again.")
+
+    # --- contract ---------------------------------------------------------------------
+    def predict(self, *, data: bytes, filename: str, model: str = "ensemble", explain: bool = True) -> dict[str, Any]:
+        if model not in MODEL_CHOICES:
+            raise InferenceRejectedError(f"Unknown model {model!r}.", status=400, code="unknown_model")
+        response = self._request(
+            "POST", "/predict", params={"model": model, "explain": "true" if explain else "false"},
+            files={"file": (filename, data, "application/octet-stream")},
+        )
+        if response.status_code != 200:
+            raise self._error_from(response)
+        try:
+            result = response.json()
+        except ValueError:
+            raise InferenceError("The analysis service sent an answer that could not be read.") from None
+        if not isinstance(result, dict) or "label" not in result or "probability_covid" not in result:
+            raise InferenceError("The analysis service sent an incomplete answer.")
+        return result
+
+    def models(self) -> dict[str, Any]:
+        response = self._request("GET", "/models", timeout=(self.timeout[0], 10.0))
+        if response.status_code != 200:
+            raise self._error_from(response)
+        return dict(response.json())
+
+    def ready(self) -> bool:
+        """True when /readyz answers 200; never raises (used for status badges and probes)."""
+        try:
+            # No retries here: a status badge must answer at once.
+            response = requests.get(f"{self.base_url}/readyz", timeout=(1.0, 2.0))
+        except requests.RequestException:
+            return False
+        return response.status_code == 200

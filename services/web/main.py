@@ -1,0 +1,44 @@
+"""`ctscan serve web`: run the web service under a production WSGI server when one is installed."""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic import ValidationError
+
+from ctscan.errors import CTScanError
+from services.web.app import create_app
+from services.web.settings import get_web_settings
+
+log = logging.getLogger("ctscan.web")
+
+
+class WebConfigError(CTScanError):
+    """The web service's configuration is missing or refused (one line, no traceback)."""
+
+
+def _describe(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else "settings"
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(message if message.startswith(name) else f"{name}: {message}")
+    return "; ".join(problems)
+
+
+def serve(host: str = "127.0.0.1", port: int = 8080) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Settings are read (and secrets checked) here, so a bad configuration stops the start.
+    try:
+        settings = get_web_settings()
+    except ValidationError as exc:
+        raise WebConfigError(f"the web service refuses to start: {_describe(exc)}") from None
+    app = create_app(settings)
+    try:
+        from waitress import serve as waitress_serve  # type: ignore[import-untyped]
+    except ImportError:
+        log.warning("waitress is not installed; using Flask's development server")
+        app.run(host=host, port=port, debug=False, use_reloader=False)
+        return
+    log.info("web service on http://%s:%d (waitress)", host, port)
+    waitress_serve(app, host=host, port=port, threads=8, ident="ctscan-web")

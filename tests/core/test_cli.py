@@ -1,0 +1,143 @@
+"""The `ctscan` command end to end on real data, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def ctscan(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ctscan.cli", *args], capture_output=True, text=True, timeout=timeout,
+        cwd=REPO_ROOT, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **(env or {})},
+    )
+
+
+def test_train_one_epoch_then_evaluate_on_test(data_dir: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    trained = ctscan("train", "--model", "mobilenetv2", "--init", "none", "--epochs", "1",
+                     "--input-size", "64", "--limit-per-class", "12", "--data", str(data_dir),
+                     "--store", str(store), "--run-dir", str(tmp_path / "run"))
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    summary = json.loads(trained.stdout[trained.stdout.index("{"):])
+    assert summary["promoted"] is True and summary["init"] == "none"
+    card = json.loads((store / "mobilenetv2" / summary["version"] / "card.json").read_text())
+    assert card["dataset"]["train_images"] == 24 and card["epochs_run"] == 1
+    assert card["environment"]["tensorflow"] and "disclaimer" not in card and card["intended_use"]
+    assert (tmp_path / "run" / "history.png").stat().st_size > 1000
+
+    evaluated = ctscan("evaluate", "--model", "mobilenetv2", "--split", "test", "--data", str(data_dir),
+                       "--store", str(store), "--json", "--resamples", "200", "--out", str(tmp_path / "plots"))
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    report = json.loads(evaluated.stdout)
+    metrics = report["models"]["mobilenetv2"]
+    assert report["split"] == "test" and report["dataset"]["images"] == 203
+    for key in ("accuracy", "precision", "recall", "f1", "auc", "threshold", "confusion_matrix", "ci95"):
+        assert key in metrics
+    assert sum(map(sum, metrics["confusion_matrix"])) == 203
+    assert metrics["ci95"]["accuracy"][0] <= metrics["accuracy"] <= metrics["ci95"]["accuracy"][1]
+    assert (tmp_path / "plots" / "roc_mobilenetv2.png").is_file()
+    assert (tmp_path / "plots" / "confusion_mobilenetv2.png").is_file()
+
+
+def test_an_interrupted_run_resumes_after_its_last_finished_epoch(data_dir: Path, tmp_path: Path) -> None:
+    from ctscan.store import LocalModelStore
+    from ctscan.training import EpochReport, TrainConfig, Trainer, TrainingCancelled, train_and_store
+
+    config = TrainConfig(model="mobilenetv2", data_dir=str(data_dir), init="none", input_size=32,
+                         epochs=2, batch_size=8, limit_per_class=4)
+    store = LocalModelStore(tmp_path / "store")
+
+    def stop_after_first_epoch(report: EpochReport) -> None:
+        raise TrainingCancelled(f"stopped after epoch {report.epoch}")
+
+    with pytest.raises(TrainingCancelled):
+        train_and_store(config, run_dir=tmp_path / "run", store=store, on_epoch=stop_after_first_epoch, verbose=0)
+    assert store.list_models() == []  # nothing stored by an unfinished run
+    with pytest.raises(Exception, match="already holds a checkpoint"):
+        Trainer(config, tmp_path / "run", verbose=0).run(resume=False)
+    seen: list[int] = []
+    _, card, _ = train_and_store(config, run_dir=tmp_path / "run", store=store, resume=True, verbose=0,
+                                 on_epoch=lambda report: seen.append(report.epoch))
+    assert seen == [2]  # epoch 1 was not trained again
+    assert [h["epoch"] for h in card["history"]] == [1, 2]
+    assert len(store.list_versions("mobilenetv2")) == 1
+
+
+def _one_line_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("ctscan")]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_wrong_input_ends_with_one_clear_line(data_dir: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    base = ["train", "--init", "none", "--epochs", "1", "--input-size", "32", "--limit-per-class", "2",
+            "--store", str(store), "--run-dir", str(tmp_path / "run")]
+    _one_line_error(ctscan(*base, "--model", "resnet", "--data", str(data_dir)), "unknown model 'resnet'")
+    _one_line_error(ctscan(*base, "--model", "mobilenetv2", "--data", str(tmp_path / "missing")),
+                    "dataset folder not found")
+    _one_line_error(ctscan("train", "--model", "mobilenetv2", "--init", "/nope.h5", "--data", str(data_dir),
+                           "--store", str(store)), "neither 'imagenet'")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "split.csv").write_text("path,label,split\nx.png,covid,train\n")
+    _one_line_error(ctscan(*base, "--model", "mobilenetv2", "--data", str(bad)), "split.csv:2")
+    assert not store.exists() or not any(store.iterdir())
+
+
+def test_a_failed_run_leaves_the_store_untouched(data_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from ctscan.data import CTDataset
+
+    store = tmp_path / "store"
+    ok = ctscan("train", "--model", "mobilenetv2", "--init", "none", "--epochs", "1", "--input-size", "32",
+                "--limit-per-class", "2", "--data", str(data_dir), "--store", str(store),
+                "--run-dir", str(tmp_path / "run1"))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    before = sorted(p.relative_to(store).as_posix() for p in store.rglob("*"))
+    snapshot = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
+
+    # a dataset copy with one unreadable image
+    copy = tmp_path / "data"
+    dataset = CTDataset(data_dir)
+    samples = dataset.split("train")[:3] + dataset.split("val")[:3]
+    rows = ["path,label,split"]
+    for sample in samples:
+        (copy / sample.relative_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(sample.path, copy / sample.relative_path)
+        rows.append(f"{sample.relative_path},{sample.label},{sample.split}")
+    (copy / "split.csv").write_text("\n".join(rows) + "\n")
+    (copy / samples[0].relative_path).write_bytes(b"not a png")
+    failed = ctscan("train", "--model", "mobilenetv2", "--init", "none", "--epochs", "1", "--input-size", "32",
+                    "--data", str(copy), "--store", str(store), "--run-dir", str(tmp_path / "run2"),
+                    "--promote", "always")
+    _one_line_error(failed, "cannot load")
+    assert sorted(p.relative_to(store).as_posix() for p in store.rglob("*")) == before
+    assert all(p.read_bytes() == data for p, data in snapshot.items())
+
+
+def test_models_list_promote_and_rollback(data_dir: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    for run in ("a", "b"):
+        result = ctscan("train", "--model", "mobilenetv2", "--init", "none", "--epochs", "1", "--input-size", "32",
+                        "--limit-per-class", "2", "--data", str(data_dir), "--store", str(store),
+                        "--run-dir", str(tmp_path / run), "--promote", "always")
+        assert result.returncode == 0, result.stderr[-2000:]
+    listing = json.loads(ctscan("models", "list", "--store", str(store)).stdout)
+    versions = [v["version"] for v in listing["mobilenetv2"]]
+    assert len(versions) == 2 and listing["mobilenetv2"][1]["production"] is True
+    rolled = ctscan("models", "rollback", "mobilenetv2", "--store", str(store))
+    assert rolled.returncode == 0 and versions[0] in rolled.stdout
+    promoted = ctscan("models", "promote", "mobilenetv2", versions[1], "--store", str(store))
+    assert promoted.returncode == 0
+    _one_line_error(ctscan("models", "promote", "mobilenetv2", "nope", "--store", str(store)), "no version nope")

@@ -1,0 +1,74 @@
+"""The three architectures exactly as specified, their init modes and fine-tuning helper."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from ctscan.errors import ModelError
+from ctscan.models import ARCHITECTURES, backbone_layers, build_model, unfreeze_top
+
+
+@pytest.mark.parametrize(
+    ("name", "size", "dense_units", "dropouts"),
+    [("inceptionv3", 299, 512, 1), ("densenet121", 224, 512, 2), ("mobilenetv2", 224, 1024, 1)],
+)
+def test_heads_match_the_brief(name: str, size: int, dense_units: int, dropouts: int) -> None:
+    model = build_model(name, init="none")
+    assert model.input_shape == (None, size, size, 3)
+    head = [layer for layer in model.layers if layer.name.startswith("head_") or layer.name == "probability_covid"]
+    kinds = [type(layer).__name__ for layer in head]
+    assert kinds == ["GlobalAveragePooling2D", "Dense", *["Dropout"] * dropouts, "Dense"]
+    assert head[1].units == dense_units and head[1].activation.__name__ == "relu"
+    assert head[-1].units == 1 and head[-1].activation.__name__ == "sigmoid"
+    assert model.get_layer(ARCHITECTURES[name].gradcam_layer) is not None
+
+
+def test_preprocessing_lives_in_the_model_so_callers_feed_pixels() -> None:
+    model = build_model("mobilenetv2", init="none", input_size=64, compile_model=False)
+    assert model.layers[1].name == "pre_scale"
+    pixels = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    probabilities = np.asarray(model(pixels, training=False))
+    assert probabilities.shape == (2, 1) and ((0 <= probabilities) & (probabilities <= 1)).all()
+
+
+def test_imagenet_without_network_names_the_alternatives() -> None:
+    with pytest.raises(ModelError, match="--init none.*--init PATH"):
+        build_model("mobilenetv2", init="imagenet", input_size=64)
+
+
+def test_local_backbone_weights_file_is_loaded(tmp_path: Path) -> None:
+    backbone = keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(64, 64, 3))
+    path = tmp_path / "mobilenet_backbone.weights.h5"
+    backbone.save_weights(path)
+    model = build_model("mobilenetv2", init=str(path), input_size=64, compile_model=False)
+    np.testing.assert_allclose(model.get_layer("Conv1").get_weights()[0], backbone.get_layer("Conv1").get_weights()[0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "resnet50"}, "unknown model 'resnet50'"),
+        ({"name": "mobilenetv2", "init": "/no/such/weights.h5"}, "neither 'imagenet', 'none'"),
+        ({"name": "inceptionv3", "init": "none", "input_size": 40}, "at least 75"),
+    ],
+)
+def test_bad_arguments_raise_model_errors(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        build_model(**kwargs)  # type: ignore[arg-type]
+
+
+def test_unfreeze_top_keeps_batchnorm_frozen_and_checks_arguments() -> None:
+    model = build_model("mobilenetv2", init="none", input_size=64, compile_model=False)
+    layers = backbone_layers(model)
+    unfrozen = unfreeze_top(model, 20)
+    top = layers[-20:]
+    assert unfrozen == sum(not isinstance(layer, keras.layers.BatchNormalization) for layer in top)
+    assert all(not layer.trainable for layer in layers[:-20])
+    assert all(layer.trainable != isinstance(layer, keras.layers.BatchNormalization) for layer in top)
+    for bad in (0, -3, len(layers) + 1):
+        with pytest.raises(ValueError):
+            unfreeze_top(model, bad)

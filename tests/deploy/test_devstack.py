@@ -1,0 +1,172 @@
+"""`make up` (scripts/devstack.py): unit checks of its choices, and the end-to-end run:
+start the whole stack in the background on free ports with a private var folder and its own
+redis-server, send a real CT slice through the web page and through the API, stop it with
+`down`, and check that no process is left behind."""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from ctscan import DISCLAIMER
+
+from .conftest import REPO_ROOT
+
+DEVSTACK = REPO_ROOT / "scripts" / "devstack.py"
+START_TIMEOUT_S = 900
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def load_devstack():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("devstack", DEVSTACK)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dev_secrets_are_generated_once_and_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    devstack = load_devstack()
+    monkeypatch.setenv("DEVSTACK_VAR_DIR", str(tmp_path))
+    layout = devstack.Layout.from_env()
+    first = devstack.dev_secrets(layout, {"WEB_ADMIN_PASSWORD": "given-by-the-user"})
+    assert first["WEB_ADMIN_PASSWORD"] == "given-by-the-user"
+    assert len(first["WEB_SECRET_KEY"]) >= 32 and first["WEB_SECRET_KEY"] != first["CTSCAN_ADMIN_TOKEN"]
+    assert (layout.secrets_file.stat().st_mode & 0o777) == 0o600
+    assert "given-by-the-user" not in layout.secrets_file.read_text()
+    assert devstack.dev_secrets(layout, {})["WEB_SECRET_KEY"] == first["WEB_SECRET_KEY"]  # reused
+
+
+def test_broker_falls_back_to_the_filesystem_transport(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    devstack = load_devstack()
+    monkeypatch.setenv("DEVSTACK_VAR_DIR", str(tmp_path))
+    monkeypatch.setattr(devstack.shutil, "which", lambda name: None)  # no redis-server installed
+    layout = devstack.Layout.from_env()
+    broker = devstack.choose_broker(layout, {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    assert broker.kind == "filesystem" and broker.child is None
+    assert broker.env["CELERY_BROKER_URL"] == "filesystem://"
+    assert Path(broker.env["CTSCAN_BROKER_DIR"]).is_dir()
+
+
+def test_down_without_a_stack_says_so(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(DEVSTACK), "down"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "DEVSTACK_VAR_DIR": str(tmp_path)}, check=False)
+    assert done.returncode == 0 and "no stack running" in done.stdout
+
+
+def csrf_token(page: str) -> str:
+    match = re.search(r'name="csrf_token"[^>]*value="([^"]+)"', page) or re.search(
+        r'value="([^"]+)"[^>]*name="csrf_token"', page)
+    assert match, "no CSRF token on the upload form"
+    return match.group(1)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(START_TIMEOUT_S + 300)
+def test_make_up_serves_a_real_ct_image_and_stops_cleanly(
+    tmp_path: Path, real_ct_images: dict[str, Path], request: pytest.FixtureRequest
+) -> None:
+    for service in ("inference", "web", "trainer"):
+        if not (REPO_ROOT / "services" / service / "main.py").is_file():
+            pytest.fail(f"services/{service}/main.py does not exist yet: the stack cannot start")
+    var_dir = tmp_path / "var"
+    inference_port, web_port, redis_port = free_port(), free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("WEB_SECRET_KEY", "WEB_ADMIN_PASSWORD",
+                                                            "CTSCAN_ADMIN_TOKEN", "CELERY_BROKER_URL")}
+    env.update({
+        "DEVSTACK_VAR_DIR": str(var_dir), "INFERENCE_PORT": str(inference_port), "WEB_PORT": str(web_port),
+        # Nothing answers on this port, so devstack starts (and later stops) its own redis-server.
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "DEVSTACK_TIMEOUT": str(START_TIMEOUT_S),
+        "INFERENCE_ONNX_CACHE_DIR": str(tmp_path / "onnx-cache"),
+        "CTSCAN_TRAINER_WORK_DIR": str(tmp_path / "trainer"),
+        "CTSCAN_DATASETS_URL": str(tmp_path / "datasets"),
+    })
+    release = REPO_ROOT / "models"
+    if release.is_dir() and any(release.iterdir()):
+        env["CTSCAN_MODEL_STORE"] = str(tmp_path / "model-store")  # seeded from the shipped release
+    else:
+        env["CTSCAN_MODEL_STORE"] = str(request.getfixturevalue("tiny_model_store"))
+        env["CTSCAN_RELEASE_DIR"] = str(tmp_path / "no-release")
+    output = (tmp_path / "devstack.out").open("wb")
+    up = subprocess.Popen([sys.executable, str(DEVSTACK), "up"], cwd=REPO_ROOT, env=env, stdout=output,
+                          stderr=subprocess.STDOUT, start_new_session=True)
+    groups: dict[str, int] = {}
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S + 60
+        log = ""
+        while "devstack: ready:" not in log:
+            log = (tmp_path / "devstack.out").read_text(errors="replace")
+            assert up.poll() is None, f"devstack up exited with {up.returncode}:\n{log}"
+            assert time.monotonic() < deadline, f"stack not ready in time:\n{log}"
+            time.sleep(1)
+        import json
+
+        groups = json.loads((var_dir / "devstack.pid").read_text())["groups"]
+        assert set(groups) == {"redis", "inference", "web", "worker"}
+        assert (var_dir / "dev-secrets.env").is_file() and str(var_dir / "dev-secrets.env") in log
+
+        image = real_ct_images.get("CT_COVID_png") or next(iter(real_ct_images.values()))
+        data = image.read_bytes()
+
+        # The API.
+        answer = requests.post(f"http://127.0.0.1:{inference_port}/predict", timeout=120,
+                               files={"file": (image.name, data)}, data={"model": "mobilenetv2"})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["label"] in ("COVID", "non-COVID")
+        assert 0.0 <= body["probability_covid"] <= 1.0
+        assert body["disclaimer"] == DISCLAIMER
+
+        # The web page, as a browser sends the form (session cookie + CSRF token).
+        with requests.Session() as browser:
+            page = browser.get(f"http://127.0.0.1:{web_port}/", timeout=30)
+            assert page.status_code == 200
+            result = browser.post(f"http://127.0.0.1:{web_port}/predict", timeout=180,
+                                  data={"csrf_token": csrf_token(page.text), "model": "mobilenetv2"},
+                                  files={"file": (image.name, data, "image/png")})
+        assert result.status_code == 200, result.text[-2000:]
+        text = html.unescape(result.text)
+        assert re.search(r'class="verdict-label">\s*(COVID|non-COVID)\s*<', text), "no verdict on the result page"
+        assert "Not a diagnosis." in text and DISCLAIMER in text
+    finally:
+        down = subprocess.run([sys.executable, str(DEVSTACK), "down"], cwd=REPO_ROOT, env=env,
+                              capture_output=True, text=True, timeout=180, check=False)
+        try:
+            status = up.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(up.pid, signal.SIGKILL)
+            status = up.wait()
+        output.close()
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert status == 0, (tmp_path / "devstack.out").read_text()
+    left = [name for name, pgid in groups.items() if group_alive(pgid)]
+    assert not left, f"processes left behind: {left}"
+    assert not group_alive(up.pid)
+    assert not (var_dir / "devstack.pid").exists()
+    with socket.socket() as sock:  # the stack's own redis-server is gone too
+        assert sock.connect_ex(("127.0.0.1", redis_port)) != 0

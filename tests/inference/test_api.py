@@ -1,0 +1,234 @@
+"""The inference API end to end: real service process, real CT images, tiny real models."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ctscan import DISCLAIMER
+from ctscan.imaging import decode_image
+from inference.conftest import RunningService
+
+MODELS = ("inceptionv3", "densenet121", "mobilenetv2")
+
+
+def _first(real_ct_images: dict[str, Path], suffix: str) -> Path:
+    return next(path for key, path in sorted(real_ct_images.items()) if key.endswith(suffix))
+
+
+def _check_prediction(body: dict, *, model: str, source_format: str) -> None:
+    assert body["model"] == model
+    assert body["label"] in ("COVID", "non-COVID")
+    assert 0.0 <= body["probability_covid"] <= 1.0
+    expected_label = "COVID" if body["probability_covid"] >= body["threshold"] else "non-COVID"
+    assert body["label"] == expected_label
+    expected_confidence = body["probability_covid"] if expected_label == "COVID" else 1 - body["probability_covid"]
+    assert body["confidence"] == pytest.approx(expected_confidence)
+    assert body["disclaimer"] == DISCLAIMER
+    assert body["source_format"] == source_format
+    assert body["request_id"]
+    assert body["timings_ms"]["total"] >= body["timings_ms"]["inference"] >= 0
+
+
+def test_health_and_readiness(inference_service: RunningService) -> None:
+    assert inference_service.get("/healthz").json() == {"status": "ok"}
+    ready = inference_service.get("/readyz")
+    assert ready.status_code == 200
+    body = ready.json()
+    assert body["status"] == "ready" and set(body["models"]) == set(MODELS)
+
+
+def test_models_lists_versions_thresholds_and_card_metrics(inference_service: RunningService) -> None:
+    from ctscan.store import LocalModelStore
+
+    store = LocalModelStore(inference_service.store_dir)
+    body = inference_service.get("/models").json()
+    listed = {entry["name"]: entry for entry in body["models"]}
+    assert set(listed) == set(MODELS)
+    for name, entry in listed.items():
+        version = store.production(name)
+        card = store.card(name, version)
+        assert entry["version"] == version
+        assert entry["input_size"] == card["input_size"]
+        assert entry["threshold"] == pytest.approx(card["threshold"])
+        assert entry["init"] == "none"
+        assert entry["metrics"]["val"]["auc"] == pytest.approx(card["metrics"]["val"]["auc"])
+        assert entry["backend"] in ("onnxruntime", "tensorflow")
+    ensemble = body["ensemble"]
+    assert ensemble["members"] == {name: store.production(name) for name in MODELS}
+    assert ensemble["threshold_source"] == "val-calibrated"
+    assert ensemble["threshold"] == pytest.approx(store.ensemble_record()["threshold"])
+
+
+def test_onnx_copies_are_verified_and_used(inference_service: RunningService) -> None:
+    for entry in inference_service.get("/models").json()["models"]:
+        assert entry["backend"] == "onnxruntime", entry["onnx_fallback_reason"]
+        assert entry["onnx_max_abs_difference"] <= 1e-4
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_each_model_on_real_ct_images(inference_service: RunningService, real_ct_images: dict[str, Path],
+                                      model: str) -> None:
+    versions = {e["name"]: e["version"] for e in inference_service.get("/models").json()["models"]}
+    for key, path in sorted(real_ct_images.items()):
+        response = inference_service.predict(path.read_bytes(), filename=path.name, params={"model": model})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        _check_prediction(body, model=model, source_format="JPEG" if path.suffix.lower() == ".jpg" else "PNG")
+        assert body["model_version"] == versions[model]
+        assert body["members"] is None and body["disagreement"] is None
+        assert body["heatmap_png_base64"] is None and body["timings_ms"]["gradcam"] is None
+
+
+def test_ensemble_is_the_default_and_reports_members(inference_service: RunningService,
+                                                      real_ct_images: dict[str, Path]) -> None:
+    path = _first(real_ct_images, "png")
+    body = inference_service.predict(path.read_bytes()).json()
+    _check_prediction(body, model="ensemble", source_format="PNG")
+    assert set(body["members"]) == set(MODELS)
+    member_probabilities = [m["probability_covid"] for m in body["members"].values()]
+    assert body["probability_covid"] == pytest.approx(float(np.mean(member_probabilities)), abs=1e-6)
+    assert body["disagreement"] == (len({m["label"] for m in body["members"].values()}) > 1)
+    assert body["model_version"] == ",".join(f"{n}={m['version']}" for n, m in body["members"].items())
+    # Each member's answer matches the same model asked alone (batching changes nothing).
+    for name, member in body["members"].items():
+        alone = inference_service.predict(path.read_bytes(), params={"model": name}).json()
+        assert alone["probability_covid"] == pytest.approx(member["probability_covid"], abs=1e-5)
+
+
+def test_model_can_be_given_as_form_field(inference_service: RunningService,
+                                          real_ct_images: dict[str, Path]) -> None:
+    path = _first(real_ct_images, "png")
+    body = inference_service.predict(path.read_bytes(), data={"model": "mobilenetv2", "explain": "false"}).json()
+    assert body["model"] == "mobilenetv2" and body["heatmap_png_base64"] is None
+
+
+@pytest.mark.parametrize("model", ["mobilenetv2", "ensemble"])
+def test_gradcam_heatmap_has_the_image_aspect(inference_service: RunningService,
+                                              real_ct_images: dict[str, Path], model: str) -> None:
+    path = _first(real_ct_images, "png")
+    original = decode_image(path.read_bytes()).pixels
+    response = inference_service.predict(path.read_bytes(), params={"model": model, "explain": "true"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["timings_ms"]["gradcam"] is not None
+    heatmap = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png_base64"])))
+    assert heatmap.format == "PNG" and heatmap.mode == "RGB"
+    assert heatmap.width / heatmap.height == pytest.approx(original.shape[1] / original.shape[0], rel=0.02)
+    # An overlay, not the bare slice: colour appears where a greyscale CT has none.
+    pixels = np.asarray(heatmap, dtype=np.int16)
+    assert np.abs(pixels[..., 0] - pixels[..., 2]).max() > 20
+
+
+def _dicom_bytes(*, with_pixels: bool = True, rows: int = 64, columns: int = 64) -> bytes:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = FileDataset("slice.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    dataset.SOPClassUID = CTImageStorage
+    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    dataset.PatientName = "Doe^Jane"
+    dataset.PatientID = "SECRET-PATIENT-4711"
+    dataset.Modality = "CT"
+    if with_pixels:
+        y, x = np.mgrid[0:rows, 0:columns]
+        lungs = ((x - columns * 0.3) ** 2 + (y - rows / 2) ** 2) < (rows / 5) ** 2
+        hounsfield = np.where(lungs, -850, 40).astype(np.int16)
+        dataset.Rows, dataset.Columns = rows, columns
+        dataset.SamplesPerPixel = 1
+        dataset.PhotometricInterpretation = "MONOCHROME2"
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 16, 16, 15
+        dataset.PixelRepresentation = 1
+        dataset.RescaleSlope, dataset.RescaleIntercept = 1, -1024
+        dataset.PixelData = (hounsfield + 1024).astype(np.int16).tobytes()
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_dicom_is_windowed_and_patient_data_never_leaks(inference_service: RunningService) -> None:
+    dicom = _dicom_bytes()
+    response = inference_service.predict(dicom, filename="slice.dcm", params={"model": "ensemble", "explain": "true"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    _check_prediction(body, model="ensemble", source_format="DICOM")
+    assert "SECRET-PATIENT-4711" not in response.text and "Doe" not in response.text
+    assert "SECRET-PATIENT-4711" not in inference_service.log()
+    no_pixels = inference_service.predict(_dicom_bytes(with_pixels=False), filename="empty.dcm")
+    assert no_pixels.status_code == 422
+    assert no_pixels.json()["error"]["code"] == "undecodable_image"
+    assert "pixel data" in no_pixels.json()["error"]["message"]
+
+
+def test_unknown_model_is_400(inference_service: RunningService, real_ct_images: dict[str, Path]) -> None:
+    path = _first(real_ct_images, "png")
+    response = inference_service.predict(path.read_bytes(), params={"model": "resnet50"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "unknown_model" and "mobilenetv2" in error["message"]
+
+
+def test_upload_over_the_limit_is_413(inference_service: RunningService) -> None:
+    # The fixture's limit is 2 MB; a 3 MB PNG-looking upload is refused before decoding.
+    response = inference_service.predict(b"\x89PNG\r\n\x1a\n" + b"\0" * (3 * 1024 * 1024))
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "upload_too_large"
+
+
+def test_missing_file_is_422_json(inference_service: RunningService) -> None:
+    import requests
+
+    response = requests.post(inference_service.url + "/predict", data={"model": "ensemble"}, timeout=30)
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert "file" in response.json()["error"]["message"]
+
+
+def test_unknown_route_is_json_404(inference_service: RunningService) -> None:
+    response = inference_service.get("/nope")
+    assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
+
+
+def test_metrics_count_requests_batches_and_versions(inference_service: RunningService,
+                                                     real_ct_images: dict[str, Path]) -> None:
+    path = _first(real_ct_images, "png")
+    assert inference_service.predict(path.read_bytes(), params={"model": "densenet121"}).status_code == 200
+    assert inference_service.predict(path.read_bytes(), params={"model": "bogus"}).status_code == 400
+    text = inference_service.get("/metrics").text
+    assert 'inference_requests_total{model="densenet121",status="200"}' in text
+    assert 'inference_requests_total{model="invalid",status="400"}' in text
+    assert 'inference_batch_size_count{model="densenet121"}' in text
+    assert 'inference_request_seconds_bucket{le="0.5",model="densenet121",status="200"}' in text
+    versions = {e["name"]: e["version"] for e in inference_service.get("/models").json()["models"]}
+    assert f'inference_model_version_info{{backend="onnxruntime",model="mobilenetv2",version="{versions["mobilenetv2"]}"}} 1.0' in text
+
+
+def test_concurrent_requests_are_batched(inference_service: RunningService,
+                                         real_ct_images: dict[str, Path]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = _first(real_ct_images, "png")
+    content = path.read_bytes()
+    with ThreadPoolExecutor(12) as pool:
+        responses = list(pool.map(
+            lambda _: inference_service.predict(content, params={"model": "mobilenetv2"}), range(24)))
+    assert all(r.status_code == 200 for r in responses)
+    probabilities = {round(r.json()["probability_covid"], 5) for r in responses}
+    assert len(probabilities) == 1  # same image, same answer whatever batch it landed in
+    text = inference_service.get("/metrics").text
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith('inference_batch_size_count{model="mobilenetv2"}'):
+            counts["batches"] = float(line.split()[-1])
+        if line.startswith('inference_batch_size_sum{model="mobilenetv2"}'):
+            counts["images"] = float(line.split()[-1])
+    assert counts["images"] > counts["batches"]  # at least one forward pass held several images

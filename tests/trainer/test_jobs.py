@@ -1,0 +1,154 @@
+"""Training jobs end to end: real Redis, real `ctscan serve worker` processes, S3 over HTTP."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def _store(env: dict[str, str]) -> Any:
+    from ctscan.store import open_store
+
+    return open_store(env["CTSCAN_MODEL_STORE"])
+
+
+def _epochs(record: dict[str, Any]) -> list[int]:
+    return [p["epoch"] for p in record["progress"]]
+
+
+def test_job_runs_from_submission_to_a_promoted_model(
+        start_worker: Callable[..., Any], ctscan_cli: Callable[..., Any], published_dataset: tuple[str, str],
+        trainer_env: dict[str, str], real_ct_images: dict[str, Path]) -> None:
+    from ctscan.data import load_sample_pixels
+    from ctscan.store import load_keras_model
+
+    worker = start_worker()
+    submitted = ctscan_cli("jobs", "submit", "--model", "mobilenetv2", "--dataset", published_dataset[0],
+                           "--dataset-version", published_dataset[1], "--init", "none", "--epochs", "2",
+                           "--hp", "input_size=32", "--hp", "batch_size=4", "--hp", "augment=false", "--wait")
+    assert submitted.returncode == 0, submitted.stderr + worker.output()
+    record = json.loads(submitted.stdout)
+    # --wait followed the progress epoch by epoch.
+    assert "epoch 1/2" in submitted.stderr and "epoch 2/2" in submitted.stderr
+    assert record["state"] == "succeeded" and record["error"] is None
+    assert _epochs(record) == [1, 2]
+    assert all(0.0 <= p["val_auc"] <= 1.0 and p["loss"] > 0 for p in record["progress"])
+    assert record["started_at"] <= record["finished_at"] and record["device"] == "CPU"
+
+    store = _store(trainer_env)
+    assert record["result_version"] == record["id"] in store.list_versions("mobilenetv2")
+    card = store.card("mobilenetv2", record["result_version"])
+    assert card["job"]["dataset_version"] == published_dataset[1] and card["input_size"] == 32
+    # First model of this store: nothing to beat, so it becomes production.
+    assert record["promoted"] is True and store.production("mobilenetv2") == record["result_version"]
+
+    # The record is durable and listed; its model loads from S3 and classifies a real CT image.
+    listed = ctscan_cli("jobs", "list", "--json")
+    assert record["id"] in [r["id"] for r in json.loads(listed.stdout)]
+    model, loaded_card = load_keras_model(store, "mobilenetv2")
+    assert loaded_card["version"] == record["id"]
+    from ctscan.data import LABELS, Sample
+
+    image = real_ct_images[next(iter(real_ct_images))]
+    pixels = load_sample_pixels(Sample(image, image.name, LABELS[0], "test"), 32)
+    probability = float(np.asarray(model(pixels[None].astype(np.float32), training=False)).reshape(-1)[0])
+    assert 0.0 <= probability <= 1.0
+
+
+def test_cancelled_job_stops_within_an_epoch_and_keeps_its_record(
+        wait_until: Callable[..., Any],
+        start_worker: Callable[..., Any], tiny_job: Callable[..., dict[str, Any]],
+        wait_job: Callable[..., dict[str, Any]], jobs_client: Any, admin_token: str,
+        trainer_env: dict[str, str]) -> None:
+    start_worker()
+    job = tiny_job(40)
+    running = wait_until(lambda: (r := jobs_client.get(job["id"]))["progress"] and r, timeout=240,
+                       what="the first epoch", interval=0.3)
+    epochs_at_cancel = len(running["progress"])
+    jobs_client.cancel(job["id"], admin_token=admin_token)
+    record = wait_job(job["id"], {"cancelled", "failed", "succeeded"}, timeout=120)
+    assert record["state"] == "cancelled" and record["error"] == "cancelled by an admin"
+    assert len(record["progress"]) <= epochs_at_cancel + 1 < 40
+    assert record["finished_at"] and record["result_version"] is None
+    assert job["id"] not in _store(trainer_env).list_versions("mobilenetv2")
+    # Cancelling again is harmless and the record stays as it was.
+    assert jobs_client.cancel(job["id"], admin_token=admin_token)["state"] == "cancelled"
+
+
+def test_job_resumes_from_its_checkpoint_after_the_worker_is_killed(
+        wait_until: Callable[..., Any],
+        start_worker: Callable[..., Any], tiny_job: Callable[..., dict[str, Any]],
+        wait_job: Callable[..., dict[str, Any]], jobs_client: Any) -> None:
+    # Redis hands an unacknowledged job to another worker after the visibility timeout;
+    # 5 s keeps the test short (production uses more than the job time limit).
+    first = start_worker(CTSCAN_TRAINER_VISIBILITY_TIMEOUT="5")
+    job = tiny_job(5, input_size=48)
+    wait_until(lambda: jobs_client.get(job["id"])["progress"], timeout=240, what="the first checkpoint",
+             interval=0.2)
+    first.kill()  # SIGKILL to the whole worker: no chance to clean up
+    at_kill = jobs_client.get(job["id"])
+    assert at_kill["state"] == "running", "the job finished before the worker could be killed"
+    checkpointed = len(at_kill["progress"])
+
+    second = start_worker(CTSCAN_TRAINER_VISIBILITY_TIMEOUT="5")
+    record = wait_job(job["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
+    assert record["state"] == "succeeded", (record["error"], second.output())
+    assert record["attempts"] == 2
+    assert record["resumed_from_epoch"] >= checkpointed >= 1
+    # Each epoch ran once in the record: training continued rather than starting over.
+    assert _epochs(record) == [1, 2, 3, 4, 5]
+    assert record["result_version"] == job["id"]
+
+
+def test_redis_restart_loses_no_job_record(
+        wait_until: Callable[..., Any],
+        start_worker: Callable[..., Any], tiny_job: Callable[..., dict[str, Any]],
+        wait_job: Callable[..., dict[str, Any]], jobs_client: Any, redis_server: Any) -> None:
+    start_worker()
+    before = tiny_job(3)
+    wait_until(lambda: jobs_client.get(before["id"])["progress"], timeout=240, what="the first epoch",
+             interval=0.3)
+    redis_server.stop()  # no persistence: everything in Redis is gone
+    time.sleep(1)
+    redis_server.start()
+
+    record = wait_job(before["id"], {"succeeded", "failed", "cancelled"}, timeout=240)
+    assert record["state"] == "succeeded" and _epochs(record) == [1, 2, 3]
+    # History is intact and the service keeps working after the restart.
+    after = tiny_job(1)
+    assert wait_job(after["id"], {"succeeded", "failed", "cancelled"}, timeout=240)["state"] == "succeeded"
+    listed = {r["id"]: r["state"] for r in jobs_client.list_jobs()}
+    assert listed[before["id"]] == "succeeded" and listed[after["id"]] == "succeeded"
+
+
+def test_unreachable_s3_fails_the_job_clearly_and_promotes_nothing(
+        wait_until: Callable[..., Any], s3_proxy: Callable[[], Any],
+        start_worker: Callable[..., Any], tiny_job: Callable[..., dict[str, Any]],
+        wait_job: Callable[..., dict[str, Any]], jobs_client: Any,
+        trainer_env: dict[str, str]) -> None:
+    # The worker reaches S3 through a proxy we can cut; the test itself still sees S3.
+    proxy = s3_proxy()
+    start_worker(CTSCAN_S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}")
+    store = _store(trainer_env)
+    production_before = store.production("mobilenetv2")
+    job = tiny_job(30)
+    wait_until(lambda: jobs_client.get(job["id"])["progress"], timeout=240, what="the first epoch",
+             interval=0.3)
+    proxy.cut()
+
+    record = wait_job(job["id"], {"failed", "succeeded", "cancelled"}, timeout=180)
+    assert record["state"] == "failed"
+    assert f"S3 endpoint http://127.0.0.1:{proxy.port} is unreachable" in record["error"]
+    assert "Traceback" not in record["error"]
+    assert job["id"] not in store.list_versions("mobilenetv2")
+    assert store.production("mobilenetv2") == production_before
+    # The repaired record is durable: it reads the same without the result backend.
+    assert jobs_client.records.get(job["id"])["state"] == "failed"

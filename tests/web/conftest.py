@@ -1,0 +1,275 @@
+"""Fixtures for the web service: settings, a misbehaving inference server, the real services.
+
+The real inference service (`ctscan serve inference` on the tiny model store) answers the
+happy paths. `contract_server` is a small HTTP server speaking the inference contract that
+can be told to be slow, broken or refusing: the real service cannot be made to do that on
+demand, and those are the paths the web page must survive.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from ctscan import DISCLAIMER
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CTSCAN = str(REPO_ROOT / ".venv" / "bin" / "ctscan")
+ADMIN_PASSWORD = "correct-horse-battery-staple"
+TRAINER_TOKEN = "web-tests-trainer-token-" + "x" * 8
+SECRET_KEY = "web-tests-secret-key-0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def csrf_token(html: str) -> str:
+    match = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', html)
+    assert match, "page has no CSRF token"
+    return match.group(1)
+
+
+def tiny_png() -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (40, 40, 40)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --- a server speaking the inference contract, steerable per test -----------------------------
+@dataclass
+class ContractServer:
+    url: str
+    mode: str = "ok"  # ok | slow | error500 | reject415 | reject413 | notready | garbage
+    delay_s: float = 0.0
+    requests_seen: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _prediction(model: str) -> dict[str, Any]:
+    members = None
+    if model == "ensemble":
+        members = {
+            "inceptionv3": {"probability_covid": 0.81, "label": "COVID", "version": "v-inc"},
+            "densenet121": {"probability_covid": 0.74, "label": "COVID", "version": "v-dense"},
+            "mobilenetv2": {"probability_covid": 0.32, "label": "non-COVID", "version": "v-mob"},
+        }
+    return {
+        "label": "COVID", "probability_covid": 0.623, "confidence": 0.623, "threshold": 0.5,
+        "model": model, "model_version": "ensemble-v1" if members else "v-single",
+        "members": members, "disagreement": bool(members), "heatmap_png_base64":
+        base64.b64encode(tiny_png()).decode(), "request_id": "req-123",
+        "timings_ms": {"decode": 3.0, "inference": 40.0, "gradcam": 55.0, "total": 101.0},
+        "source_format": "PNG", "disclaimer": DISCLAIMER,
+    }
+
+
+@pytest.fixture()
+def contract_server() -> Iterator[ContractServer]:
+    state = ContractServer(url="")
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _send(self, status: int, body: Any, raw: bytes | None = None) -> None:
+            payload = raw if raw is not None else json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self) -> None:
+            self._send(200, {"status": "ok"})
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length", 0))
+            body = self.rfile.read(length)
+            query = dict(p.split("=", 1) for p in self.path.partition("?")[2].split("&") if "=" in p)
+            state.requests_seen.append({"path": self.path, "query": query, "body": body})
+            if state.mode == "slow":
+                time.sleep(state.delay_s)
+            errors = {"reject415": (415, "unsupported_image", "cannot decode image"),
+                      "reject413": (413, "too_large", "upload too large"),
+                      "notready": (503, "not_ready", "models are loading"),
+                      "error500": (500, "internal", "boom")}
+            if state.mode in errors:
+                status, code, message = errors[state.mode]
+                self._send(status, {"error": {"code": code, "message": message}})
+            elif state.mode == "garbage":
+                self._send(200, None, raw=b"<html>proxy error</html>")
+            else:
+                self._send(200, _prediction(query.get("model", "ensemble")))
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield state
+    server.shutdown()
+    server.server_close()
+
+
+# --- settings and app -----------------------------------------------------------------------
+@pytest.fixture()
+def make_settings(tmp_path: Path) -> Callable[..., Any]:
+    from services.web.settings import WebSettings
+
+    def build(**overrides: Any) -> WebSettings:
+        values: dict[str, Any] = {
+            "secret_key": SECRET_KEY, "admin_password": ADMIN_PASSWORD,
+            "trainer_admin_token": TRAINER_TOKEN, "inference_url": f"http://127.0.0.1:{free_port()}",
+            "model_store": str(tmp_path / "store"), "inference_read_timeout_s": 5.0,
+            "inference_retries": 1, "max_upload_mb": 1.0,
+        }
+        values.update(overrides)
+        return WebSettings(**{"_env_file": None, **values})
+
+    return build
+
+
+def trainer_settings_for(**env: str) -> Any:
+    """The trainer's own settings class, from these variables only (no .env, no process env
+    leaking a developer's queue or store into the tests)."""
+    from services.trainer.settings import TrainerSettings
+
+    values: dict[str, Any] = {"_env_file": None, **env}
+    return TrainerSettings(**values)
+
+
+# --- the real services ------------------------------------------------------------------------
+@dataclass
+class Service:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+
+def _start(args: list[str], *, env: dict[str, str], log_path: Path, ready_path: str, timeout_s: float) -> Service:
+    port = free_port()
+    log_file = log_path.open("wb")
+    process = subprocess.Popen([*args, "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=REPO_ROOT,
+                               stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    service = Service(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{args} exited with {process.returncode}:\n{service.log()}")
+        try:
+            if requests.get(service.url + ready_path, timeout=2).status_code == 200:
+                return service
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    _stop(service)
+    pytest.fail(f"{args} not ready after {timeout_s} s:\n{service.log()}")
+
+
+def _stop(service: Service) -> None:
+    if service.process.poll() is None:
+        os.killpg(service.process.pid, signal.SIGTERM)
+        try:
+            service.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(service.process.pid, signal.SIGKILL)
+            service.process.wait(timeout=5)
+
+
+def _base_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("WEB_", "INFERENCE_", "CTSCAN_", "CELERY_"))}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture(scope="session")
+def inference_service(tiny_model_store: Path, data_dir: Path,
+                      tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The real inference service (`ctscan serve inference`) on the tiny model store."""
+    if not (REPO_ROOT / "services" / "inference" / "main.py").is_file():
+        pytest.fail("services/inference is not there yet: the browser tests need the real service")
+    workdir = tmp_path_factory.mktemp("inference")
+    env = _base_env() | {
+        "CTSCAN_MODEL_STORE": str(tiny_model_store), "CTSCAN_DATA_DIR": str(data_dir),
+        "INFERENCE_ONNX_CACHE_DIR": str(workdir / "onnx"), "INFERENCE_RELOAD_POLL_SECONDS": "0",
+    }
+    service = _start([CTSCAN, "serve", "inference"], env=env, log_path=workdir / "inference.log",
+                     ready_path="/readyz", timeout_s=300)
+    yield service
+    _stop(service)
+
+
+@pytest.fixture(scope="session")
+def published_datasets(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+    """The real UCSD data published (`ctscan.datasets.upload_dataset`) to a local datasets
+    folder, as the trainer expects before it accepts a job. Returns (url, name, version)."""
+    from ctscan.datasets import upload_dataset
+
+    root = tmp_path_factory.mktemp("datasets")
+    upload_dataset(data_dir, str(root / "ucsd-covid-ct"), version="web-test")
+    return str(root), "ucsd-covid-ct", "web-test"
+
+
+@pytest.fixture(scope="session")
+def trainer_queue() -> Iterator[str]:
+    """A queue name of our own on the machine's Redis, removed afterwards, so no worker of
+    another test run picks up these jobs."""
+    import redis
+
+    name = f"web-tests-{secrets.token_hex(4)}"
+    yield name
+    client = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    client.delete(name, f"_kombu.binding.{name}")
+
+
+@pytest.fixture(scope="session")
+def web_service(inference_service: Service, tiny_model_store: Path, published_datasets: tuple[str, str, str],
+                trainer_queue: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The real web service (`ctscan serve web`, waitress) in front of the real inference."""
+    workdir = tmp_path_factory.mktemp("web")
+    env = _base_env() | {
+        "WEB_SECRET_KEY": SECRET_KEY, "WEB_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "CTSCAN_ADMIN_TOKEN": TRAINER_TOKEN, "INFERENCE_URL": inference_service.url,
+        "CTSCAN_MODEL_STORE": str(tiny_model_store), "CTSCAN_DATASETS_URL": published_datasets[0],
+        "WEB_DEFAULT_DATASET": published_datasets[1], "WEB_DEFAULT_DATASET_VERSION": published_datasets[2],
+        "CTSCAN_TRAINER_QUEUE": trainer_queue, "CTSCAN_TRAINER_WORK_DIR": str(workdir / "trainer"),
+    }
+    service = _start([CTSCAN, "serve", "web"], env=env, log_path=workdir / "web.log",
+                     ready_path="/healthz", timeout_s=60)
+    yield service
+    _stop(service)
+
+
+@pytest.fixture(scope="session")
+def chromium_path() -> str:
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).is_file():
+        pytest.fail("Debian's chromium is missing: apt-get install -y chromium")
+    return path

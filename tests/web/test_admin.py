@@ -1,0 +1,287 @@
+"""The admins' console through Flask's test client, with the trainer's real JobsClient on
+the machine's Redis (a queue of our own; no worker needed to queue) and a real local store."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask.testing import FlaskClient
+
+from ctscan.store import LocalModelStore
+from services.web.app import create_app
+from services.web.console import ConsoleUnavailableError
+
+from .conftest import ADMIN_PASSWORD, TRAINER_TOKEN, csrf_token, trainer_settings_for
+
+
+@pytest.fixture()
+def store(tmp_path: Path) -> LocalModelStore:
+    """Two real (tiny) versions of one model, the older in production."""
+    store = LocalModelStore(tmp_path / "store")
+    for index, auc in enumerate((0.71, 0.83)):
+        store.save("mobilenetv2", weights=b"weights-%d" % index, version=f"2026010{index + 1}T000000Z-aaaa",
+                   card={"architecture": "mobilenetv2", "input_size": 64, "init": "none", "epochs_run": 3,
+                         "threshold": 0.42 + index / 100,
+                         "metrics": {"val": {"accuracy": 0.7 + index / 10, "precision": 0.66, "recall": 0.7,
+                                             "f1": 0.68, "auc": auc}}})
+    store.promote("mobilenetv2", "20260101T000000Z-aaaa")
+    return store
+
+
+@pytest.fixture()
+def trainer_settings(store: LocalModelStore, published_datasets: tuple[str, str, str], trainer_queue: str,
+                     tmp_path: Path) -> Any:
+    return trainer_settings_for(
+        CTSCAN_MODEL_STORE=str(store.root), CTSCAN_DATASETS_URL=published_datasets[0],
+        CTSCAN_ADMIN_TOKEN=TRAINER_TOKEN, CTSCAN_TRAINER_QUEUE=trainer_queue,
+        CTSCAN_TRAINER_WORK_DIR=str(tmp_path / "work"))
+
+
+@pytest.fixture()
+def jobs_client(trainer_settings: Any) -> Any:
+    from services.trainer.api import JobsClient
+
+    return JobsClient.from_settings(trainer_settings)
+
+
+@pytest.fixture()
+def make_app(make_settings: Callable[..., Any], store: LocalModelStore, jobs_client: Any,
+             published_datasets: tuple[str, str, str]) -> Callable[..., Any]:
+    def build(**overrides: Any) -> Any:
+        settings = make_settings(model_store=str(store.root), default_dataset=published_datasets[1],
+                                 default_dataset_version=published_datasets[2], **overrides)
+        return create_app(settings, jobs_client_factory=lambda: jobs_client)
+
+    return build
+
+
+@pytest.fixture()
+def client(make_app: Callable[..., Any]) -> Iterator[FlaskClient]:
+    yield make_app().test_client()
+
+
+def login(client: FlaskClient, password: str = ADMIN_PASSWORD) -> Any:
+    token = csrf_token(client.get("/admin/login").get_data(as_text=True))
+    return client.post("/admin/login", data={"csrf_token": token, "password": password, "next": "/admin"})
+
+
+def console_token(client: FlaskClient) -> str:
+    return csrf_token(client.get("/admin").get_data(as_text=True))
+
+
+def queue_form(token: str, **overrides: Any) -> dict[str, Any]:
+    form = {"csrf_token": token, "model": "mobilenetv2", "init": "none", "dataset": "ucsd-covid-ct",
+            "dataset_version": "web-test", "epochs": "3", "batch_size": "8", "learning_rate": "0.001"}
+    form.update(overrides)
+    return form
+
+
+# --- login and refusals -------------------------------------------------------------------------
+def test_console_redirects_to_login_without_a_session(client: FlaskClient) -> None:
+    response = client.get("/admin")
+    assert response.status_code == 302
+    assert response.headers["Location"].startswith("/admin/login?next=/admin")
+    assert client.get("/admin/jobs/table").status_code == 401
+
+
+def test_actions_without_login_are_refused(client: FlaskClient, store: LocalModelStore,
+                                           jobs_client: Any) -> None:
+    token = csrf_token(client.get("/admin/login").get_data(as_text=True))
+    assert client.post("/admin/jobs", data=queue_form(token)).status_code == 401
+    assert client.post("/admin/models/mobilenetv2/promote",
+                       data={"csrf_token": token, "version": "20260102T000000Z-aaaa"}).status_code == 401
+    assert client.post("/admin/models/mobilenetv2/rollback", data={"csrf_token": token}).status_code == 401
+    assert client.post("/admin/jobs/some-job/cancel", data={"csrf_token": token}).status_code == 401
+    assert store.production("mobilenetv2") == "20260101T000000Z-aaaa"
+    assert jobs_client.list_jobs() == []
+
+
+def test_wrong_password_is_refused(client: FlaskClient) -> None:
+    response = login(client, "not-the-password")
+    assert response.status_code == 401
+    assert "That password is not correct" in response.get_data(as_text=True)
+    assert client.get("/admin").status_code == 302
+
+
+def test_login_without_csrf_token_is_refused(client: FlaskClient) -> None:
+    client.get("/admin/login")
+    response = client.post("/admin/login", data={"password": ADMIN_PASSWORD})
+    assert response.status_code == 400
+    assert client.get("/admin").status_code == 302
+
+
+def test_repeated_failures_are_throttled(client: FlaskClient) -> None:
+    for _ in range(5):
+        assert login(client, "guess-guess").status_code == 401
+    response = login(client)  # even the right password waits now
+    assert response.status_code == 429
+    assert "Too many failed attempts" in response.get_data(as_text=True)
+
+
+def test_login_sets_a_protected_session_cookie_and_logout_ends_it(client: FlaskClient) -> None:
+    response = login(client)
+    assert response.status_code == 302 and response.headers["Location"] == "/admin"
+    cookie = response.headers["Set-Cookie"]
+    assert cookie.startswith("ctscan_session=") and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    page = client.get("/admin").get_data(as_text=True)
+    assert "Training console" in page
+    response = client.post("/admin/logout", data={"csrf_token": csrf_token(page)})
+    assert response.status_code == 302
+    assert client.get("/admin").status_code == 302
+
+
+def test_login_never_redirects_off_site(client: FlaskClient) -> None:
+    token = csrf_token(client.get("/admin/login").get_data(as_text=True))
+    response = client.post("/admin/login", data={"csrf_token": token, "password": ADMIN_PASSWORD,
+                                                 "next": "//evil.example/admin"})
+    assert response.headers["Location"] == "/admin"
+
+
+# --- jobs -----------------------------------------------------------------------------------
+def test_queue_job_goes_to_the_trainer(client: FlaskClient, jobs_client: Any) -> None:
+    login(client)
+    response = client.post("/admin/jobs", data=queue_form(console_token(client)), follow_redirects=True)
+    html = response.get_data(as_text=True)
+    jobs = jobs_client.list_jobs()
+    assert len(jobs) == 1
+    job = jobs[0]
+    assert (job["model"], job["dataset"], job["dataset_version"], job["init"], job["epochs"]) == \
+        ("mobilenetv2", "ucsd-covid-ct", "web-test", "none", 3)
+    assert job["hyperparameters"] == {"batch_size": 8, "learning_rate": 0.001}
+    assert f"Queued job {job['id']}" in html
+    assert job["id"] in html and "badge-queued" in html
+
+
+def test_queue_job_with_wrong_csrf_token_is_refused(client: FlaskClient, jobs_client: Any) -> None:
+    login(client)
+    response = client.post("/admin/jobs", data=queue_form("forged-token"))
+    assert response.status_code == 400
+    assert jobs_client.list_jobs() == []
+
+
+def test_queue_job_form_errors_are_explained(client: FlaskClient, jobs_client: Any) -> None:
+    login(client)
+    token = console_token(client)
+    html = client.post("/admin/jobs", data=queue_form(token, epochs="0"),
+                       follow_redirects=True).get_data(as_text=True)
+    assert "The job was not queued. Epochs:" in html
+    html = client.post("/admin/jobs", data=queue_form(token, dataset_version="no-such-version"),
+                       follow_redirects=True).get_data(as_text=True)
+    assert "has no published version no-such-version" in html
+    assert jobs_client.list_jobs() == []
+
+
+def test_queueing_needs_the_trainer_token(make_app: Callable[..., Any], jobs_client: Any) -> None:
+    client = make_app(trainer_admin_token=None).test_client()
+    login(client)
+    page = client.get("/admin").get_data(as_text=True)
+    assert "Queueing is disabled" in page
+    html = client.post("/admin/jobs", data=queue_form(csrf_token(page)), follow_redirects=True).get_data(as_text=True)
+    assert "CTSCAN_ADMIN_TOKEN is not set" in html
+    assert jobs_client.list_jobs() == []
+
+
+def test_a_wrong_trainer_token_is_reported(make_app: Callable[..., Any], jobs_client: Any) -> None:
+    client = make_app(trainer_admin_token="a-different-token-123").test_client()
+    login(client)
+    html = client.post("/admin/jobs", data=queue_form(console_token(client)),
+                       follow_redirects=True).get_data(as_text=True)
+    assert "The job was not queued: admin token rejected" in html
+
+
+def test_progress_is_shown_and_polled(client: FlaskClient, jobs_client: Any) -> None:
+    login(client)
+    client.post("/admin/jobs", data=queue_form(console_token(client), epochs="5"))
+    job = jobs_client.list_jobs()[0]
+    # What a worker writes after two epochs (the trainer's own record store).
+    job.update(state="running", progress=[
+        {"epoch": 1, "total_epochs": 5, "loss": 0.69, "val_loss": 0.68, "val_auc": 0.61, "val_accuracy": 0.58,
+         "seconds": 9},
+        {"epoch": 2, "total_epochs": 5, "loss": 0.55, "val_loss": 0.6, "val_auc": 0.744, "val_accuracy": 0.66,
+         "seconds": 9},
+    ])
+    jobs_client.records.save(job)
+    fragment = client.get("/admin/jobs/table").get_data(as_text=True)
+    assert 'data-active="true"' in fragment
+    assert "2/5" in fragment and "val AUC 0.744" in fragment and "badge-running" in fragment
+    assert "<html" not in fragment  # only the table, for the polling script
+
+
+def test_cancel_a_queued_job(client: FlaskClient, jobs_client: Any) -> None:
+    login(client)
+    client.post("/admin/jobs", data=queue_form(console_token(client)))
+    job_id = jobs_client.list_jobs()[0]["id"]
+    html = client.post(f"/admin/jobs/{job_id}/cancel", data={"csrf_token": console_token(client)},
+                       follow_redirects=True).get_data(as_text=True)
+    assert f"Job {job_id} is cancelled" in html
+    assert jobs_client.get(job_id)["state"] == "cancelled"
+    assert "badge-cancelled" in html
+
+
+def test_cancel_an_unknown_job_is_explained(client: FlaskClient) -> None:
+    login(client)
+    html = client.post("/admin/jobs/20990101-nope/cancel", data={"csrf_token": console_token(client)},
+                       follow_redirects=True).get_data(as_text=True)
+    assert "Job 20990101-nope was not cancelled: no job" in html
+
+
+def test_console_still_loads_when_the_trainer_is_unavailable(make_settings: Callable[..., Any],
+                                                             store: LocalModelStore) -> None:
+    def unavailable() -> Any:
+        raise ConsoleUnavailableError("The training service is not installed here.")
+
+    app = create_app(make_settings(model_store=str(store.root)), jobs_client_factory=unavailable)
+    client = app.test_client()
+    login(client)
+    html = client.get("/admin").get_data(as_text=True)
+    assert "The training service is not installed here." in html
+    assert "20260101T000000Z-aaaa" in html  # models still listed
+
+
+# --- models ---------------------------------------------------------------------------------
+def test_models_are_listed_with_metrics(client: FlaskClient) -> None:
+    login(client)
+    html = client.get("/admin").get_data(as_text=True)
+    section = html[html.index('id="model-mobilenetv2"'):]
+    assert "production: <code>20260101T000000Z-aaaa</code>" in section
+    section = section[section.index("<tbody>"):]
+    assert section.index("20260102T000000Z-aaaa") < section.index("20260101T000000Z-aaaa")  # newest first
+    assert "0.830" in section and "0.710" in section  # val AUC of each version
+    assert re.search(r"20260101T000000Z-aaaa</code> <span class=\"badge badge-succeeded\">production", section)
+
+
+def test_promote_then_roll_back(client: FlaskClient, store: LocalModelStore) -> None:
+    login(client)
+    token = console_token(client)
+    html = client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": token,
+                                                                   "version": "20260102T000000Z-aaaa"},
+                       follow_redirects=True).get_data(as_text=True)
+    assert "mobilenetv2: production is now 20260102T000000Z-aaaa" in html
+    assert store.production("mobilenetv2") == "20260102T000000Z-aaaa"
+    html = client.post("/admin/models/mobilenetv2/rollback", data={"csrf_token": token},
+                       follow_redirects=True).get_data(as_text=True)
+    assert "rolled back to 20260101T000000Z-aaaa" in html
+    assert store.production("mobilenetv2") == "20260101T000000Z-aaaa"
+    html = client.post("/admin/models/mobilenetv2/rollback", data={"csrf_token": token},
+                       follow_redirects=True).get_data(as_text=True)
+    assert "Rollback refused: model mobilenetv2 has no earlier production version" in html
+
+
+def test_promote_unknown_version_is_refused(client: FlaskClient, store: LocalModelStore) -> None:
+    login(client)
+    html = client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": console_token(client),
+                                                                   "version": "20990101T000000Z-zzzz"},
+                       follow_redirects=True).get_data(as_text=True)
+    assert "Promotion refused: model mobilenetv2 has no version 20990101T000000Z-zzzz" in html
+    assert store.production("mobilenetv2") == "20260101T000000Z-aaaa"
+
+
+def test_promote_without_csrf_token_is_refused(client: FlaskClient, store: LocalModelStore) -> None:
+    login(client)
+    response = client.post("/admin/models/mobilenetv2/promote", data={"version": "20260102T000000Z-aaaa"})
+    assert response.status_code == 400
+    assert store.production("mobilenetv2") == "20260101T000000Z-aaaa"

@@ -1,0 +1,188 @@
+"""The real pages in headless Chromium (Debian's package, driven by Playwright), against the
+real web service (`ctscan serve web`) in front of the real inference service.
+
+Screenshots land in test-artifacts/ for people to look at.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ctscan import DISCLAIMER
+
+from .conftest import ADMIN_PASSWORD, TRAINER_TOKEN, Service, trainer_settings_for
+
+pytestmark = pytest.mark.timeout(900)
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def browser(chromium_path: str) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture()
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.console_errors = []  # type: ignore[attr-defined]
+    page.on("console", lambda message: message.type == "error" and page.console_errors.append(message.text))
+    page.set_default_timeout(120_000)  # the tiny models answer fast, but the CPUs are shared
+    yield page
+    context.close()
+
+
+def pick_image(real_ct_images: dict[str, Path]) -> Path:
+    for key in ("covid_png", "covid_jpg", "non_covid_png", "non_covid_jpg"):
+        if key in real_ct_images:
+            return real_ct_images[key]
+    return next(iter(real_ct_images.values()))
+
+
+def image_loaded(page: Any, selector: str) -> bool:
+    return bool(page.eval_on_selector(selector, "img => img.complete && img.naturalWidth > 0"))
+
+
+def test_upload_a_real_ct_image_and_see_result_and_heatmap(page: Any, web_service: Service,
+                                                           real_ct_images: dict[str, Path],
+                                                           artifacts_dir: Path) -> None:
+    page.goto(web_service.url + "/")
+    assert page.get_by_role("note", name="Intended use").is_visible()
+    page.screenshot(path=str(artifacts_dir / "web-upload.png"), full_page=True)
+
+    page.set_input_files("#file", str(pick_image(real_ct_images)))
+    assert "Selected:" in page.inner_text("#file-chosen")
+    page.select_option("#model", "ensemble")
+    page.click("#analyse-button")
+    page.wait_for_selector("#verdict")
+
+    verdict = page.inner_text("#verdict")
+    assert "COVID" in verdict
+    assert image_loaded(page, "#preview-image") and image_loaded(page, "#heatmap-image")
+    rows = page.locator("#models-table tbody tr")
+    assert rows.count() == 4  # three members and the ensemble
+    for name in ("InceptionV3", "DenseNet-121", "MobileNetV2"):
+        assert name in page.inner_text("#models-table")
+    assert page.locator("#agreement, #disagreement").count() == 1
+    assert page.inner_text("#timing").strip().split()[0].isdigit()
+    assert DISCLAIMER in page.inner_text("#result-disclaimer")
+    assert page.is_visible("#result-disclaimer")
+    assert page.console_errors == []  # no CSP violations or script errors
+    page.screenshot(path=str(artifacts_dir / "web-result.png"), full_page=True)
+
+
+def test_drag_and_drop_upload(page: Any, web_service: Service, real_ct_images: dict[str, Path]) -> None:
+    image = pick_image(real_ct_images)
+    page.goto(web_service.url + "/")
+    payload = base64.b64encode(image.read_bytes()).decode()
+    transfer = page.evaluate_handle(
+        """([payload, name]) => {
+            const bytes = Uint8Array.from(atob(payload), c => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, {type: "image/png"}));
+            return transfer;
+        }""", [payload, image.name])
+    page.dispatch_event("#dropzone", "drop", {"dataTransfer": transfer})
+    assert image.name in page.inner_text("#file-chosen")
+    page.select_option("#model", "mobilenetv2")
+    page.click("#analyse-button")
+    page.wait_for_selector("#verdict")
+    assert "MobileNetV2" in page.inner_text("#models-table")
+    assert page.locator("#models-table tbody tr").count() == 1
+
+
+def test_page_works_without_javascript(browser: Any, web_service: Service, real_ct_images: dict[str, Path],
+                                       artifacts_dir: Path) -> None:
+    context = browser.new_context(java_script_enabled=False, viewport={"width": 1280, "height": 900})
+    try:
+        page = context.new_page()
+        page.set_default_timeout(120_000)
+        page.goto(web_service.url + "/")
+        page.set_input_files("#file", str(pick_image(real_ct_images)))
+        page.select_option("#model", "densenet121")
+        page.click("#analyse-button")
+        page.wait_for_selector("#verdict")
+        assert "DenseNet-121" in page.inner_text("#models-table")
+        assert image_loaded(page, "#heatmap-image")
+    finally:
+        context.close()
+
+
+def test_unsupported_file_message_in_the_browser(page: Any, web_service: Service, tmp_path: Path,
+                                                 artifacts_dir: Path) -> None:
+    document = tmp_path / "notes.txt"
+    document.write_text("not an image")
+    page.goto(web_service.url + "/")
+    page.set_input_files("#file", str(document))
+    page.click("#analyse-button")
+    page.wait_for_selector("#error-message")
+    assert "This file type is not supported" in page.inner_text("#error-message")
+    page.screenshot(path=str(artifacts_dir / "web-unsupported.png"), full_page=True)
+
+
+def test_admin_logs_in_and_queues_a_job(page: Any, web_service: Service, tiny_model_store: Path,
+                                        published_datasets: tuple[str, str, str], trainer_queue: str,
+                                        artifacts_dir: Path) -> None:
+    from services.trainer.api import JobsClient
+
+    page.goto(web_service.url + "/admin")
+    assert page.url.endswith("/admin/login?next=/admin")
+    page.screenshot(path=str(artifacts_dir / "web-admin-login.png"), full_page=True)
+    page.fill("#password", "wrong-password")
+    page.click("button[type=submit]")
+    assert "That password is not correct" in page.inner_text("main")
+    page.fill("#password", ADMIN_PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_selector("#queue-form")
+    assert page.locator("#model-mobilenetv2").is_visible()  # the tiny store's versions
+
+    page.select_option("#job-model", "mobilenetv2")
+    page.select_option("#job-init", "none")
+    page.fill("#job-epochs", "2")
+    page.click("#queue-form button[type=submit]")
+    page.wait_for_selector(".alert-success")
+    message = page.inner_text(".alert-success")
+    assert message.startswith("Queued job ")
+    job_id = message.split()[2]
+    row = page.locator(f'tr[data-job-id="{job_id}"]')
+    assert "queued" in row.inner_text()
+    page.screenshot(path=str(artifacts_dir / "web-admin-console.png"), full_page=True)
+
+    trainer = JobsClient.from_settings(trainer_settings_for(
+        CTSCAN_MODEL_STORE=str(tiny_model_store), CTSCAN_DATASETS_URL=published_datasets[0],
+        CTSCAN_ADMIN_TOKEN=TRAINER_TOKEN, CTSCAN_TRAINER_QUEUE=trainer_queue))
+    job = trainer.get(job_id)
+    assert (job["model"], job["init"], job["epochs"], job["dataset_version"]) == ("mobilenetv2", "none", 2,
+                                                                                  published_datasets[2])
+
+    row.get_by_role("button", name="Cancel").click()
+    page.wait_for_selector(".alert-success")
+    assert f"Job {job_id} is cancelled" in page.inner_text(".alert-success")
+    assert trainer.get(job_id)["state"] == "cancelled"
+
+    # Live progress: a second job, whose worker reports an epoch, updates without a reload.
+    page.fill("#job-epochs", "4")
+    page.click("#queue-form button[type=submit]")
+    page.wait_for_selector(".alert-success")
+    second_id = page.inner_text(".alert-success").split()[2]
+    assert second_id != job_id
+    record = trainer.get(second_id)
+    record.update(state="running", progress=[{"epoch": 1, "total_epochs": 4, "loss": 0.61, "val_loss": 0.66,
+                                               "val_auc": 0.705, "val_accuracy": 0.6, "seconds": 12}])
+    trainer.records.save(record)  # what the worker writes after its first epoch
+    page.wait_for_selector(f'tr[data-job-id="{second_id}"] .badge-running', timeout=30_000)
+    assert "1/4" in page.inner_text(f'tr[data-job-id="{second_id}"]')
+    assert "val AUC 0.705" in page.inner_text(f'tr[data-job-id="{second_id}"]')
+    page.screenshot(path=str(artifacts_dir / "web-admin-progress.png"), full_page=True)
