@@ -29,9 +29,12 @@ from typing import Any
 import numpy as np
 import requests
 
-from bench.loadgen import load_images, run_load
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as `python bench/run.py` (the Makefile's bench target)
+    sys.path.insert(0, str(REPO_ROOT))
+
+from bench.loadgen import load_images, run_load  # noqa: E402
+
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 MODELS = ("inceptionv3", "densenet121", "mobilenetv2")
 TARGET_LATENCY_RATIO = 1.3

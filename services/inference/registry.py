@@ -222,7 +222,7 @@ class ModelRegistry:
             models = {**self._models, served.name: served}
             self._models = models
             self._ensemble = self._compute_ensemble(models)
-            self.errors.pop(served.name, None)
+            self._set_error(served.name, None)
         if previous is not None:
             self.metrics.model_version.remove(previous.name, previous.version, previous.predictor.backend)
             previous.retire()
@@ -246,23 +246,23 @@ class ModelRegistry:
         """Load the store's production version of `name` if it differs from the served one."""
         try:
             version = self.store.production(name)
-        except Exception as exc:  # noqa: BLE001 - a store outage must not kill the poller
-            self.errors[name] = f"cannot read production pointer: {type(exc).__name__}: {exc}"
+        except Exception as exc:
+            self._set_error(name, f"cannot read production pointer: {type(exc).__name__}: {exc}")
             return False
         current = self._models.get(name)
         if version is None:
             if current is None:
-                self.errors[name] = f"no production version of {name} in {self.store.url}"
+                self._set_error(name, f"no production version of {name} in {self.store.url}")
             return False
         if (current is not None and current.version == version) or self._refused.get(name) == version:
             return False
         started = time.monotonic()
         try:
             served = self.load_version(name, version)
-        except Exception as exc:  # noqa: BLE001 - any failure keeps the working version
+        except Exception as exc:
             message = f"version {version} refused: {type(exc).__name__}: {exc}"
             logger.error("%s %s (%s)", name, message, reason)
-            self.errors[name] = message
+            self._set_error(name, message)
             self._refused[name] = version
             self.metrics.reloads.labels(model=name, outcome="refused").inc()
             return False
@@ -279,6 +279,13 @@ class ModelRegistry:
                 self.try_load(name, reason="startup")
         finally:
             self.loading_done.set()
+
+    def _set_error(self, name: str, message: str | None) -> None:
+        # Copy on write: routes read `errors` from other threads without a lock.
+        errors = {key: value for key, value in self.errors.items() if key != name}
+        if message is not None:
+            errors[name] = message
+        self.errors = errors
 
     def refused_versions(self) -> dict[str, str]:
         return dict(self._refused)
@@ -300,10 +307,18 @@ class ModelRegistry:
                 if self._stop.is_set():
                     return
                 self.try_load(name, reason="production pointer moved")
+            self._refresh_ensemble()
+
+    def _refresh_ensemble(self) -> None:
+        """Pick up a recalibrated ensemble threshold even when no member version moved."""
+        with self._swap_lock:
+            ensemble = self._compute_ensemble(self._models)
+            if ensemble != self._ensemble:
+                self._ensemble = ensemble
 
     def stop(self) -> None:
         self._stop.set()
         for thread in self._threads:
-            thread.join(timeout=60)
+            thread.join(timeout=10)  # a conversion in progress is abandoned
         for served in self._models.values():
             served.retire()

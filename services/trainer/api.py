@@ -76,7 +76,7 @@ class JobsClient:
             from services.trainer.celery_app import TASK_RUN_JOB, app
 
             app.send_task(TASK_RUN_JOB, args=[job_id], task_id=job_id, queue=self.settings.queue)
-        except Exception as exc:  # noqa: BLE001 - the broker client raises many kinds
+        except Exception as exc:  # the broker client raises many kinds
             record.update(state="failed", finished_at=now(),
                           error=f"could not queue the job: broker {self._broker()} unreachable ({exc})")
             self.records.save(record)
@@ -128,7 +128,7 @@ class JobsClient:
 
             result = app.AsyncResult(record["id"])
             state, outcome = result.state, result.result
-        except Exception as exc:  # noqa: BLE001 - result backend down: the record stands
+        except Exception as exc:  # result backend down: the record stands
             log.debug("result backend unavailable for job %s: %s", record["id"], exc)
             return record
         if state != "FAILURE":

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 from celery import Celery
 
-from services.trainer.settings import get_trainer_settings
+from services.trainer.settings import TrainerSettings, get_trainer_settings
 
 TASK_RUN_JOB = "ctscan.trainer.run_job"
+
+
+def _transport_options(settings: TrainerSettings) -> dict[str, object]:
+    options: dict[str, object] = {"visibility_timeout": settings.broker_visibility_timeout_s}
+    if settings.celery_broker_url.startswith("filesystem://"):
+        # kombu's filesystem transport needs one shared folder for producers and consumers.
+        folder = settings.broker_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        options.update(data_folder_in=str(folder), data_folder_out=str(folder),
+                       processed_folder=str(folder / "processed"), store_processed=False)
+    return options
 
 
 def create_app() -> Celery:
@@ -27,7 +38,7 @@ def create_app() -> Celery:
         task_track_started=True,
         task_default_queue=settings.queue,
         task_routes={TASK_RUN_JOB: {"queue": settings.queue}},
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
+        broker_transport_options=_transport_options(settings),
         broker_connection_retry_on_startup=True,
         result_expires=7 * 24 * 3600,
         # Training holds large tensors; a fresh child per job returns the memory.

@@ -40,6 +40,8 @@ class TrainerSettings(BaseSettings):
     # or a healthy long job would be handed to a second worker.
     visibility_timeout_s: int | None = Field(default=None, ge=1, validation_alias="CTSCAN_TRAINER_VISIBILITY_TIMEOUT")
     promotion_metric: str = Field(default="auc", validation_alias="CTSCAN_PROMOTION_METRIC")
+    # Message folder of the embedded `filesystem://` broker (make up without Redis).
+    broker_dir: Path = Field(default=REPO_ROOT / "var" / "broker", validation_alias="CTSCAN_BROKER_DIR")
 
     @field_validator("promotion_metric")
     @classmethod

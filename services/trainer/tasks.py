@@ -22,7 +22,7 @@ def run_training_job(self: Any, job_id: str) -> dict[str, Any]:
         # broken result backend (Redis restarting) must not fail the job.
         try:
             self.update_state(state="PROGRESS", meta=meta)
-        except Exception as exc:  # noqa: BLE001 - best effort by design
+        except Exception as exc:  # best effort by design
             log.warning("job %s: could not publish progress to the result backend: %s", job_id, exc)
 
     record = run_job(job_id, settings=get_trainer_settings(), on_progress=report_progress)

@@ -61,6 +61,18 @@ def default_store(url: str) -> ModelStore:
     return open_store(url)
 
 
+def published_dataset_versions(*, datasets_url: str, dataset: str) -> list[str]:
+    """Published versions of `dataset`, newest last; empty when none or unreadable."""
+    from ctscan.datasets import list_dataset_versions
+
+    try:
+        return sorted(list_dataset_versions(datasets_url, dataset))
+    except CTScanError:
+        return []
+    except STORE_ERRORS:
+        return []
+
+
 def job_summary(job: dict[str, Any]) -> dict[str, Any]:
     """A job record plus what the page shows: last epoch and the share of epochs done."""
     progress = list(job.get("progress") or [])

@@ -49,7 +49,7 @@ class QueueJobForm(FlaskForm):
     model = SelectField("Model", choices=[SelectChoice(n, MODEL_LABELS[n]) for n in MODEL_NAMES])
     dataset = StringField("Dataset", validators=[DataRequired(), Length(max=100), _SAFE_NAME])
     dataset_version = StringField("Dataset version", validators=[DataRequired(), Length(max=100), _SAFE_NAME])
-    init = SelectField("Initial weights", choices=[SelectChoice("imagenet", "ImageNet (transfer learning)"),
+    init = SelectField("Initial weights", choices=[SelectChoice("imagenet", "ImageNet weights"),
                                                    SelectChoice("none", "None (from scratch)")], default="imagenet")
     epochs = IntegerField("Epochs", default=10, validators=[DataRequired(), NumberRange(min=1, max=200)])
     batch_size = IntegerField("Batch size", default=16, validators=[Optional(), NumberRange(min=1, max=256)])

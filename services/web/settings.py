@@ -11,7 +11,7 @@ from functools import lru_cache
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from ctscan.config import get_core_settings
+from ctscan.config import REPO_ROOT, get_core_settings
 
 # Values people paste from examples; refused whatever their case or surrounding spaces.
 PLACEHOLDER_SECRETS = frozenset({
@@ -65,12 +65,17 @@ class WebSettings(BaseSettings):
     model_store: str = Field(
         default_factory=lambda: get_core_settings().model_store,
         validation_alias=AliasChoices("CTSCAN_MODEL_STORE", "model_store"))
-    # Defaults offered in the "queue a training job" form.
+    # Where published dataset versions live (the trainer's CTSCAN_DATASETS_URL): the queue
+    # form offers the versions found there.
+    datasets_url: str = Field(
+        default=str(REPO_ROOT / "var" / "datasets"),
+        validation_alias=AliasChoices("CTSCAN_DATASETS_URL", "datasets_url"))
+    # Defaults offered in the "queue a training job" form; an empty version means the newest
+    # published one.
     default_dataset: str = Field(
         default="ucsd-covid-ct", validation_alias=AliasChoices("WEB_DEFAULT_DATASET", "default_dataset"))
     default_dataset_version: str = Field(
-        default="local", validation_alias=AliasChoices("WEB_DEFAULT_DATASET_VERSION",
-                                                       "default_dataset_version"))
+        default="", validation_alias=AliasChoices("WEB_DEFAULT_DATASET_VERSION", "default_dataset_version"))
     # Behind TLS in production: send the session cookie over HTTPS only.
     session_cookie_secure: bool = Field(
         default=False, validation_alias=AliasChoices("WEB_SESSION_COOKIE_SECURE", "session_cookie_secure"))

@@ -28,7 +28,13 @@ from flask import (
 
 from ctscan.errors import CTScanError, StoreError, UnsupportedImageError
 from services.web.app import services
-from services.web.console import QUEUE_ERRORS, STORE_ERRORS, job_summary, model_overview
+from services.web.console import (
+    QUEUE_ERRORS,
+    STORE_ERRORS,
+    job_summary,
+    model_overview,
+    published_dataset_versions,
+)
 from services.web.forms import (
     MODEL_LABELS,
     ActionForm,
@@ -192,12 +198,15 @@ def _models_view() -> tuple[list[dict[str, Any]], dict[str, Any] | None, str | N
 @admin_required
 def console() -> RouteResult:
     settings = services().settings
-    queue_form = QueueJobForm(dataset=settings.default_dataset,
-                              dataset_version=settings.default_dataset_version)
+    dataset_versions = published_dataset_versions(datasets_url=settings.datasets_url,
+                                                  dataset=settings.default_dataset)
+    default_version = settings.default_dataset_version or (dataset_versions[-1] if dataset_versions else "")
+    queue_form = QueueJobForm(formdata=None, dataset=settings.default_dataset, dataset_version=default_version)
     jobs, jobs_error = _jobs_view()
     models, ensemble, models_error = _models_view()
     return render_template(
         "admin.html", queue_form=queue_form, action_form=ActionForm(), jobs=jobs, jobs_error=jobs_error,
+        dataset_versions=dataset_versions,
         models=models, ensemble=ensemble, models_error=models_error,
         can_queue=settings.trainer_admin_token is not None,
     )

@@ -40,7 +40,8 @@ class RunningService:
         return requests.get(self.url + path, timeout=60, **kwargs)  # type: ignore[arg-type]
 
     def predict(self, content: bytes, *, filename: str = "slice.png", params: dict[str, str] | None = None,
-                data: dict[str, str] | None = None, content_type: str = "application/octet-stream") -> requests.Response:
+                data: dict[str, str] | None = None,
+                content_type: str = "application/octet-stream") -> requests.Response:
         return requests.post(self.url + "/predict", files={"file": (filename, content, content_type)},
                              params=params, data=data, timeout=120)
 

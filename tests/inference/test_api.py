@@ -75,7 +75,7 @@ def test_onnx_copies_are_verified_and_used(inference_service: RunningService) ->
 def test_each_model_on_real_ct_images(inference_service: RunningService, real_ct_images: dict[str, Path],
                                       model: str) -> None:
     versions = {e["name"]: e["version"] for e in inference_service.get("/models").json()["models"]}
-    for key, path in sorted(real_ct_images.items()):
+    for _key, path in sorted(real_ct_images.items()):
         response = inference_service.predict(path.read_bytes(), filename=path.name, params={"model": model})
         assert response.status_code == 200, response.text
         body = response.json()
@@ -209,7 +209,8 @@ def test_metrics_count_requests_batches_and_versions(inference_service: RunningS
     assert 'inference_batch_size_count{model="densenet121"}' in text
     assert 'inference_request_seconds_bucket{le="0.5",model="densenet121",status="200"}' in text
     versions = {e["name"]: e["version"] for e in inference_service.get("/models").json()["models"]}
-    assert f'inference_model_version_info{{backend="onnxruntime",model="mobilenetv2",version="{versions["mobilenetv2"]}"}} 1.0' in text
+    served = f'backend="onnxruntime",model="mobilenetv2",version="{versions["mobilenetv2"]}"'
+    assert f"inference_model_version_info{{{served}}} 1.0" in text
 
 
 def test_concurrent_requests_are_batched(inference_service: RunningService,

@@ -150,6 +150,11 @@ CASES: dict[str, tuple[Callable[[], bytes], tuple[int, ...]]] = {
     "dicom_tiny_dimensions": (lambda: _dicom_bytes(rows=2, columns=2), (422,)),
     "dicom_multiframe": (lambda: _dicom_variant(NumberOfFrames=3), (422,)),
     "dicom_garbage_after_magic": (lambda: b"\0" * 128 + b"DICM" + np.random.default_rng(2).bytes(3000), (422,)),
+    "jpeg2000": (lambda: b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\0" * 200, (415,)),
+    "photoshop_psd": (lambda: b"8BPS\x00\x01" + b"\0" * 200, (415,)),
+    "utf16_text": (lambda: "not an image".encode("utf-16"), (415,)),
+    "png_magic_then_jpeg": (lambda: b"\x89PNG\r\n\x1a\n" + _jpeg(), (422,)),
+    "jpeg_magic_then_png": (lambda: b"\xff\xd8\xff" + _real_png(), (422,)),
     "png_then_garbage_type": (lambda: b"\x89PNG\r\n\x1a\n" + b"<?php system($_GET['c']); ?>", (422,)),
 }
 

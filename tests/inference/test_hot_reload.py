@@ -52,7 +52,7 @@ def _scaled_weights(weights: bytes, factor: float) -> bytes:
     """The same model with its output bias shifted, so its predictions visibly change."""
     with np.load(io.BytesIO(weights)) as arrays:
         values = {key: arrays[key] for key in arrays.files}
-    bias_key = next(k for k in values if k.startswith("probability_covid/") and k.endswith("bias"))
+    bias_key = next(k for k in values if k.endswith("probability_covid/bias"))
     values[bias_key] = (values[bias_key].astype(np.float32) + factor).astype(values[bias_key].dtype)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **values)  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ def test_openapi_fuzzing_finds_no_server_error(api_schema: schemathesis.schemas.
     for operation in api_schema.get_all_operations():
         api_operation = operation.ok()
 
-        @settings(max_examples=25, deadline=None, phases=[Phase.explicit, Phase.generate],
+        @settings(max_examples=60, deadline=None, phases=[Phase.explicit, Phase.generate],
                   suppress_health_check=list(HealthCheck), derandomize=True)
         @given(case=api_operation.as_strategy())
         def run(case: schemathesis.Case) -> None:

@@ -140,7 +140,7 @@ class RedisServer:
 def _ping(client: Any) -> bool:
     try:
         return bool(client.ping())
-    except Exception:  # noqa: BLE001 - not up yet
+    except Exception:  # not up yet
         return False
 
 

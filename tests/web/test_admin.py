@@ -141,6 +141,17 @@ def test_login_never_redirects_off_site(client: FlaskClient) -> None:
     assert response.headers["Location"] == "/admin"
 
 
+def test_queue_form_offers_the_published_dataset_versions(make_settings: Callable[..., Any], store: LocalModelStore,
+                                                         jobs_client: Any,
+                                                         published_datasets: tuple[str, str, str]) -> None:
+    settings = make_settings(model_store=str(store.root), datasets_url=published_datasets[0])
+    client = create_app(settings, jobs_client_factory=lambda: jobs_client).test_client()
+    login(client)
+    html = client.get("/admin").get_data(as_text=True)
+    assert '<option value="web-test">' in html  # the published version, in the datalist
+    assert re.search(r'id="job-dataset_version"[^>]*value="web-test"', html)  # and the default
+
+
 # --- jobs -----------------------------------------------------------------------------------
 def test_queue_job_goes_to_the_trainer(client: FlaskClient, jobs_client: Any) -> None:
     login(client)

@@ -66,8 +66,10 @@ def test_result_shows_label_members_versions_timing_images(make_settings: Callab
     assert response.status_code == 200
     assert "Findings suggest COVID-19" in html
     assert "62.3%" in html  # confidence and probability
-    for version in ("v-inc", "v-dense", "v-mob", "ensemble-v1"):
+    for version in ("v-inc", "v-dense", "v-mob"):
         assert version in html
+    # Each bar takes its model's own label: two members and the ensemble say COVID, one not.
+    assert html.count("bar-fill-positive") == 3 and html.count("bar-fill-negative") == 1
     assert "The models disagree" in html
     assert "101 ms" in html and "req-123" in html
     assert DISCLAIMER in html
