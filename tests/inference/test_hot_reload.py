@@ -59,11 +59,11 @@ def _scaled_weights(weights: bytes, factor: float) -> bytes:
     return buffer.getvalue()
 
 
-def _publish(store: LocalModelStore, weights: bytes) -> str:
+def _publish(store: LocalModelStore, weights: bytes, *, card_from: str) -> str:
+    """Save `weights` as a new version with the card of version `card_from`."""
     import json
 
-    current = store.production(MODEL)
-    card = json.loads(store.load_files(MODEL, current)[CARD_FILE])
+    card = json.loads(store.load_files(MODEL, card_from)[CARD_FILE])
     for field in ("name", "version", "weights_sha256"):
         card.pop(field, None)
     version = store.save(MODEL, weights=weights, card=card)
@@ -80,7 +80,7 @@ def test_new_version_is_loaded_and_swapped_without_failing_requests(
     assert reloading_service.predict(image).status_code == 400  # one model: no ensemble offered
 
     weights = store.load_files(MODEL, old_version)[WEIGHTS_FILE]
-    new_version = _publish(store, _scaled_weights(weights, 3.0))
+    new_version = _publish(store, _scaled_weights(weights, 3.0), card_from=old_version)
     store.promote(MODEL, new_version, reason="test hot reload")
 
     # Keep requests flowing during the swap: none may fail, each answers from one version.
@@ -111,7 +111,7 @@ def test_corrupt_version_is_refused_and_the_working_one_keeps_serving(
 
     # 1. Bytes changed after the checksums were written (bit rot, tampering).
     weights = store.load_files(MODEL, working)[WEIGHTS_FILE]
-    corrupt = _publish(store, _scaled_weights(weights, -1.0))
+    corrupt = _publish(store, _scaled_weights(weights, -1.0), card_from=working)
     weights_path = reloading_service.store_dir / MODEL / corrupt / WEIGHTS_FILE
     weights_path.write_bytes(weights_path.read_bytes()[:-100] + b"\0" * 100)
     store.promote(MODEL, corrupt, reason="test corrupt version")
@@ -124,7 +124,7 @@ def test_corrupt_version_is_refused_and_the_working_one_keeps_serving(
 
     # 2. Checksums fine but weights for another architecture.
     wrong = store.load_files("densenet121", store.production("densenet121"))[WEIGHTS_FILE]
-    mismatched = _publish(store, wrong)
+    mismatched = _publish(store, wrong, card_from=working)
     store.promote(MODEL, mismatched, reason="test mismatched weights")
     _wait_for(lambda: mismatched in (_served_entry(reloading_service)["reload_error"] or ""),
               "the mismatched version to be refused")
