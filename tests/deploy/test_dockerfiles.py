@@ -103,7 +103,8 @@ def test_requirements_come_from_pyproject_pins() -> None:
 
     def run(variant: str) -> list[str]:
         done = subprocess.run(
-            [sys.executable, str(DOCKER_DIR / "requirements.py"), "--variant", variant, str(REPO_ROOT / "pyproject.toml")],
+            [sys.executable, str(DOCKER_DIR / "requirements.py"), "--variant", variant,
+             str(REPO_ROOT / "pyproject.toml")],
             capture_output=True, text=True, check=True, timeout=60,
         )
         return done.stdout.split()

@@ -26,7 +26,8 @@ def manifests() -> list[dict[str, Any]]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.fail("kubectl not found: it renders the kustomization offline (kubectl kustomize)")
-    done = subprocess.run([kubectl, "kustomize", str(REPO_ROOT / "k8s")], capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run([kubectl, "kustomize", str(REPO_ROOT / "k8s")], capture_output=True, text=True,
+                          timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
