@@ -7,7 +7,9 @@ DATA ?= ../shared/data/ucsd-covid-ct
 
 .PHONY: setup seed test lint typecheck pytest up down train-release evaluate bench lock clean
 
+# Installs, then seeds the local model store from the shipped release (no download).
 setup: $(VENV)/.installed
+	$(BIN)/ctscan models seed > /dev/null
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)

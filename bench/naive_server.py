@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from fastapi import FastAPI, File, UploadFile  # module level: FastAPI resolves these annotations
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
@@ -23,7 +25,6 @@ def main() -> None:
 
     import numpy as np
     import uvicorn
-    from fastapi import FastAPI, File, UploadFile
 
     from ctscan.imaging import decode_image, resize_for_model
     from ctscan.store import load_keras_model, open_store
