@@ -118,7 +118,7 @@ def build_model(
     preprocessed = _preprocessing(name, inputs)
     try:
         backbone = _backbone(name, preprocessed, weights)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # urllib and h5py raise several types for a missing download or file
         if weights == "imagenet":
             raise ModelError(
                 "ImageNet weights could not be downloaded "
@@ -127,14 +127,6 @@ def build_model(
             ) from None
         if weights is not None:
             raise ModelError(f"cannot load backbone weights from {weights}: {exc}") from None
-        raise
-    except Exception as exc:  # urllib raises several types when the network is unreachable
-        if weights == "imagenet":
-            raise ModelError(
-                "ImageNet weights could not be downloaded "
-                f"({type(exc).__name__}); use --init none (random initialisation) or "
-                "--init PATH with a local backbone weights file"
-            ) from None
         raise
     if weights is None:
         # Keras' backbones use BatchNorm momentum 0.99-0.999, tuned for ImageNet's millions of

@@ -67,3 +67,72 @@ def tiny_model_store(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -
         train_and_store(config, run_dir=root / "runs" / name, store=store, promote="always", verbose=0)
     calibrate_ensemble(store=store, data_dir=str(data_dir), limit_per_class=4)
     return root / "store"
+
+
+class InferenceProcess:
+    """A real `ctscan serve inference` subprocess on a free port."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "ctscan.cli", "serve", "inference", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO_ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+    def wait_ready(self, timeout_s: float = 420) -> None:
+        import time
+
+        import requests
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"inference exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if requests.get(self.url + "/readyz", timeout=5).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        pytest.fail(f"inference not ready after {timeout_s} s:\n{self.log()}")
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self._log.close()
+
+
+@pytest.fixture
+def start_inference(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Start real inference services (env overrides per call); all are stopped afterwards."""
+    started: list[InferenceProcess] = []
+
+    def start(env: dict[str, str]) -> InferenceProcess:
+        service = InferenceProcess(env, tmp_path / f"inference-{len(started)}.log")
+        started.append(service)
+        service.wait_ready()
+        return service
+
+    yield start
+    for service in started:
+        service.stop()

@@ -72,3 +72,10 @@ def test_unfreeze_top_keeps_batchnorm_frozen_and_checks_arguments() -> None:
     for bad in (0, -3, len(layers) + 1):
         with pytest.raises(ValueError):
             unfreeze_top(model, bad)
+
+
+def test_a_weights_file_that_is_not_weights_is_refused(tmp_path: Path) -> None:
+    bogus = tmp_path / "backbone.weights.h5"
+    bogus.write_bytes(b"this is not HDF5")
+    with pytest.raises(ModelError, match="cannot load backbone weights"):
+        build_model("mobilenetv2", init=str(bogus), input_size=64, compile_model=False)

@@ -26,7 +26,8 @@ def _epochs(record: dict[str, Any]) -> list[int]:
 
 def test_job_runs_from_submission_to_a_promoted_model(
         start_worker: Callable[..., Any], ctscan_cli: Callable[..., Any], published_dataset: tuple[str, str],
-        trainer_env: dict[str, str], real_ct_images: dict[str, Path]) -> None:
+        trainer_env: dict[str, str], real_ct_images: dict[str, Path],
+        start_inference: Callable[..., Any]) -> None:
     from ctscan.data import load_sample_pixels
     from ctscan.store import load_keras_model
 
@@ -61,6 +62,20 @@ def test_job_runs_from_submission_to_a_promoted_model(
     pixels = load_sample_pixels(Sample(image, image.name, LABELS[0], "test"), 32)
     probability = float(np.asarray(model(pixels[None].astype(np.float32), training=False)).reshape(-1)[0])
     assert 0.0 <= probability <= 1.0
+
+    # The inference service reads the same S3 store and serves the promoted version.
+    import requests
+
+    inference = start_inference({**trainer_env, "INFERENCE_MODELS": "mobilenetv2", "INFERENCE_USE_ONNX": "false",
+                                 "INFERENCE_RELOAD_POLL_SECONDS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"})
+    served = requests.get(inference.url + "/models", timeout=30).json()
+    assert [(m["name"], m["version"]) for m in served["models"]] == [("mobilenetv2", record["id"])]
+    answer = requests.post(inference.url + "/predict", params={"model": "mobilenetv2"},
+                           files={"file": (image.name, image.read_bytes(), "application/octet-stream")}, timeout=120)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["model_version"] == record["id"] and body["disclaimer"]
+    assert body["probability_covid"] == pytest.approx(probability, abs=1e-3)
 
 
 def test_cancelled_job_stops_within_an_epoch_and_keeps_its_record(
