@@ -45,6 +45,7 @@ def test_settings_read_from_environment(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("WEB_ADMIN_PASSWORD", ADMIN_PASSWORD)
     monkeypatch.setenv("INFERENCE_URL", "http://inference.internal:8000/")
     monkeypatch.setenv("WEB_MAX_UPLOAD_MB", "5")
+    monkeypatch.delenv("CTSCAN_ADMIN_TOKEN", raising=False)  # other suites in this session may set it
     settings = settings_from()
     assert settings.inference_url == "http://inference.internal:8000"
     assert settings.max_upload_bytes == 5 * 1024 * 1024
