@@ -273,8 +273,7 @@ class Trainer:
             model = keras.models.load_model(self.run_dir / LAST_CHECKPOINT, compile=True)
         else:
             state = RunState()
-            model = build_model(config.model, config.init, self.input_size,
-                                learning_rate=self.phases[0].learning_rate)
+            model = build_model(config.model, config.init, self.input_size, compile_model=False)
             _set_phase_trainability(model, config, self.phases[0])
             compile_for_training(model, learning_rate=self.phases[0].learning_rate)
 

@@ -26,8 +26,7 @@ def _epochs(record: dict[str, Any]) -> list[int]:
 
 def test_job_runs_from_submission_to_a_promoted_model(
         start_worker: Callable[..., Any], ctscan_cli: Callable[..., Any], published_dataset: tuple[str, str],
-        trainer_env: dict[str, str], real_ct_images: dict[str, Path],
-        start_inference: Callable[..., Any]) -> None:
+        trainer_env: dict[str, str], real_ct_images: dict[str, Path], tmp_path: Path) -> None:
     from ctscan.data import load_sample_pixels
     from ctscan.store import load_keras_model
 
@@ -63,15 +62,19 @@ def test_job_runs_from_submission_to_a_promoted_model(
     probability = float(np.asarray(model(pixels[None].astype(np.float32), training=False)).reshape(-1)[0])
     assert 0.0 <= probability <= 1.0
 
-    # The inference service reads the same S3 store and serves the promoted version.
-    import requests
+    # The inference service reads the same S3 store and serves the promoted version
+    # (CTSCAN_MODEL_STORE in env, an s3:// URL, overrides the local store_dir).
+    from inference.conftest import start_service, stop_service
 
-    inference = start_inference({**trainer_env, "INFERENCE_MODELS": "mobilenetv2", "INFERENCE_USE_ONNX": "false",
-                                 "INFERENCE_RELOAD_POLL_SECONDS": "0", "TF_CPP_MIN_LOG_LEVEL": "3"})
-    served = requests.get(inference.url + "/models", timeout=30).json()
+    inference = start_service(store_dir=tmp_path, log_path=tmp_path / "inference.log", env={
+        **trainer_env, "INFERENCE_MODELS": "mobilenetv2", "INFERENCE_USE_ONNX": "false",
+        "INFERENCE_RELOAD_POLL_SECONDS": "0"})
+    try:
+        served = inference.get("/models").json()
+        answer = inference.predict(image.read_bytes(), filename=image.name, params={"model": "mobilenetv2"})
+    finally:
+        stop_service(inference)
     assert [(m["name"], m["version"]) for m in served["models"]] == [("mobilenetv2", record["id"])]
-    answer = requests.post(inference.url + "/predict", params={"model": "mobilenetv2"},
-                           files={"file": (image.name, image.read_bytes(), "application/octet-stream")}, timeout=120)
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert body["model_version"] == record["id"] and body["disclaimer"]
