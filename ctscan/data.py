@@ -146,7 +146,7 @@ def load_sample_pixels(sample: Sample, size: int) -> np.ndarray:
         raise DataError(f"cannot load {sample.relative_path}: {exc}") from None
     except OSError as exc:
         raise DataError(f"cannot read {sample.relative_path}: {exc.strerror}") from None
-    return resize_for_model(decoded.pixels, size)
+    return resize_for_model(decoded.grey, size)
 
 
 def load_arrays(

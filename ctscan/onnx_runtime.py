@@ -80,13 +80,17 @@ def convert_to_onnx(model: keras.Model, *, opset: int = ONNX_OPSET) -> bytes:
     return bytes(proto.SerializeToString())
 
 
-def onnx_predictor(onnx_bytes: bytes, *, threads: int | None = None) -> Predict:
+def onnx_predictor(onnx_bytes: bytes, *, threads: int | None = None, spinning: bool = True) -> Predict:
+    """An ONNX Runtime session on the CPU. `spinning=False` stops its idle threads from
+    busy-waiting, which in a server would take the cores from decoding and HTTP."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(onnx_bytes, sess_options=options,
                                        providers=["CPUExecutionProvider"])
@@ -111,7 +115,7 @@ def max_difference(reference: Predict, candidate: Predict, images: np.ndarray) -
     return float(max(np.abs(batched - expected).max(), np.abs(single - expected).max()))
 
 
-def _cached_onnx(model: keras.Model, weights_sha256: str | None, cache_dir: Path | None) -> bytes:
+def cached_onnx(model: keras.Model, weights_sha256: str | None, cache_dir: Path | None) -> bytes:
     """Convert, reusing an earlier conversion of exactly these weights when cached."""
     if cache_dir is None or not weights_sha256:
         return convert_to_onnx(model)
@@ -139,6 +143,7 @@ def build_fast_predictor(
     weights_sha256: str | None = None,
     cache_dir: Path | None = None,
     threads: int | None = None,
+    spinning: bool = True,
 ) -> FastPredictor:
     """ONNX Runtime when its copy matches TensorFlow on `verification_images` within
     `tolerance`, else the TensorFlow graph. Never raises for an ONNX problem."""
@@ -148,8 +153,8 @@ def build_fast_predictor(
     if len(verification_images) == 0:
         return FastPredictor(tf_predict, BACKEND_TF, None, "no verification images")
     try:
-        onnx_bytes = _cached_onnx(model, weights_sha256, cache_dir)
-        candidate = onnx_predictor(onnx_bytes, threads=threads)
+        onnx_bytes = cached_onnx(model, weights_sha256, cache_dir)
+        candidate = onnx_predictor(onnx_bytes, threads=threads, spinning=spinning)
         difference = max_difference(tf_predict, candidate, verification_images)
     except OnnxConversionError as exc:
         logger.warning("%s: ONNX refused, serving with TensorFlow: %s", model.name, exc)

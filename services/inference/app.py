@@ -4,22 +4,73 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctscan import DISCLAIMER
 from ctscan.store import open_store
 from services.inference.errors import error_response, install_error_handlers
 from services.inference.metrics import InferenceMetrics
 from services.inference.registry import ModelRegistry
-from services.inference.routes import request_id_for, router
+from services.inference.routes import request_id_from, router
 from services.inference.settings import InferenceSettings, get_settings
 
 logger = logging.getLogger(__name__)
 # Multipart framing around the file; anything announced above limit + this is refused unread.
 MULTIPART_OVERHEAD = 64 * 1024
+
+
+class RequestContext:
+    """Request id, early refusal of announced oversize uploads, and per-request metrics.
+
+    A plain ASGI middleware rather than `@app.middleware("http")`: the latter wraps every
+    request in extra tasks and streams, a measurable cost on the /predict hot path.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_upload_bytes: int, metrics: InferenceMetrics) -> None:
+        self.app = app
+        self.max_upload_bytes = max_upload_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        request_id = request_id_from(headers.get("x-request-id", ""))
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        is_predict = scope["path"] == "/predict"
+        started = time.perf_counter()
+        status = 500  # unless a response starts
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message)["X-Request-ID"] = request_id
+            await send(message)
+
+        try:
+            announced = headers.get("content-length", "")
+            if is_predict and announced.isdigit() and int(announced) > self.max_upload_bytes + MULTIPART_OVERHEAD:
+                response = error_response(413, "upload_too_large",
+                                          f"the upload exceeds the {self.max_upload_bytes} byte limit")
+                await response(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            if is_predict:
+                model = state.get("model", "invalid")
+                self.metrics.requests.labels(model=model, status=str(status)).inc()
+                self.metrics.latency.labels(model=model, status=str(status)).observe(
+                    time.perf_counter() - started)
+                # Only the request id, model and status: never anything of the upload (patient data).
+                logger.info("predict %s model=%s status=%s", request_id, model, status)
 
 
 def create_app(settings: InferenceSettings | None = None) -> FastAPI:
@@ -49,26 +100,6 @@ def create_app(settings: InferenceSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        request.state.request_id = request_id_for(request)
-        is_predict = request.url.path == "/predict"
-        started = time.perf_counter()
-        announced = request.headers.get("content-length", "")
-        if is_predict and announced.isdigit() and int(announced) > settings.max_upload_bytes + MULTIPART_OVERHEAD:
-            response: Response = error_response(
-                413, "upload_too_large",
-                f"the upload exceeds the {settings.max_upload_bytes} byte limit")
-        else:
-            response = await call_next(request)
-        response.headers["X-Request-ID"] = request.state.request_id
-        if is_predict:
-            model = getattr(request.state, "model", "invalid")
-            status = str(response.status_code)
-            metrics.requests.labels(model=model, status=status).inc()
-            metrics.latency.labels(model=model, status=status).observe(time.perf_counter() - started)
-            # Only the request id, model and status: never anything of the upload (patient data).
-            logger.info("predict %s model=%s status=%s", request.state.request_id, model, status)
-        return response
-
+    # Outermost but the error middleware: it sees every answer, including 422s and 500s.
+    app.add_middleware(RequestContext, max_upload_bytes=settings.max_upload_bytes, metrics=metrics)
     return app

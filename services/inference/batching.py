@@ -1,9 +1,12 @@
 """Dynamic batching: concurrent requests for one model share a forward pass.
 
-A batch closes when it holds `max_batch_size` images or `max_wait_s` after its first image
-arrived, whichever comes first; a lone request therefore waits at most `max_wait_s`. One
-worker thread per model version runs the batches, so ONNX Runtime / TensorFlow use their
-own thread pools without contention from other batches of the same model.
+Requests announce themselves (`expect`) when they start decoding, before their pixels are
+ready. A batch takes what is queued and then waits, at most `max_wait_s` after its first
+image, only for requests that are announced and still on their way; it closes at
+`max_batch_size`. A lone request therefore never waits, and under load batches fill up
+with requests that are still decoding. One worker thread per model version runs the
+batches, so ONNX Runtime / TensorFlow use their own thread pools without contention from
+other batches of the same model.
 """
 
 from __future__ import annotations
@@ -30,8 +33,40 @@ class _Pending:
     future: Future[float]
 
 
+_WAKE = object()  # queued when an announced request leaves, so a waiting batch rechecks
+
+
 class BatcherClosedError(RuntimeError):
     """The model version behind this batcher has been retired."""
+
+
+class Arrival:
+    """A request on its way to the batcher: `submit` its pixels once, or leave (`cancel`)."""
+
+    def __init__(self, batcher: DynamicBatcher) -> None:
+        self._batcher = batcher
+        self._pending = True
+
+    def submit(self, pixels: np.ndarray) -> Future[float]:
+        if not self._pending:
+            raise RuntimeError("this arrival was already submitted or cancelled")
+        self._pending = False
+        return self._batcher._put(pixels, announced=True)
+
+    async def predict(self, pixels: np.ndarray) -> float:
+        return await asyncio.wrap_future(self.submit(pixels))
+
+    def cancel(self) -> None:
+        """The request failed before it had pixels (bad image): stop waiting for it."""
+        if self._pending:
+            self._pending = False
+            self._batcher._withdraw()
+
+    def __enter__(self) -> Arrival:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cancel()
 
 
 class DynamicBatcher:
@@ -53,20 +88,39 @@ class DynamicBatcher:
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_s
         self._on_batch = on_batch
-        self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._queue: queue.Queue[_Pending | object | None] = queue.Queue()
         self._closed = False
+        self._incoming = 0  # announced requests not yet queued
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"batcher-{name}", daemon=True)
         self._thread.start()
 
+    def expect(self) -> Arrival:
+        """Announce a request whose pixels are still being decoded; batches wait for it."""
+        with self._lock:
+            if self._closed:
+                raise BatcherClosedError(f"batcher {self.name} is closed")
+            self._incoming += 1
+        return Arrival(self)
+
     def submit(self, pixels: np.ndarray) -> Future[float]:
         """Queue one (S, S, 3) image; the future resolves to its probability."""
+        return self._put(pixels, announced=False)
+
+    def _put(self, pixels: np.ndarray, *, announced: bool) -> Future[float]:
         future: Future[float] = Future()
         with self._lock:
+            if announced:
+                self._incoming -= 1
             if self._closed:
                 raise BatcherClosedError(f"batcher {self.name} is closed")
             self._queue.put(_Pending(pixels, future))
         return future
+
+    def _withdraw(self) -> None:
+        with self._lock:
+            self._incoming -= 1
+            self._queue.put(_WAKE)
 
     async def predict(self, pixels: np.ndarray) -> float:
         return await asyncio.wrap_future(self.submit(pixels))
@@ -85,14 +139,20 @@ class DynamicBatcher:
         batch = [first]
         deadline = time.monotonic() + self._max_wait_s
         while len(batch) < self._max_batch_size:
-            remaining = deadline - time.monotonic()
             try:
-                item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
-                break
+                remaining = deadline - time.monotonic()
+                if self._incoming <= 0 or remaining <= 0:  # nothing on its way, or waited enough
+                    break
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
             if item is None:
                 return batch, True
-            batch.append(item)
+            if isinstance(item, _Pending):
+                batch.append(item)
         return batch, False
 
     def _run(self) -> None:
@@ -101,12 +161,14 @@ class DynamicBatcher:
             first = self._queue.get()
             if first is None:
                 break
+            if not isinstance(first, _Pending):  # a wake-up with no batch waiting
+                continue
             batch, stopping = self._collect(first)
             live = [p for p in batch if p.future.set_running_or_notify_cancel()]
             if not live:
                 continue
             try:
-                probabilities = self._predict(np.stack([p.pixels for p in live]).astype(np.float32))
+                probabilities = self._predict(np.stack([p.pixels for p in live]).astype(np.float32, copy=False))
                 if probabilities.shape[0] != len(live):
                     raise RuntimeError(f"{self.name}: {probabilities.shape[0]} outputs for "
                                        f"{len(live)} images")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
 import time
 from typing import Any
 
@@ -61,6 +63,13 @@ def _explain(entries: list[ServedModel], decoded: DecodedImage, inputs: list[np.
     return base64.b64encode(overlay_png(decoded.pixels, mean)).decode("ascii")
 
 
+def _decode_for(data: bytes, sizes: list[int], *, max_pixels: int, max_side: int
+                ) -> tuple[DecodedImage, list[np.ndarray]]:
+    """Decode once and resize for each model (one thread-pool hop per request)."""
+    decoded = decode_image(data, max_pixels=max_pixels, max_side=max_side)
+    return decoded, [resize_for_model(decoded.grey, size) for size in sizes]
+
+
 async def predict_upload(
     *, registry: ModelRegistry, data: bytes, model: str, explain: bool, request_id: str
 ) -> dict[str, Any]:
@@ -69,14 +78,16 @@ async def predict_upload(
     registry.check_model(model)  # a wrong model name is reported before anything about the file
     sniff_format(data)
     settings = registry.settings
-    with registry.acquire(model) as (entries, ensemble):
-        decoded = await run_in_threadpool(decode_image, data, max_pixels=settings.max_pixels,
-                                          max_side=settings.max_side)
-        inputs = [await run_in_threadpool(resize_for_model, decoded.pixels, entry.input_size)
-                  for entry in entries]
+    with registry.acquire(model) as (entries, ensemble), contextlib.ExitStack() as arrivals:
+        # Announced before decoding, so batches under load wait for this request's pixels.
+        on_the_way = [arrivals.enter_context(entry.batcher.expect()) for entry in entries]
+        decoded, inputs = await asyncio.get_running_loop().run_in_executor(
+            registry.decode_pool, functools.partial(
+                _decode_for, data, [entry.input_size for entry in entries],
+                max_pixels=settings.max_pixels, max_side=settings.max_side))
         decoded_at = time.perf_counter()
         probabilities = await asyncio.gather(
-            *(entry.batcher.predict(pixels) for entry, pixels in zip(entries, inputs, strict=True)))
+            *(arrival.predict(pixels) for arrival, pixels in zip(on_the_way, inputs, strict=True)))
         inferred_at = time.perf_counter()
         heatmap = await run_in_threadpool(_explain, entries, decoded, inputs) if explain else None
         explained_at = time.perf_counter()

@@ -39,8 +39,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def request_id_for(request: Request) -> str:
-    supplied = request.headers.get("x-request-id", "")
+def request_id_from(supplied: str) -> str:
+    """The caller's X-Request-ID when it is a sane token, else a new one."""
     return supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
 
 

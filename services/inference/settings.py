@@ -30,6 +30,12 @@ class InferenceSettings(BaseSettings):
     max_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
     use_onnx: bool = True
     onnx_tolerance: float = Field(default=1e-4, gt=0.0)
+    # Threads decoding uploads (0 = one per core): more only adds contention and memory.
+    decode_threads: int = Field(default=0, ge=0, le=256)
+    # ONNX Runtime threads per model (0 = one per core) and whether idle ones busy-wait:
+    # spinning shaves latency off a lone request but takes CPU from decoding under load.
+    onnx_threads: int = Field(default=0, ge=0, le=256)
+    onnx_spinning: bool = False
     onnx_cache_dir: Path | None = REPO_ROOT / "var" / "onnx-cache"
     # Real CT images for the ONNX check and smoke predictions; empty = CTSCAN_DATA_DIR.
     verification_dir: str = ""

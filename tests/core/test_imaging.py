@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +123,14 @@ def test_resize_for_model_gives_float_pixels_in_range() -> None:
     resized = resize_for_model(pixels, 64)
     assert resized.shape == (64, 64, 3) and resized.dtype == np.float32
     assert float(resized.max()) == pytest.approx(200.0)
+
+
+def test_resizing_the_greyscale_gives_the_same_model_input_as_resizing_three_channels(
+        real_ct_images: dict[str, Path]) -> None:
+    # The service resizes the greyscale once (a third of the work); the numbers must not move.
+    for path in real_ct_images.values():
+        decoded = decode_image(path.read_bytes())
+        assert decoded.grey.ndim == 2 and decoded.pixels.shape == (*decoded.grey.shape, 3)
+        for size in (128, 160, 224, 299):
+            np.testing.assert_array_equal(resize_for_model(decoded.grey, size),
+                                          resize_for_model(decoded.pixels, size))

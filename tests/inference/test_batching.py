@@ -76,3 +76,49 @@ def test_close_finishes_queued_work_then_refuses_more() -> None:
 def test_bad_configuration_is_refused(size: int, wait: float) -> None:
     with pytest.raises(ValueError):
         DynamicBatcher(lambda b: b, name="t", max_batch_size=size, max_wait_s=wait)
+
+
+def test_a_lone_announced_request_does_not_wait_for_the_batch_window() -> None:
+    sizes: list[int] = []
+    batcher = DynamicBatcher(_sum_model(sizes), name="t", max_batch_size=16, max_wait_s=2.0)
+    arrival = batcher.expect()
+    started = time.monotonic()
+    assert arrival.submit(np.zeros((2, 2, 3), np.float32)).result(timeout=5) == 0.0
+    assert time.monotonic() - started < 1.0 and sizes == [1]  # far below the 2 s window
+    batcher.close(wait=True)
+
+
+def test_a_batch_waits_for_requests_that_are_still_decoding() -> None:
+    sizes: list[int] = []
+    batcher = DynamicBatcher(_sum_model(sizes), name="t", max_batch_size=16, max_wait_s=2.0)
+    first, second = batcher.expect(), batcher.expect()
+    future = first.submit(np.zeros((2, 2, 3), np.float32))
+    time.sleep(0.2)  # the second one is still "decoding"; the batch must not have run yet
+    assert sizes == [] and not future.done()
+    second.submit(np.ones((2, 2, 3), np.float32))
+    assert future.result(timeout=5) == 0.0 and sizes == [2]
+    batcher.close(wait=True)
+
+
+def test_a_request_that_fails_to_decode_stops_being_waited_for() -> None:
+    sizes: list[int] = []
+    batcher = DynamicBatcher(_sum_model(sizes), name="t", max_batch_size=16, max_wait_s=5.0)
+    first = batcher.expect()
+    with batcher.expect():  # leaves the block without pixels, like a request whose image is broken
+        future = first.submit(np.zeros((2, 2, 3), np.float32))
+        time.sleep(0.1)
+        assert not future.done()
+    assert future.result(timeout=2) == 0.0 and sizes == [1]  # well before the 5 s window
+    with pytest.raises(RuntimeError):
+        first.submit(np.zeros((2, 2, 3), np.float32))  # an arrival submits once
+    batcher.close(wait=True)
+
+
+def test_the_batch_window_bounds_the_wait_for_announced_requests() -> None:
+    sizes: list[int] = []
+    batcher = DynamicBatcher(_sum_model(sizes), name="t", max_batch_size=16, max_wait_s=0.1)
+    first, _never = batcher.expect(), batcher.expect()
+    started = time.monotonic()
+    first.submit(np.zeros((2, 2, 3), np.float32)).result(timeout=5)
+    assert 0.09 <= time.monotonic() - started < 2.0 and sizes == [1]
+    batcher.close(wait=True)
