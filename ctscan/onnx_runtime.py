@@ -91,6 +91,8 @@ def onnx_predictor(onnx_bytes: bytes, *, threads: int | None = None, spinning: b
         options.intra_op_num_threads = threads
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    else:  # spin while a Run is active (fast hand-offs between layers), never while idle
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     try:
         session = ort.InferenceSession(onnx_bytes, sess_options=options,
                                        providers=["CPUExecutionProvider"])

@@ -16,7 +16,9 @@ from ctscan.onnx_runtime import (
     BACKEND_ONNX,
     BACKEND_TF,
     build_fast_predictor,
+    cached_onnx,
     keras_predictor,
+    onnx_predictor,
 )
 from ctscan.store import LocalModelStore, load_keras_model
 
@@ -30,7 +32,7 @@ def mobilenet(tiny_model_store: Path):  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def real_batch(real_ct_images: dict[str, Path], mobilenet) -> np.ndarray:  # type: ignore[no-untyped-def]
     size = int(mobilenet[1]["input_size"])
-    return np.stack([resize_for_model(decode_image(p.read_bytes()).pixels, size)
+    return np.stack([resize_for_model(decode_image(p.read_bytes()).grey, size)
                      for p in sorted(real_ct_images.values())])
 
 
@@ -42,6 +44,20 @@ def test_onnx_copy_matches_tensorflow_on_real_images(mobilenet, real_batch, tmp_
     expected = keras_predictor(model)(real_batch)
     np.testing.assert_allclose(fast.predict(real_batch), expected, atol=1e-4)
     assert list(tmp_path.glob("*.onnx"))  # cached for the next load of these weights
+
+
+@pytest.mark.parametrize(("threads", "spinning"), [(1, False), (2, True)])
+def test_onnx_thread_settings_give_the_same_answers(mobilenet, real_batch, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                    threads: int, spinning: bool) -> None:
+    model, card = mobilenet
+    expected = keras_predictor(model)(real_batch)
+    fast = build_fast_predictor(model, real_batch, weights_sha256=card["weights_sha256"], cache_dir=tmp_path,
+                                threads=threads, spinning=spinning)
+    assert fast.backend == BACKEND_ONNX
+    np.testing.assert_allclose(fast.predict(real_batch), expected, atol=1e-4)
+    onnx_bytes = cached_onnx(model, card["weights_sha256"], tmp_path)
+    np.testing.assert_allclose(onnx_predictor(onnx_bytes, threads=threads, spinning=spinning)(real_batch),
+                               expected, atol=1e-4)
 
 
 def test_broken_onnx_copy_falls_back_to_tensorflow(mobilenet, real_batch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
