@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from harness import free_port
 
 from ctscan import DISCLAIMER
 
@@ -24,12 +25,6 @@ from .conftest import REPO_ROOT
 
 DEVSTACK = REPO_ROOT / "scripts" / "devstack.py"
 START_TIMEOUT_S = 900
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def load_devstack():

@@ -4,37 +4,21 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
+from harness import ServiceProcess, start_service_process, stop_service_process
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 420  # TF import + three models + ONNX conversion on a busy 2-core machine
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
-class RunningService:
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    store_dir: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+class RunningService(ServiceProcess):
+    store_dir: Path = Path()
 
     def get(self, path: str, **kwargs: object) -> requests.Response:
         return requests.get(self.url + path, timeout=60, **kwargs)  # type: ignore[arg-type]
@@ -47,38 +31,16 @@ class RunningService:
 
 
 def start_service(*, store_dir: Path, log_path: Path, env: dict[str, str], wait_ready: bool = True) -> RunningService:
-    port = free_port()
     full_env = {**os.environ, "CTSCAN_MODEL_STORE": str(store_dir), "TF_CPP_MIN_LOG_LEVEL": "2",
                 "PYTHONUNBUFFERED": "1", **env}
-    log = log_path.open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "ctscan.cli", "serve", "inference", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    service = RunningService(f"http://127.0.0.1:{port}", process, log_path, store_dir)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            stop_service(service)
-            pytest.fail(f"inference service exited with {process.returncode}:\n{service.log()[-3000:]}")
-        try:
-            status = requests.get(service.url + ("/readyz" if wait_ready else "/healthz"), timeout=5).status_code
-            if status == 200:
-                return service
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    stop_service(service)
-    pytest.fail(f"inference service not ready after {START_TIMEOUT_S}s:\n{service.log()[-3000:]}")
+    started = start_service_process([sys.executable, "-m", "ctscan.cli", "serve", "inference"], env=full_env,
+                                    log_path=log_path, ready_path="/readyz" if wait_ready else "/healthz",
+                                    timeout_s=START_TIMEOUT_S)
+    return RunningService(started.url, started.process, started.log_path, store_dir)
 
 
 def stop_service(service: RunningService) -> None:
-    if service.process.poll() is None:
-        os.killpg(service.process.pid, signal.SIGTERM)
-        try:
-            service.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(service.process.pid, signal.SIGKILL)
-            service.process.wait(timeout=10)
+    stop_service_process(service)
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CTSCAN = str(Path(sys.executable).with_name("ctscan"))
@@ -33,12 +34,6 @@ DATASET = "covid-ct-tiny"
 DATASET_VERSION = "v1"
 # Small enough for two shared CPU cores: MobileNetV2 from scratch at 32 px on a few images.
 TINY_HYPERPARAMETERS = {"input_size": 32, "batch_size": 4, "augment": False, "patience": 50}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], Any], *, timeout: float, what: str, interval: float = 0.25) -> Any:

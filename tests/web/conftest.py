@@ -15,9 +15,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
+from harness import ServiceProcess, free_port, start_service_process, stop_service_process
 
 from ctscan import DISCLAIMER
 
@@ -36,12 +33,6 @@ CTSCAN = str(REPO_ROOT / ".venv" / "bin" / "ctscan")
 ADMIN_PASSWORD = "correct-horse-battery-staple"
 TRAINER_TOKEN = "web-tests-trainer-token-" + "x" * 8
 SECRET_KEY = "web-tests-secret-key-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def csrf_token(html: str) -> str:
@@ -161,44 +152,7 @@ def trainer_settings_for(**env: str) -> Any:
 
 
 # --- the real services ------------------------------------------------------------------------
-@dataclass
-class Service:
-    url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-
-def _start(args: list[str], *, env: dict[str, str], log_path: Path, ready_path: str, timeout_s: float) -> Service:
-    port = free_port()
-    log_file = log_path.open("wb")
-    process = subprocess.Popen([*args, "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=REPO_ROOT,
-                               stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-    service = Service(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{args} exited with {process.returncode}:\n{service.log()}")
-        try:
-            if requests.get(service.url + ready_path, timeout=2).status_code == 200:
-                return service
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    _stop(service)
-    pytest.fail(f"{args} not ready after {timeout_s} s:\n{service.log()}")
-
-
-def _stop(service: Service) -> None:
-    if service.process.poll() is None:
-        os.killpg(service.process.pid, signal.SIGTERM)
-        try:
-            service.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(service.process.pid, signal.SIGKILL)
-            service.process.wait(timeout=5)
+Service = ServiceProcess
 
 
 def _base_env() -> dict[str, str]:
@@ -220,10 +174,10 @@ def inference_service(tiny_model_store: Path, data_dir: Path,
         "CTSCAN_MODEL_STORE": str(tiny_model_store), "CTSCAN_DATA_DIR": str(data_dir),
         "INFERENCE_ONNX_CACHE_DIR": str(workdir / "onnx"), "INFERENCE_RELOAD_POLL_SECONDS": "0",
     }
-    service = _start([CTSCAN, "serve", "inference"], env=env, log_path=workdir / "inference.log",
+    service = start_service_process([CTSCAN, "serve", "inference"], env=env, log_path=workdir / "inference.log",
                      ready_path="/readyz", timeout_s=300)
     yield service
-    _stop(service)
+    stop_service_process(service, grace_s=15)
 
 
 @pytest.fixture(scope="session")
@@ -261,10 +215,10 @@ def web_service(inference_service: Service, tiny_model_store: Path, published_da
         "WEB_DEFAULT_DATASET": published_datasets[1], "WEB_DEFAULT_DATASET_VERSION": published_datasets[2],
         "CTSCAN_TRAINER_QUEUE": trainer_queue, "CTSCAN_TRAINER_WORK_DIR": str(workdir / "trainer"),
     }
-    service = _start([CTSCAN, "serve", "web"], env=env, log_path=workdir / "web.log",
+    service = start_service_process([CTSCAN, "serve", "web"], env=env, log_path=workdir / "web.log",
                      ready_path="/healthz", timeout_s=60)
     yield service
-    _stop(service)
+    stop_service_process(service, grace_s=15)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,68 @@
+"""Starting and stopping the real services the tests talk to: a free port, a subprocess in
+its own process group, readiness polled over HTTP, and a stop that never leaves orphans."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServiceProcess:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self, tail: int | None = None) -> str:
+        text = self.log_path.read_text(errors="replace")
+        return text if tail is None else text[-tail:]
+
+
+def start_service_process(args: list[str], *, env: dict[str, str], log_path: Path, ready_path: str,
+                          timeout_s: float) -> ServiceProcess:
+    """Run `args --host 127.0.0.1 --port P` and wait until GET ready_path answers 200."""
+    port = free_port()
+    with log_path.open("wb") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen([*args, "--host", "127.0.0.1", "--port", str(port)], env=env, cwd=REPO_ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    service = ServiceProcess(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            stop_service_process(service)
+            pytest.fail(f"{args} exited with {process.returncode}:\n{service.log(4000)}")
+        try:
+            if requests.get(service.url + ready_path, timeout=5).status_code == 200:
+                return service
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    stop_service_process(service)
+    pytest.fail(f"{args} not ready after {timeout_s:.0f} s:\n{service.log(4000)}")
+
+
+def stop_service_process(service: ServiceProcess, *, grace_s: float = 30) -> None:
+    """SIGTERM the whole process group, SIGKILL it if it does not leave in time."""
+    if service.process.poll() is None:
+        os.killpg(service.process.pid, signal.SIGTERM)
+        try:
+            service.process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(service.process.pid, signal.SIGKILL)
+            service.process.wait(timeout=10)
