@@ -11,7 +11,7 @@ and the service's resident memory after warm-up (all models loaded) and after N 
 The load generator and the service share this machine's cores (see bench/loadgen.py).
 Writes bench/results/<timestamp>.json and a Markdown table (bench/results/latest.md).
 
-    python -m bench.run --store var/model-store            # full run (2,000 requests)
+    python -m bench.run --store var/model-store            # full run (about 6 minutes)
     python -m bench.run --store STORE --quick              # minutes: fewer requests
 """
 
@@ -129,7 +129,7 @@ def in_process(store_url: str, images: list[bytes], *, quick: bool) -> dict[str,
     store = open_store(store_url)
     repeats = 8 if quick else 30
     batch_sizes = (1, 4, 16) if quick else (1, 2, 4, 8, 16, 32)
-    pipeline_total = 96 if quick else 480
+    pipeline_total = 96 if quick else 960
     results: dict[str, Any] = {}
     for name in MODELS:
         model, card = load_keras_model(store, name)
@@ -170,8 +170,10 @@ def in_process(store_url: str, images: list[bytes], *, quick: bool) -> dict[str,
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     images = load_images(Path(args.images), 16)
-    single_requests = 48 if args.quick else 320  # multiples of the 16 slices: each weighs the same
-    concurrent_requests = 64 if args.quick else 400
+    # Multiples of the 16 slices (each weighs the same); at concurrency 16 long enough (5-15 s
+    # a model) that one hiccup of this shared machine does not move the figure much.
+    single_requests = 48 if args.quick else 640
+    concurrent_requests = 64 if args.quick else 1600
     soak_requests = 200 if args.quick else 2000
     logs = RESULTS_DIR / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -220,7 +222,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                           "--port", str(port)], {}, naive_url, "/healthz", logs / f"naive-{name}.log")
         try:
             naive[name] = run_load(url=naive_url, model=name, images=images, concurrency=16,
-                                   total=max(32, concurrent_requests // 4)).__dict__
+                                   total=max(32, concurrent_requests // 4)).__dict__  # 400: about 15 s each
         finally:
             _stop(process)
     report["naive"] = naive

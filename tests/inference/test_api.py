@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 from PIL import Image
 
 from ctscan import DISCLAIMER
@@ -233,3 +234,37 @@ def test_concurrent_requests_are_batched(inference_service: RunningService,
         if line.startswith('inference_batch_size_sum{model="mobilenetv2"}'):
             counts["images"] = float(line.split()[-1])
     assert counts["images"] > counts["batches"]  # at least one forward pass held several images
+
+
+def test_request_ids_are_echoed_on_answers_and_errors(inference_service: RunningService,
+                                                      real_ct_images: dict[str, Path]) -> None:
+    content = _first(real_ct_images, "png").read_bytes()
+    url = inference_service.url + "/predict"
+    ok = requests.post(url, params={"model": "mobilenetv2"}, files={"file": ("a.png", content)},
+                       headers={"X-Request-ID": "ward-7.scan-42"}, timeout=60)
+    assert ok.status_code == 200 and ok.headers["X-Request-ID"] == "ward-7.scan-42"
+    assert ok.json()["request_id"] == "ward-7.scan-42"
+    unknown = requests.post(url, params={"model": "bogus"}, files={"file": ("a.png", content)},
+                            headers={"X-Request-ID": "bad id with spaces"}, timeout=60)
+    generated = unknown.headers["X-Request-ID"]
+    assert unknown.status_code == 400 and generated != "bad id with spaces" and len(generated) == 32
+    missing_file = requests.post(url, headers={"X-Request-ID": "no-file-1"}, timeout=60)
+    assert missing_file.status_code == 422 and missing_file.headers["X-Request-ID"] == "no-file-1"
+
+
+def test_broken_uploads_in_a_crowd_get_422_and_the_rest_their_answers(inference_service: RunningService,
+                                                                       real_ct_images: dict[str, Path]) -> None:
+    # Requests announce themselves to the batchers before decoding; broken ones withdraw
+    # (tests/inference/test_batching.py times that), the others are batched together.
+    from concurrent.futures import ThreadPoolExecutor
+
+    good = _first(real_ct_images, "png").read_bytes()
+    broken = good[: len(good) // 3]
+    uploads = [good if i % 2 else broken for i in range(24)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda data: inference_service.predict(data, params={"model": "ensemble"}),
+                                uploads))
+    assert [a.status_code for a in answers] == [200 if i % 2 else 422 for i in range(24)]
+    probabilities = {round(a.json()["probability_covid"], 5) for a in answers if a.status_code == 200}
+    assert len(probabilities) == 1  # the same slice gets the same answer whatever batch it joined
+    assert inference_service.get("/readyz").status_code == 200
