@@ -100,6 +100,6 @@ def create_app(settings: InferenceSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(router)
 
-    # Outermost but the error middleware: it sees every answer, including 422s and 500s.
+    # Inside only the error middleware: it counts every answer, 422s and 500s included.
     app.add_middleware(RequestContext, max_upload_bytes=settings.max_upload_bytes, metrics=metrics)
     return app

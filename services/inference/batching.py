@@ -122,9 +122,6 @@ class DynamicBatcher:
             self._incoming -= 1
             self._queue.put(_WAKE)
 
-    async def predict(self, pixels: np.ndarray) -> float:
-        return await asyncio.wrap_future(self.submit(pixels))
-
     def close(self, *, wait: bool = False) -> None:
         """Finish every queued request, then stop the worker."""
         with self._lock:
