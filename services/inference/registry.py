@@ -208,8 +208,12 @@ class ModelRegistry:
         if probabilities.shape != (len(images),) or not np.all(
                 np.isfinite(probabilities) & (probabilities >= 0) & (probabilities <= 1)):
             raise CTScanError(f"{name} {version}: smoke prediction gave {probabilities!r}")
-        # Warm every batch shape the batcher can produce cheaply: 1 and the largest.
-        predictor.predict(np.repeat(images[:1], settings.max_batch_size, axis=0))
+        # Run every batch size the batcher can form (up to 32, and the largest) once now: the
+        # runtime's memory arenas grow to their working size before /readyz turns green, not
+        # under the first real load, and no request pays for a first-time shape.
+        largest = settings.max_batch_size
+        for batch_size in sorted({*range(1, min(largest, 32) + 1), largest}):
+            predictor.predict(np.repeat(images[:1], batch_size, axis=0))
         gradcam = make_gradcam(model)
         if settings.warmup_gradcam:
             gradcam(images[0])
