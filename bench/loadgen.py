@@ -70,7 +70,7 @@ async def _run(*, url: str, model: str, images: list[bytes], concurrency: int, t
                path: str, warmup: int) -> tuple[list[float], int, float]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    requests = [encode_request(host=host, port=port, path=path, model=model, image=image) for image in images]
+    encoded = [encode_request(host=host, port=port, path=path, model=model, image=image) for image in images]
     latencies: list[float] = []
     errors = 0
     next_index = 0
@@ -78,7 +78,7 @@ async def _run(*, url: str, model: str, images: list[bytes], concurrency: int, t
     connections = [await asyncio.open_connection(host, port) for _ in range(concurrency)]
     for index in range(max(warmup, concurrency)):  # not timed: first use of each connection
         reader, writer = connections[index % concurrency]
-        await _exchange(reader, writer, requests[index % len(requests)])
+        await _exchange(reader, writer, encoded[index % len(encoded)])
 
     async def drive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         nonlocal errors, next_index
@@ -87,7 +87,7 @@ async def _run(*, url: str, model: str, images: list[bytes], concurrency: int, t
                 index, next_index = next_index, next_index + 1
                 started = time.perf_counter()
                 try:
-                    ok = await _exchange(reader, writer, requests[index % len(requests)])
+                    ok = await _exchange(reader, writer, encoded[index % len(encoded)])
                 except (ConnectionError, asyncio.IncompleteReadError, ValueError, IndexError):
                     ok = False  # a broken answer: count it and carry on over a new connection
                     writer.close()

@@ -175,7 +175,7 @@ def inference_service(tiny_model_store: Path, data_dir: Path,
         "INFERENCE_ONNX_CACHE_DIR": str(workdir / "onnx"), "INFERENCE_RELOAD_POLL_SECONDS": "0",
     }
     service = start_service_process([CTSCAN, "serve", "inference"], env=env, log_path=workdir / "inference.log",
-                     ready_path="/readyz", timeout_s=300)
+                                    ready_path="/readyz", timeout_s=300)
     yield service
     stop_service_process(service, grace_s=15)
 
@@ -216,7 +216,7 @@ def web_service(inference_service: Service, tiny_model_store: Path, published_da
         "CTSCAN_TRAINER_QUEUE": trainer_queue, "CTSCAN_TRAINER_WORK_DIR": str(workdir / "trainer"),
     }
     service = start_service_process([CTSCAN, "serve", "web"], env=env, log_path=workdir / "web.log",
-                     ready_path="/healthz", timeout_s=60)
+                                    ready_path="/healthz", timeout_s=60)
     yield service
     stop_service_process(service, grace_s=15)
 
