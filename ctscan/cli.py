@@ -54,6 +54,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         learning_rate=args.learning_rate, finetune_learning_rate=args.finetune_learning_rate,
         patience=args.patience, seed=args.seed, threshold_rule=args.threshold_rule,
         limit_per_class=args.limit_per_class, report_test=args.report_test,
+        augment=not args.no_augment, preprocessing=args.preprocessing, augmentation=args.augmentation,
+        mixup=args.mixup, ema=args.ema, label_smoothing=args.label_smoothing, weight_decay=args.weight_decay,
     )
     run_dir = args.run_dir or (get_core_settings().runs_dir / args.model)
     version, card, promoted = train_and_store(
@@ -194,8 +196,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ctscan.data import AUGMENTATIONS
     from ctscan.metrics import THRESHOLD_RULES
     from ctscan.models import MODEL_NAMES
+    from ctscan.preprocessing import DEFAULT_PREPROCESSING, PREPROCESSORS
 
     parser = argparse.ArgumentParser(prog="ctscan", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +218,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=42)
     train.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="youden")
     train.add_argument("--limit-per-class", type=_positive_int, help="use a small subset (smoke runs)")
+    train.add_argument("--preprocessing", choices=tuple(PREPROCESSORS), default=DEFAULT_PREPROCESSING,
+                       help="what the model sees of a slice (lung-v1: lung crop, standardised intensity)")
+    train.add_argument("--augmentation", choices=AUGMENTATIONS[1:], default="domain",
+                       help="basic: geometry, brightness, contrast; domain: also window, gamma, "
+                            "resolution, blur, noise, JPEG")
+    train.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    train.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(alpha, alpha); 0 = off")
+    train.add_argument("--ema", action="store_true", help="keep and select the weights' moving average")
+    train.add_argument("--label-smoothing", type=float, default=0.0)
+    train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay; 0 = Adam")
     train.add_argument("--report-test", action="store_true",
                        help="evaluate once on the test split for the model card (final report only)")
     train.add_argument("--run-dir", type=Path)

@@ -1,7 +1,8 @@
 """CT datasets laid out like UCSD COVID-CT: `split.csv` (path,label,split) and `SHA256SUMS`.
 
-Images are decoded once (one colour mode, see `ctscan.imaging`), resized to the model's
-input size and kept in memory; `tf.data` pipelines add shuffling, augmentation and prefetch.
+Images are decoded once (one colour mode, see `ctscan.imaging`), preprocessed (lung crop
+and intensity standardisation, see `ctscan.preprocessing`), resized to the model's input
+size and kept in memory; `tf.data` pipelines add shuffling, augmentation and prefetch.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ctscan import NEGATIVE_LABEL, POSITIVE_LABEL
 from ctscan.errors import ChecksumError, DataError, ImageError
-from ctscan.imaging import decode_image, resize_for_model
+from ctscan.imaging import decode_image
+from ctscan.preprocessing import DEFAULT_PREPROCESSING, PreparedSlice, prepare
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -139,35 +141,111 @@ class CTDataset:
         return digest.hexdigest()
 
 
-def load_sample_pixels(sample: Sample, size: int) -> np.ndarray:
+def load_prepared(sample: Sample, preprocessing: str = DEFAULT_PREPROCESSING) -> PreparedSlice:
+    """Decode one sample and apply the named preprocessing (the serving path does the same)."""
     try:
         decoded = decode_image(sample.path.read_bytes())
     except ImageError as exc:
         raise DataError(f"cannot load {sample.relative_path}: {exc}") from None
     except OSError as exc:
         raise DataError(f"cannot read {sample.relative_path}: {exc.strerror}") from None
-    return resize_for_model(decoded.grey, size)
+    return prepare(decoded, preprocessing)
+
+
+def load_sample_pixels(sample: Sample, size: int, preprocessing: str = DEFAULT_PREPROCESSING) -> np.ndarray:
+    """(size, size, 3) float32 0..255: exactly what a model trained with `preprocessing` sees."""
+    return load_prepared(sample, preprocessing).model_input(size)
 
 
 def load_arrays(
-    samples: Sequence[Sample], size: int, *, workers: int = 4
+    samples: Sequence[Sample], size: int, *, preprocessing: str = DEFAULT_PREPROCESSING, workers: int = 4
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Decode and resize samples -> (N, size, size, 3) uint8 images and (N,) float32 targets."""
+    """Decode, preprocess and resize samples -> (N, size, size, 3) uint8 images and (N,)
+    float32 targets. Slices in which no lungs were found keep the whole (standardised)
+    image: a training set is curated chest CT, so that is a segmentation miss, not a refusal."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pixels = list(pool.map(lambda s: load_sample_pixels(s, size), samples))
+        pixels = list(pool.map(lambda s: load_sample_pixels(s, size, preprocessing), samples))
     images = np.stack(pixels).round().astype(np.uint8) if pixels else np.zeros((0, size, size, 3), np.uint8)
     targets = np.array([s.target for s in samples], dtype=np.float32)
     return images, targets
 
 
-def augment_batch(images: tf.Tensor, *, size: int, seed: tf.Tensor) -> tf.Tensor:
-    """Training augmentation on a float32 batch (0..255): random resized crop, flip,
-    small rotation, brightness and contrast. Stateless ops so a seed reproduces a run."""
+AUGMENTATIONS = ("none", "basic", "domain")
+
+
+def _uniform(seed: tf.Tensor, low: float, high: float) -> tf.Tensor:
     import tensorflow as tf
+
+    return tf.random.stateless_uniform([], seed, low, high)
+
+
+def _log_uniform(seed: tf.Tensor, low: float, high: float) -> tf.Tensor:
+    import tensorflow as tf
+
+    return tf.exp(_uniform(seed, float(np.log(low)), float(np.log(high))))
+
+
+def _chance(seed: tf.Tensor, probability: float) -> tf.Tensor:
+    return _uniform(seed, 0.0, 1.0) < probability
+
+
+def _gaussian_blur(image: tf.Tensor, sigma: tf.Tensor) -> tf.Tensor:
+    import tensorflow as tf
+
+    offsets = tf.range(-3.0, 4.0)
+    kernel = tf.exp(-(offsets**2) / (2.0 * sigma**2))
+    kernel = kernel / tf.reduce_sum(kernel)
+    channels = tf.shape(image)[-1]
+    rows = tf.tile(tf.reshape(kernel, (7, 1, 1, 1)), [1, 1, channels, 1])
+    columns = tf.tile(tf.reshape(kernel, (1, 7, 1, 1)), [1, 1, channels, 1])
+    padded = tf.pad(image[None], [[0, 0], [3, 3], [3, 3], [0, 0]], mode="SYMMETRIC")
+    blurred = tf.nn.depthwise_conv2d(padded, rows, [1, 1, 1, 1], "VALID")
+    return tf.nn.depthwise_conv2d(blurred, columns, [1, 1, 1, 1], "VALID")[0]
+
+
+def _domain_randomise(image: tf.Tensor, seeds: tf.Tensor, size: int) -> tf.Tensor:
+    """What differs between hospitals and between the papers UCSD's slices came from, and
+    says nothing about COVID-19: window level and width, gamma, resolution, sharpness,
+    noise and JPEG compression. Each is drawn at random so no value of it can be learnt."""
+    import tensorflow as tf
+
+    centre = 127.5 + _uniform(seeds[0], -20.0, 20.0)
+    image = (image - 127.5) * _log_uniform(seeds[1], 0.75, 1.33) + centre
+    image = tf.clip_by_value(image, 0.0, 255.0)
+    image = 255.0 * tf.pow(image / 255.0, _log_uniform(seeds[2], 0.7, 1.4))
+
+    def low_resolution(image: tf.Tensor) -> tf.Tensor:
+        side = tf.cast(tf.round(size * _uniform(seeds[4], 0.35, 1.0)), tf.int32)
+        small = tf.image.resize(image, (side, side), antialias=True)
+        return tf.image.resize(small, (size, size))
+
+    image = tf.cond(_chance(seeds[3], 0.5), lambda: low_resolution(image), lambda: image)
+    image = tf.cond(_chance(seeds[5], 0.3),
+                    lambda: _gaussian_blur(image, _uniform(seeds[6], 0.4, 1.2)), lambda: image)
+    noise = tf.random.stateless_normal(tf.shape(image), seeds[8]) * _uniform(seeds[9], 0.0, 6.0)
+    image = tf.cond(_chance(seeds[7], 0.5), lambda: image + noise, lambda: image)
+    image = tf.clip_by_value(image, 0.0, 255.0)
+
+    def jpeg(image: tf.Tensor) -> tf.Tensor:
+        compressed = tf.image.stateless_random_jpeg_quality(image / 255.0, 30, 90, seeds[11])
+        return tf.reshape(compressed, tf.shape(image)) * 255.0
+
+    return tf.cond(_chance(seeds[10], 0.4), lambda: jpeg(image), lambda: image)
+
+
+def augment_batch(images: tf.Tensor, *, size: int, seed: tf.Tensor, recipe: str = "basic") -> tf.Tensor:
+    """Training augmentation on a float32 batch (0..255). basic: random resized crop, flip,
+    small rotation, brightness and contrast. domain: the same geometry plus random window,
+    gamma, resolution, blur, noise and JPEG artefacts (`_domain_randomise`). Stateless ops,
+    so a seed reproduces a run."""
+    import tensorflow as tf
+
+    if recipe not in AUGMENTATIONS[1:]:
+        raise ValueError(f"augmentation recipe must be one of {AUGMENTATIONS[1:]}, got {recipe!r}")
 
     def one(args: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
         image, image_seed = args
-        seeds = tf.random.experimental.stateless_split(image_seed, num=6)
+        seeds = tf.random.experimental.stateless_split(image_seed, num=18)
         box_begin, box_size, _ = tf.image.stateless_sample_distorted_bounding_box(
             tf.shape(image),
             bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
@@ -197,12 +275,34 @@ def augment_batch(images: tf.Tensor, *, size: int, seed: tf.Tensor) -> tf.Tensor
             interpolation="BILINEAR",
             fill_mode="CONSTANT",
         )[0]
+        if recipe == "domain":
+            return _domain_randomise(image, seeds[6:], size)
         image = tf.image.stateless_random_brightness(image, 20.0, seed=seeds[3])
         image = tf.image.stateless_random_contrast(image, 0.8, 1.2, seed=seeds[4])
         return tf.clip_by_value(image, 0.0, 255.0)
 
     batch_seeds = tf.random.experimental.stateless_split(seed, num=tf.shape(images)[0])
     return tf.map_fn(one, (images, batch_seeds), fn_output_signature=tf.float32)
+
+
+def mixup_batch(images: tf.Tensor, targets: tf.Tensor, weights: tf.Tensor, *, alpha: float,
+                seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """mixup (Zhang et al. 2018): each image blended with another of the batch, labels and
+    sample weights alike; lambda ~ Beta(alpha, alpha), folded to >= 0.5 so the first image leads."""
+    import tensorflow as tf
+
+    count = tf.shape(images)[0]
+    seeds = tf.random.experimental.stateless_split(seed, num=3)
+    first = tf.random.stateless_gamma([count], seeds[0], alpha)
+    second = tf.random.stateless_gamma([count], seeds[1], alpha)
+    lam = first / (first + second + 1e-7)
+    lam = tf.maximum(lam, 1.0 - lam)
+    partner = tf.argsort(tf.random.stateless_uniform([count], seeds[2]))
+    mixed_images = lam[:, None, None, None] * images + (1 - lam[:, None, None, None]) * tf.gather(images, partner)
+    targets = tf.cast(targets, tf.float32)
+    mixed_targets = lam * targets + (1 - lam) * tf.gather(targets, partner)
+    mixed_weights = lam * weights + (1 - lam) * tf.gather(weights, partner)
+    return mixed_images, mixed_targets, mixed_weights
 
 
 def make_pipeline(
@@ -213,14 +313,24 @@ def make_pipeline(
     training: bool,
     seed: int = 0,
     sample_weights: np.ndarray | None = None,
+    recipe: str = "basic",
+    mixup_alpha: float = 0.0,
+    epoch: Any = None,
 ) -> tf.data.Dataset:
-    """In-memory arrays -> batched tf.data pipeline (shuffled and augmented when training)."""
+    """In-memory arrays -> batched tf.data pipeline (shuffled and augmented when training).
+
+    `epoch` (a tf.Variable a callback advances) makes each epoch's augmentation differ in
+    one long `fit`, yet reproducible and the same after a resume."""
     import tensorflow as tf
 
+    if recipe not in AUGMENTATIONS:
+        raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {recipe!r}")
     size = int(images.shape[1])
     tensors: tuple[np.ndarray, ...] = (images, targets)
     if sample_weights is not None:
-        tensors = (images, targets, sample_weights)
+        tensors = (images, targets, sample_weights.astype(np.float32))
+    elif mixup_alpha > 0 and training:
+        tensors = (images, targets, np.ones(len(targets), np.float32))
     dataset = tf.data.Dataset.from_tensor_slices(tensors).cache()
     if training:
         dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
@@ -230,13 +340,20 @@ def make_pipeline(
         return (tf.cast(batch[0], tf.float32), *batch[1:])
 
     dataset = dataset.map(to_float, num_parallel_calls=tf.data.AUTOTUNE)
-    if training:
+    if training and (recipe != "none" or mixup_alpha > 0):
         counter = tf.data.Dataset.counter()
         dataset = tf.data.Dataset.zip((dataset, counter))
 
         def augment(batch: tuple[tf.Tensor, ...], step: tf.Tensor) -> tuple[tf.Tensor, ...]:
-            step_seed = tf.stack([tf.constant(seed, tf.int64), step])
-            return (augment_batch(batch[0], size=size, seed=step_seed), *batch[1:])
+            epoch_index = tf.constant(0, tf.int64) if epoch is None else tf.cast(epoch, tf.int64)
+            step_seed = tf.stack([tf.constant(seed, tf.int64) + epoch_index * 1_000_003, step])
+            pixels = batch[0]
+            if recipe != "none":
+                pixels = augment_batch(pixels, size=size, seed=step_seed, recipe=recipe)
+            if mixup_alpha > 0:
+                mix_seed = tf.stack([step_seed[0] + 7, step_seed[1]])
+                return mixup_batch(pixels, batch[1], batch[2], alpha=mixup_alpha, seed=mix_seed)
+            return (pixels, *batch[1:])
 
         dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)

@@ -17,6 +17,10 @@ class UnsupportedImageError(ImageError):
     """The bytes are not a PNG, JPEG or DICOM image we accept."""
 
 
+class UnsupportedTransferSyntaxError(UnsupportedImageError):
+    """DICOM pixel data in a compression that cannot be decoded here (HTTP 415)."""
+
+
 class ImageTooLargeError(ImageError):
     """The upload or its pixel dimensions exceed the configured limits."""
 

@@ -1,11 +1,16 @@
 """Evaluate the store's production models (and their ensemble) on one split of a dataset.
 
-The ensemble is the mean of the three probabilities; its threshold is chosen on `val`
-(`calibrate_ensemble`) and stored beside the models, never chosen on the split reported.
+Each model gets the preprocessing and input size its card names, and its probabilities
+are calibrated as its card says. The ensemble is the mean of the members' calibrated
+probabilities, calibrated again; its calibration and threshold are fitted on `val`
+(`calibrate_ensemble`) for named member versions and stored beside the models, never
+chosen on the split reported.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,14 +18,21 @@ from typing import Any
 import numpy as np
 
 from ctscan import DISCLAIMER
-from ctscan.data import CTDataset, Sample, load_arrays
-from ctscan.errors import CTScanError, StoreError
+from ctscan.calibration import Calibration, calibration_metrics, fit_calibration, reliability_plot
+from ctscan.data import CTDataset, Sample
+from ctscan.errors import CTScanError, DataError, ImageError, StoreError
+from ctscan.gradcam import make_gradcam
+from ctscan.imaging import DecodedImage, decode_image
 from ctscan.metrics import choose_threshold, full_report
 from ctscan.models import MODEL_NAMES, get_spec
+from ctscan.preprocessing import LUNG_V1, card_preprocessing, get_preprocessor, prepare
+from ctscan.robustness import attention_report, robustness_report
 from ctscan.store import ModelStore, load_keras_model
 from ctscan.training import _subset, predict_probabilities
 
 ENSEMBLE = "ensemble"
+# Calibrated probabilities this close to the decision threshold are "indeterminate".
+UNCERTAINTY_BAND = 0.10
 
 
 def _resolve_models(store: ModelStore, models: str | list[str]) -> list[str]:
@@ -37,60 +49,118 @@ def _resolve_models(store: ModelStore, models: str | list[str]) -> list[str]:
     return available
 
 
-def predict_split(
-    store: ModelStore, names: list[str], samples: list[Sample]
-) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]], np.ndarray]:
-    """Probabilities of each production model on `samples`, their cards, and the targets."""
-    probabilities: dict[str, np.ndarray] = {}
-    cards: dict[str, dict[str, Any]] = {}
-    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    targets = np.array([s.target for s in samples], dtype=np.float32)
+@dataclass
+class SplitPredictions:
+    """One data set split seen by the production models: decoded slices (kept for the
+    robustness and attention checks), whether lungs were found, and each model's raw and
+    calibrated probabilities."""
+
+    samples: list[Sample]
+    targets: np.ndarray
+    decoded: list[DecodedImage]
+    lungs_visible: np.ndarray
+    cards: dict[str, dict[str, Any]] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, np.ndarray] = field(default_factory=dict)
+    calibrated: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def inputs(self, preprocessing: str, size: int) -> np.ndarray:
+        preprocessor = get_preprocessor(preprocessing)
+        return np.stack([preprocessor(d).model_input(size) for d in self.decoded]).astype(np.float32)
+
+
+def decode_samples(samples: list[Sample], *, workers: int = 4) -> list[DecodedImage]:
+    def one(sample: Sample) -> DecodedImage:
+        try:
+            return decode_image(sample.path.read_bytes())
+        except ImageError as exc:
+            raise DataError(f"cannot load {sample.relative_path}: {exc}") from None
+        except OSError as exc:
+            raise DataError(f"cannot read {sample.relative_path}: {exc.strerror}") from None
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, samples))
+
+
+def predict_split(store: ModelStore, names: list[str], samples: list[Sample]) -> SplitPredictions:
+    """Probabilities of each production model on `samples`, each model fed its own
+    preprocessing and input size, and calibrated as its card says."""
+    decoded = decode_samples(samples)
+    visible = np.array([prepare(d, LUNG_V1).lungs_visible for d in decoded])
+    result = SplitPredictions(samples=samples, targets=np.array([s.target for s in samples], dtype=np.float32),
+                              decoded=decoded, lungs_visible=visible)
+    cache: dict[tuple[str, int], np.ndarray] = {}
     for name in names:
         model, card = load_keras_model(store, name)
-        size = int(card["input_size"])
-        if size not in cache:
-            cache[size] = load_arrays(samples, size)
-        probabilities[name] = predict_probabilities(model, cache[size][0])
-        cards[name] = card
-    return probabilities, cards, targets
+        key = (card_preprocessing(card), int(card["input_size"]))
+        if key not in cache:
+            cache[key] = result.inputs(*key)
+        result.models[name], result.cards[name] = model, card
+        result.raw[name] = predict_probabilities(model, cache[key])
+        result.calibrated[name] = Calibration.from_dict(card.get("calibration")).apply(result.raw[name])
+    return result
+
+
+class EnsembleNotCalibratedError(CTScanError):
+    """The ensemble's calibration and threshold were fitted for other member versions."""
+
+
+def ensemble_record_for(store: ModelStore, members: dict[str, str]) -> dict[str, Any]:
+    """The stored ensemble calibration when it was fitted for exactly these member
+    versions. Anything else would change the clinical decision rule without anyone
+    deciding it, so the ensemble is refused until it is calibrated again."""
+    record = store.ensemble_record()
+    if not record:
+        raise EnsembleNotCalibratedError(
+            "the ensemble has no calibration; run `ctscan models calibrate-ensemble` (fits its threshold on val)")
+    if record.get("members") != members:
+        calibrated_for = ", ".join(f"{n} {v}" for n, v in sorted((record.get("members") or {}).items()))
+        serving = ", ".join(f"{n} {v}" for n, v in sorted(members.items()))
+        raise EnsembleNotCalibratedError(
+            f"the ensemble was calibrated for {calibrated_for or 'other members'}, but production is now "
+            f"{serving}; run `ctscan models calibrate-ensemble` to fit its threshold on val for these versions")
+    return record
+
+
+def ensemble_probabilities(calibrated_members: list[np.ndarray], record: dict[str, Any] | None) -> np.ndarray:
+    """Mean of the members' calibrated probabilities, calibrated again as the record says."""
+    mean = np.mean(calibrated_members, axis=0)
+    return Calibration.from_dict((record or {}).get("calibration")).apply(mean)
 
 
 def calibrate_ensemble(
     *, store: ModelStore, data_dir: str, limit_per_class: int | None = None, rule: str = "youden"
 ) -> dict[str, Any]:
-    """Choose the ensemble's threshold on the val split and store it with its members."""
+    """Fit the ensemble's calibration and threshold on the val split for the current
+    production members, and store them with the member versions."""
     names = _resolve_models(store, "all")
     if len(names) < 2:
         raise CTScanError("an ensemble needs at least two production models")
     dataset = CTDataset(data_dir)
     samples = _subset(dataset.split("val"), limit_per_class, 42)
-    probabilities, cards, targets = predict_split(store, names, samples)
-    mean = np.mean([probabilities[n] for n in names], axis=0)
-    threshold = choose_threshold(targets, mean, rule)
+    split = predict_split(store, names, samples)
+    targets = split.targets
+    mean = np.mean([split.calibrated[n] for n in names], axis=0)
+    calibration, comparison = fit_calibration(mean, targets)
+    probabilities = calibration.apply(mean)
+    threshold = choose_threshold(targets, probabilities, rule)
     record = {
-        "members": {n: cards[n]["version"] for n in names},
+        "members": {n: split.cards[n]["version"] for n in names},
         "threshold": threshold,
         "threshold_rule": rule,
+        "calibration": {**calibration.as_dict(), "fitted_on": "val", "comparison": comparison,
+                        "before": calibration_metrics(targets, mean),
+                        "after": calibration_metrics(targets, probabilities)},
         "dataset_fingerprint": dataset.fingerprint(),
-        "metrics": {"val": full_report(targets, mean, threshold)},
+        "metrics": {"val": full_report(targets, probabilities, threshold)},
         "created_at": datetime.now(UTC).isoformat(),
     }
     store.save_ensemble_record(record)
     return record
 
 
-def ensemble_threshold(store: ModelStore, members: dict[str, str]) -> tuple[float, str]:
-    """The stored val threshold when it was calibrated for exactly these member versions,
-    else the mean of the members' own thresholds (and say which)."""
-    record = store.ensemble_record()
-    if record and record.get("members") == members:
-        return float(record["threshold"]), "val-calibrated"
-    thresholds = [float(store.card(n, v)["threshold"]) for n, v in members.items()]
-    return float(np.mean(thresholds)), "mean-of-members"
-
-
 def _save_plots(out_dir: Path, name: str, targets: np.ndarray, probabilities: np.ndarray,
-                report: dict[str, Any]) -> None:
+                report: dict[str, Any], raw: np.ndarray | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,6 +181,38 @@ def _save_plots(out_dir: Path, name: str, targets: np.ndarray, probabilities: np
     figure.tight_layout()
     figure.savefig(out_dir / f"confusion_{name}.png", dpi=100)
     plt.close(figure)
+    curves = {"calibrated": (targets, probabilities)}
+    if raw is not None:
+        curves = {"raw score": (targets, raw), **curves}
+    reliability_plot(out_dir / f"reliability_{name}.png", curves, title=f"Reliability - {name}")
+
+
+def uncertainty_summary(targets: np.ndarray, probabilities: np.ndarray, threshold: float,
+                        band: float = UNCERTAINTY_BAND) -> dict[str, Any]:
+    """How often an answer falls in the indeterminate band around the threshold, and how
+    accurate the answers outside it are."""
+    inside = np.abs(probabilities - threshold) < band
+    outside = ~inside
+    accuracy = float(np.mean((probabilities[outside] >= threshold) == (targets[outside] >= 0.5))) \
+        if outside.any() else None
+    return {"band": band, "indeterminate_share": float(inside.mean()), "accuracy_outside_band": accuracy}
+
+
+def _model_report(split: SplitPredictions, probabilities: np.ndarray, threshold: float, *,
+                  raw: np.ndarray | None, resamples: int) -> dict[str, Any]:
+    targets = split.targets
+    metrics = full_report(targets, probabilities, threshold, resamples=resamples)
+    metrics["calibration"] = {"after": calibration_metrics(targets, probabilities)}
+    if raw is not None:
+        metrics["calibration"]["before"] = calibration_metrics(targets, raw)
+    metrics["uncertainty"] = uncertainty_summary(targets, probabilities, threshold)
+    visible = split.lungs_visible
+    metrics["lung_gate"] = {"slices_with_lungs": int(visible.sum()), "slices": len(visible),
+                            "coverage": float(visible.mean())}
+    if 0 < visible.sum() < len(visible) and len(np.unique(targets[visible])) == 2:
+        metrics["lung_gate"]["metrics"] = full_report(targets[visible], probabilities[visible], threshold,
+                                                      resamples=resamples)
+    return metrics
 
 
 def evaluate_store(
@@ -121,12 +223,18 @@ def evaluate_store(
     split: str = "test",
     out_dir: Path | None = None,
     resamples: int = 1000,
+    robustness: bool = False,
+    attention: bool = False,
 ) -> dict[str, Any]:
+    """Metrics of each production model and the ensemble on one split of a data set, with
+    calibration (ECE, Brier before and after), the indeterminate band, the lung gate's
+    coverage and, when asked, robustness to benign changes and Grad-CAM attention."""
     names = _resolve_models(store, models)
     dataset = CTDataset(data_dir)
     dataset.verify_checksums()
     samples = dataset.split(split)
-    probabilities, cards, targets = predict_split(store, names, samples)
+    predictions = predict_split(store, names, samples)
+    targets = predictions.targets
     report: dict[str, Any] = {
         "split": split,
         "dataset": {"path": str(dataset.root), "fingerprint": dataset.fingerprint(), "images": len(samples)},
@@ -135,19 +243,43 @@ def evaluate_store(
         "models": {},
     }
     for name in names:
-        metrics = full_report(targets, probabilities[name], float(cards[name]["threshold"]), resamples=resamples)
-        metrics.update(version=cards[name]["version"], init=cards[name].get("init"),
-                       input_size=cards[name]["input_size"])
+        card = predictions.cards[name]
+        threshold = float(card["threshold"])
+        metrics = _model_report(predictions, predictions.calibrated[name], threshold,
+                                raw=predictions.raw[name] if card.get("calibration") else None, resamples=resamples)
+        preprocessing, size = card_preprocessing(card), int(card["input_size"])
+        metrics.update(version=card["version"], init=card.get("init"), input_size=size, preprocessing=preprocessing)
+        model = predictions.models[name]
+        calibration = Calibration.from_dict(card.get("calibration"))
+        if robustness:
+            def predict(batch: np.ndarray, model: Any = model, calibration: Calibration = calibration) -> np.ndarray:
+                return calibration.apply(predict_probabilities(model, batch))
+
+            metrics["robustness"] = robustness_report(
+                predict, predictions.decoded, targets, preprocessing=preprocessing, size=size, threshold=threshold,
+                baseline=predictions.calibrated[name])
+        if attention:
+            covid = [d for d, t in zip(predictions.decoded, targets, strict=True) if t >= 0.5]
+            metrics["attention"] = attention_report(make_gradcam(model), covid, preprocessing=preprocessing,
+                                                    size=size)
         report["models"][name] = metrics
         if out_dir is not None:
-            _save_plots(Path(out_dir), name, targets, probabilities[name], metrics)
+            _save_plots(Path(out_dir), name, targets, predictions.calibrated[name], metrics,
+                        raw=predictions.raw[name] if card.get("calibration") else None)
     if len(names) >= 2 and models == "all":
-        members = {n: cards[n]["version"] for n in names}
-        threshold, source = ensemble_threshold(store, members)
-        mean = np.mean([probabilities[n] for n in names], axis=0)
-        metrics = full_report(targets, mean, threshold, resamples=resamples)
-        metrics.update(members=members, threshold_source=source)
+        members = {n: predictions.cards[n]["version"] for n in names}
+        try:
+            record = ensemble_record_for(store, members)
+        except EnsembleNotCalibratedError as exc:
+            report["models"][ENSEMBLE] = {"error": str(exc), "members": members}
+            return report
+        probabilities = ensemble_probabilities([predictions.calibrated[n] for n in names], record)
+        mean = np.mean([predictions.calibrated[n] for n in names], axis=0)
+        metrics = _model_report(predictions, probabilities, float(record["threshold"]),
+                                raw=mean if record.get("calibration") else None, resamples=resamples)
+        metrics.update(members=members, threshold_source="val-calibrated")
         report["models"][ENSEMBLE] = metrics
         if out_dir is not None:
-            _save_plots(Path(out_dir), ENSEMBLE, targets, mean, metrics)
+            _save_plots(Path(out_dir), ENSEMBLE, targets, probabilities, metrics,
+                        raw=mean if record.get("calibration") else None)
     return report

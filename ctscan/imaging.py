@@ -17,7 +17,7 @@ from functools import cached_property
 import numpy as np
 from PIL import Image, ImageOps
 
-from ctscan.errors import ImageTooLargeError, UnsupportedImageError
+from ctscan.errors import ImageTooLargeError, UnsupportedImageError, UnsupportedTransferSyntaxError
 
 # Lung window in Hounsfield units (centre -600, width 1500): the usual chest-CT reading window.
 LUNG_WINDOW_CENTER = -600.0
@@ -34,8 +34,10 @@ _DICOM_MAGIC_OFFSET = 128
 class DecodedImage:
     """An image as the models see it: 8-bit greyscale, plus where it came from."""
 
-    grey: np.ndarray  # (H, W) uint8
+    grey: np.ndarray  # (H, W) uint8; DICOM: the lung window of `hounsfield`
     source_format: str  # "PNG", "JPEG" or "DICOM"
+    hounsfield: np.ndarray | None = None  # (H, W) float32, DICOM only
+    dicom: DicomSliceInfo | None = None  # DICOM only: series grouping and slice position
 
     @cached_property
     def pixels(self) -> np.ndarray:
@@ -109,39 +111,148 @@ def decode_raster(
     return DecodedImage(grey=to_model_grey(image), source_format=image_format)
 
 
+# Transfer syntaxes a hospital PACS commonly exports, decoded by pydicom's handlers
+# (pylibjpeg with its libjpeg, openjpeg and rle plugins; see pyproject.toml).
+SUPPORTED_TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still seen)
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1 (the most common PACS export)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+
+
+@dataclass(frozen=True)
+class DicomSliceInfo:
+    """What whole-study prediction needs from a DICOM header, and nothing more.
+
+    Identities are one-way digests (never the patient ID or UIDs themselves), so the
+    slices of one series can be grouped and a mixed upload refused without keeping or
+    echoing any patient data.
+    """
+
+    patient_digest: str
+    series_digest: str
+    position: float | None  # along the slice normal (Image Position Patient), mm
+    slice_location: float | None
+    instance_number: int | None
+    modality: str
+    slice_thickness: float | None
+
+
+def _digest(*values: object) -> str:
+    import hashlib
+
+    text = "\x1f".join("" if v is None else str(v) for v in values)
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:16]
+
+
+def _float_or_none(value: object) -> float | None:
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
+def _slice_info(dataset: object) -> DicomSliceInfo:
+    get = dataset.get  # type: ignore[attr-defined]
+    position = None
+    origin, orientation = get("ImagePositionPatient"), get("ImageOrientationPatient")
+    try:
+        if origin is not None and orientation is not None and len(origin) == 3 and len(orientation) == 6:
+            row, column = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+            position = float(np.dot(np.cross(row, column), np.asarray(origin, float)))
+        elif origin is not None and len(origin) == 3:
+            position = float(origin[2])
+    except (TypeError, ValueError):
+        position = None
+    instance = get("InstanceNumber")
+    try:
+        instance_number = int(instance) if instance not in (None, "") else None
+    except (TypeError, ValueError):
+        instance_number = None
+    return DicomSliceInfo(
+        patient_digest=_digest(get("PatientID"), get("PatientName"), get("PatientBirthDate")),
+        series_digest=_digest(get("StudyInstanceUID"), get("SeriesInstanceUID")),
+        position=position if position is not None and np.isfinite(position) else None,
+        slice_location=_float_or_none(get("SliceLocation")),
+        instance_number=instance_number,
+        modality=str(get("Modality", "") or "").upper()[:16],
+        slice_thickness=_float_or_none(get("SliceThickness")),
+    )
+
+
+def _transfer_syntax(dataset: object) -> tuple[str, str]:
+    meta = getattr(dataset, "file_meta", None)
+    uid = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if uid is None:
+        return "1.2.840.10008.1.2", "Implicit VR Little Endian"
+    return str(uid), str(getattr(uid, "name", uid))
+
+
+def lung_window(hounsfield: np.ndarray) -> np.ndarray:
+    """Hounsfield units -> 8-bit greyscale in the lung window."""
+    low = LUNG_WINDOW_CENTER - LUNG_WINDOW_WIDTH / 2
+    windowed = np.clip((hounsfield - low) / LUNG_WINDOW_WIDTH, 0.0, 1.0) * 255.0
+    return windowed.round().astype(np.uint8)
+
+
 def decode_dicom(
     data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE
 ) -> DecodedImage:
-    """DICOM bytes -> lung-windowed DecodedImage. Only pixel-related tags are read."""
+    """DICOM bytes -> DecodedImage in Hounsfield units (and the lung window for display).
+
+    Only pixel-related tags are read for the image; `dicom` keeps the few header facts a
+    study needs, patient identity only as a digest.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         dataset = pydicom.dcmread(io.BytesIO(data), force=False)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as exc:
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
         raise UnsupportedImageError(f"cannot read DICOM file: {type(exc).__name__}") from None
     if "PixelData" not in dataset:
         raise UnsupportedImageError("DICOM file has no pixel data")
-    rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+    uid, syntax_name = _transfer_syntax(dataset)
+    if uid not in SUPPORTED_TRANSFER_SYNTAXES:
+        raise UnsupportedTransferSyntaxError(
+            f"DICOM transfer syntax {syntax_name} ({uid}) is not supported; supported: "
+            "uncompressed, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000 and RLE")
+    try:
+        rows, columns = int(dataset.get("Rows", 0) or 0), int(dataset.get("Columns", 0) or 0)
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise UnsupportedImageError("DICOM file has malformed Rows, Columns or NumberOfFrames") from None
     _check_dimensions(columns, rows, max_pixels=max_pixels, max_side=max_side)
-    frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if frames > 1:
-        raise UnsupportedImageError("multi-frame DICOM is not supported; send one CT slice")
+        raise UnsupportedImageError(
+            f"multi-frame DICOM ({frames} frames) is not supported; export the series as "
+            "single-frame slices (one file per slice)")
     try:
         raw = dataset.pixel_array.astype(np.float64)
-    except Exception as exc:  # pydicom raises many types for broken pixel data
-        raise UnsupportedImageError(f"cannot decode DICOM pixel data: {type(exc).__name__}") from None
+    except Exception as exc:  # pydicom and its plugins raise many types for broken pixel data
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise UnsupportedImageError(
+            f"cannot decode DICOM pixel data ({syntax_name}): {reason}") from None
     if raw.ndim == 3 and raw.shape[-1] in (3, 4):
         raw = raw[..., :3].mean(axis=-1)
     if raw.ndim != 2:
         raise UnsupportedImageError(f"DICOM pixel array has unsupported shape {raw.shape}")
-    slope = float(dataset.get("RescaleSlope", 1) or 1)
-    intercept = float(dataset.get("RescaleIntercept", 0) or 0)
-    hounsfield = raw * slope + intercept
-    low = LUNG_WINDOW_CENTER - LUNG_WINDOW_WIDTH / 2
-    windowed = np.clip((hounsfield - low) / LUNG_WINDOW_WIDTH, 0.0, 1.0) * 255.0
-    grey = windowed.round().astype(np.uint8)
-    return DecodedImage(grey=grey, source_format="DICOM")
+    slope = _float_or_none(dataset.get("RescaleSlope", 1)) or 1.0
+    intercept = _float_or_none(dataset.get("RescaleIntercept", 0)) or 0.0
+    hounsfield = (raw * slope + intercept).astype(np.float32)
+    return DecodedImage(grey=lung_window(hounsfield), source_format="DICOM",
+                        hounsfield=hounsfield, dicom=_slice_info(dataset))
 
 
 def decode_image(

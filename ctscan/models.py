@@ -146,12 +146,24 @@ def build_model(
     return model
 
 
-def compile_for_training(model: keras.Model, *, learning_rate: float) -> None:
+def compile_for_training(
+    model: keras.Model,
+    *,
+    learning_rate: float,
+    weight_decay: float = 0.0,
+    use_ema: bool = False,
+    label_smoothing: float = 0.0,
+) -> None:
     import keras
 
+    # EMA momentum 0.99: an average over roughly the last 100 steps, four epochs of 425 images.
+    optimizer_options: dict[str, Any] = {"learning_rate": learning_rate, "use_ema": use_ema,
+                                         "ema_momentum": 0.99}
+    optimizer = (keras.optimizers.AdamW(weight_decay=weight_decay, **optimizer_options) if weight_decay > 0
+                 else keras.optimizers.Adam(**optimizer_options))
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss=keras.losses.BinaryCrossentropy(),
+        optimizer=optimizer,
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=label_smoothing),
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
     )
 

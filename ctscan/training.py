@@ -12,7 +12,6 @@ import math
 import os
 import platform
 import subprocess
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -22,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from ctscan import DISCLAIMER
-from ctscan.data import CTDataset, Sample, class_weights, load_arrays, make_pipeline
+from ctscan.data import AUGMENTATIONS, CTDataset, Sample, class_weights, load_arrays, make_pipeline
 from ctscan.errors import CTScanError
-from ctscan.metrics import choose_threshold, full_report, point_metrics
+from ctscan.metrics import THRESHOLD_RULES, choose_threshold, full_report
 from ctscan.models import (
     build_model,
     compile_for_training,
@@ -33,6 +32,7 @@ from ctscan.models import (
     set_backbone_trainable,
     unfreeze_top,
 )
+from ctscan.preprocessing import DEFAULT_PREPROCESSING, get_preprocessor
 from ctscan.store import ModelStore, pack_weights, unpack_weights
 
 STATE_FILE = "state.json"
@@ -61,16 +61,40 @@ class TrainConfig:
     limit_per_class: int | None = None  # small subsets for tests and smoke runs
     report_test: bool = False
     augment: bool = True
+    # The recipe (see README, "Training recipe"): each switch measured on UCSD val.
+    preprocessing: str = DEFAULT_PREPROCESSING
+    augmentation: str = "domain"  # basic | domain (used when augment is true)
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 = off
+    ema: bool = False  # evaluate and keep the exponential moving average of the weights
+    label_smoothing: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay; 0 = Adam
 
     def validate(self) -> None:
         get_spec(self.model)
         parse_init(self.init)
+        get_preprocessor(self.preprocessing)
         for name in ("epochs", "batch_size", "patience"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise CTScanError(f"{name} must be a positive integer, got {value!r}")
         if self.learning_rate <= 0 or self.finetune_learning_rate <= 0:
             raise CTScanError("learning rates must be positive")
+        if self.threshold_rule not in THRESHOLD_RULES:
+            raise CTScanError(f"threshold_rule must be one of {', '.join(THRESHOLD_RULES)}, "
+                              f"got {self.threshold_rule!r}")
+        if self.augmentation not in AUGMENTATIONS[1:]:
+            raise CTScanError(f"augmentation must be one of {', '.join(AUGMENTATIONS[1:])}, "
+                              f"got {self.augmentation!r}")
+        if not 0.0 <= self.mixup <= 1.0:
+            raise CTScanError(f"mixup must lie in 0..1, got {self.mixup!r}")
+        if not 0.0 <= self.label_smoothing <= 0.3:
+            raise CTScanError(f"label_smoothing must lie in 0..0.3, got {self.label_smoothing!r}")
+        if not 0.0 <= self.weight_decay <= 1.0:
+            raise CTScanError(f"weight_decay must lie in 0..1, got {self.weight_decay!r}")
+
+    @property
+    def recipe(self) -> str:
+        return self.augmentation if self.augment else "none"
 
 
 @dataclass
@@ -241,24 +265,22 @@ class Trainer:
         os.replace(temporary, self._state_path())
 
     # --- run -----------------------------------------------------------------------------
-    def run(self, *, resume: bool = False) -> tuple[Any, RunState, dict[str, Any]]:
-        """Train (or continue) and return (model with best weights, state, data summary)."""
-        import keras
-
+    def _compile(self, model: Any, learning_rate: float) -> None:
         config = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.has_checkpoint() and not resume:
-            raise CTScanError(f"run folder {self.run_dir} already holds a checkpoint; "
-                              "pass --resume to continue it or choose another --run-dir")
-        keras.utils.set_random_seed(config.seed)
+        compile_for_training(model, learning_rate=learning_rate, weight_decay=config.weight_decay,
+                             use_ema=config.ema, label_smoothing=config.label_smoothing)
 
+    def _load_data(self) -> None:
+        config = self.config
         dataset = CTDataset(config.data_dir)
         dataset.verify_checksums()
         train_samples = _subset(dataset.split("train"), config.limit_per_class, config.seed)
         val_samples = _subset(dataset.split("val"), config.limit_per_class, config.seed)
-        train_x, train_y = load_arrays(train_samples, self.input_size)
-        val_x, val_y = load_arrays(val_samples, self.input_size)
-        weights = class_weights(train_y)
+        self.train_x, self.train_y = load_arrays(train_samples, self.input_size,
+                                                 preprocessing=config.preprocessing)
+        self.val_data = load_arrays(val_samples, self.input_size, preprocessing=config.preprocessing)
+        weights = class_weights(self.train_y)
+        self.class_weights = weights
         self.data_summary = {
             "path": str(dataset.root),
             "fingerprint": dataset.fingerprint(),
@@ -268,6 +290,22 @@ class Trainer:
             "class_weights": weights,
         }
 
+    def run(self, *, resume: bool = False) -> tuple[Any, RunState, dict[str, Any]]:
+        """Train (or continue) and return (model with best weights, state, data summary).
+
+        One `fit` per phase; Keras callbacks do the rest: cosine learning rate, validation
+        AUC, early stopping and best-weights checkpoint on it, EMA weights, and the run
+        checkpoint after every epoch (`RunCheckpoint`)."""
+        import keras
+
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.has_checkpoint() and not resume:
+            raise CTScanError(f"run folder {self.run_dir} already holds a checkpoint; "
+                              "pass --resume to continue it or choose another --run-dir")
+        keras.utils.set_random_seed(config.seed)
+        self._load_data()
+
         if resume and self.has_checkpoint():
             state = self._load_state()
             model = keras.models.load_model(self.run_dir / LAST_CHECKPOINT, compile=True)
@@ -275,81 +313,65 @@ class Trainer:
             state = RunState()
             model = build_model(config.model, config.init, self.input_size, compile_model=False)
             _set_phase_trainability(model, config, self.phases[0])
-            compile_for_training(model, learning_rate=self.phases[0].learning_rate)
+            self._compile(model, self.phases[0].learning_rate)
 
+        sample_weights = np.array([self.class_weights[int(t)] for t in self.train_y], np.float32)
+        epoch_variable = keras.Variable(state.epochs_done, dtype="int64", trainable=False, name="epoch")
+        pipeline = make_pipeline(self.train_x, self.train_y, batch_size=config.batch_size, training=True,
+                                 seed=config.seed, sample_weights=sample_weights, recipe=config.recipe,
+                                 mixup_alpha=config.mixup, epoch=epoch_variable)
         total_epochs = sum(p.epochs for p in self.phases)
         while not state.finished:
             phase = self.phases[state.phase_index]
-            if state.epoch_in_phase >= phase.epochs or (
-                state.epochs_since_best >= config.patience and state.epoch_in_phase > 0
-            ):
-                state.stopped_early = state.epoch_in_phase < phase.epochs
-                if state.phase_index + 1 >= len(self.phases):
-                    state.finished = True
-                    self._save_state(state)
-                    break
-                # Next phase starts from the best weights so far, with a fresh optimiser.
-                model.load_weights(self.run_dir / BEST_WEIGHTS)
-                state.phase_index += 1
-                state.epoch_in_phase = 0
-                state.epochs_since_best = 0
-                next_phase = self.phases[state.phase_index]
-                _set_phase_trainability(model, config, next_phase)
-                compile_for_training(model, learning_rate=next_phase.learning_rate)
-                model.save(self.run_dir / LAST_CHECKPOINT)
+            if state.epoch_in_phase < phase.epochs and not (
+                    state.epoch_in_phase > 0 and state.epochs_since_best >= config.patience):
+                callbacks = self._callbacks(state, phase, total_epochs, epoch_variable)
+                model.fit(pipeline, epochs=phase.epochs, initial_epoch=state.epoch_in_phase,
+                          callbacks=callbacks, verbose=self.verbose)
+            state.stopped_early = state.epoch_in_phase < phase.epochs
+            if state.phase_index + 1 >= len(self.phases):
+                state.finished = True
                 self._save_state(state)
-                continue
-
-            # Cosine decay within the phase.
-            learning_rate = phase.learning_rate * 0.5 * (1 + math.cos(math.pi * state.epoch_in_phase / phase.epochs))
-            model.optimizer.learning_rate.assign(learning_rate)
-            epoch_seed = config.seed * 1000 + state.epochs_done
-            pipeline = make_pipeline(train_x, train_y, batch_size=config.batch_size,
-                                     training=config.augment, seed=epoch_seed)
-            started = time.monotonic()
-            fit = model.fit(pipeline, epochs=1, class_weight=weights, verbose=self.verbose)
-            val_probabilities = predict_probabilities(model, val_x)
-            seconds = time.monotonic() - started
-            val = point_metrics(val_y, val_probabilities, 0.5)
-            val_loss = float(keras.losses.binary_crossentropy(
-                val_y.reshape(-1, 1), val_probabilities.reshape(-1, 1).clip(1e-7, 1 - 1e-7)).numpy().mean())
-            state.epochs_done += 1
-            state.epoch_in_phase += 1
-            state.training_seconds += seconds
-            improved = val["auc"] > state.best_val_auc + 1e-6 or (
-                abs(val["auc"] - state.best_val_auc) <= 1e-6 and val_loss < state.best_val_loss)
-            if improved or not (self.run_dir / BEST_WEIGHTS).exists():
-                state.best_val_auc = float(val["auc"]) if not math.isnan(val["auc"]) else 0.0
-                state.best_val_loss = val_loss
-                state.best_epoch = state.epochs_done
-                state.epochs_since_best = 0
-                model.save_weights(self.run_dir / BEST_WEIGHTS)
-            else:
-                state.epochs_since_best += 1
-            entry: dict[str, Any] = {
-                "epoch": state.epochs_done, "phase": phase.name,
-                "loss": float(fit.history["loss"][-1]), "val_loss": val_loss,
-                "val_auc": float(val["auc"]), "val_accuracy": float(val["accuracy"]),
-                "learning_rate": learning_rate, "seconds": seconds,
-            }
-            state.history.append(entry)
+                break
+            # Next phase starts from the best weights so far, with a fresh optimiser.
+            model.load_weights(self.run_dir / BEST_WEIGHTS)
+            state.phase_index += 1
+            state.epoch_in_phase = 0
+            state.epochs_since_best = 0
+            next_phase = self.phases[state.phase_index]
+            _set_phase_trainability(model, config, next_phase)
+            self._compile(model, next_phase.learning_rate)
             model.save(self.run_dir / LAST_CHECKPOINT)
             self._save_state(state)
-            plot_history(state.history, self.run_dir / "history.png")
-            if self.verbose:
-                print(f"epoch {state.epochs_done}/{total_epochs} [{phase.name}] loss {entry['loss']:.4f} "
-                      f"val_loss {val_loss:.4f} val_auc {val['auc']:.4f} val_acc {val['accuracy']:.4f} "
-                      f"({seconds:.0f}s, best epoch {state.best_epoch})", flush=True)
-            if self.on_epoch is not None:
-                self.on_epoch(EpochReport(
-                    phase=phase.name, epoch=state.epochs_done, total_epochs=total_epochs,
-                    loss=entry["loss"], val_loss=val_loss, val_auc=entry["val_auc"],
-                    val_accuracy=entry["val_accuracy"], learning_rate=learning_rate,
-                    seconds=seconds, best_epoch=state.best_epoch, best_val_auc=state.best_val_auc))
 
         model.load_weights(self.run_dir / BEST_WEIGHTS)
-        self.val_data = (val_x, val_y)
         return model, state, self.data_summary
+
+    def _callbacks(self, state: RunState, phase: Phase, total_epochs: int, epoch_variable: Any) -> list[Any]:
+        import keras
+
+        from ctscan.callbacks import ResumableEarlyStopping, RunCheckpoint, ValidationAUC
+
+        config = self.config
+
+        def cosine(epoch: int, _: float) -> float:
+            return float(phase.learning_rate * 0.5 * (1 + math.cos(math.pi * epoch / phase.epochs)))
+
+        early_stopping = ResumableEarlyStopping(
+            monitor="val_auc", mode="max", patience=config.patience, min_delta=1e-6,
+            best=state.best_val_auc, wait=state.epochs_since_best)
+        callbacks: list[Any] = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.ema else []
+        return [
+            *callbacks,  # first: every callback below sees the EMA weights at the end of an epoch
+            keras.callbacks.LearningRateScheduler(cosine),
+            ValidationAUC(*self.val_data),
+            keras.callbacks.ModelCheckpoint(
+                self.run_dir / BEST_WEIGHTS, monitor="val_auc", mode="max", save_best_only=True,
+                save_weights_only=True, initial_value_threshold=state.best_val_auc
+                if (self.run_dir / BEST_WEIGHTS).exists() else None),
+            early_stopping,
+            RunCheckpoint(self, state, phase, total_epochs, epoch_variable),
+        ]
 
 
 def build_card(
@@ -360,16 +382,25 @@ def build_card(
     model: Any,
     store_weights: bytes,
 ) -> dict[str, Any]:
-    """Evaluate the weights exactly as stored (float16 round trip) on val (threshold) and,
+    """Evaluate the weights exactly as stored (float16 round trip) on val: calibration,
+    decision threshold (on the calibrated probabilities) and the input gate's threshold;
     when asked, once on test; return the model card."""
+    from ctscan.calibration import calibration_metrics, fit_calibration
+    from ctscan.gate import feature_extractor, fit_gate
+
     unpack_weights(model, store_weights)
     val_x, val_y = trainer.val_data
-    val_probabilities = predict_probabilities(model, val_x)
+    val_scores = predict_probabilities(model, val_x)
+    calibration, comparison = fit_calibration(val_scores, val_y)
+    val_probabilities = calibration.apply(val_scores)
     threshold = choose_threshold(val_y, val_probabilities, config.threshold_rule)
+    features = feature_extractor(model)
+    gate = fit_gate(features(trainer.train_x.astype(np.float32)), features(val_x.astype(np.float32)))
     card: dict[str, Any] = {
         "architecture": config.model,
         "input_size": trainer.input_size,
         "init": config.init,
+        "preprocessing": {"name": config.preprocessing},
         "regime": [asdict(p) for p in trainer.phases],
         "dataset": trainer.data_summary,
         "split": {"train": "train", "model_selection_and_threshold": "val",
@@ -381,6 +412,10 @@ def build_card(
                             if k not in ("data_dir", "model", "init", "report_test")},
         "threshold": threshold,
         "threshold_rule": config.threshold_rule,
+        "calibration": {**calibration.as_dict(), "fitted_on": "val", "comparison": comparison,
+                        "before": calibration_metrics(val_y, val_scores),
+                        "after": calibration_metrics(val_y, val_probabilities)},
+        "gate": gate.to_dict(),
         "metrics": {"val": full_report(val_y, val_probabilities, threshold)},
         "history": state.history,
         "training_seconds": round(state.training_seconds, 1),
@@ -392,8 +427,9 @@ def build_card(
     if config.report_test:
         dataset = CTDataset(config.data_dir)
         test_samples = _subset(dataset.split("test"), config.limit_per_class, config.seed)
-        test_x, test_y = load_arrays(test_samples, trainer.input_size)
-        card["metrics"]["test"] = full_report(test_y, predict_probabilities(model, test_x), threshold)
+        test_x, test_y = load_arrays(test_samples, trainer.input_size, preprocessing=config.preprocessing)
+        card["metrics"]["test"] = full_report(
+            test_y, calibration.apply(predict_probabilities(model, test_x)), threshold)
     return card
 
 

@@ -26,6 +26,32 @@ def data_dir() -> Path:
     return path
 
 
+def _ctmd_dir() -> Path:
+    return Path(os.environ.get("CTSCAN_TEST_CTMD_DIR", REPO_ROOT.parent / "shared" / "data" / "covid-ct-md-sample"))
+
+
+@pytest.fixture(scope="session")
+def ctmd_dir() -> Path:
+    """The CT-MD sample: real JPEG-Lossless DICOM studies from another hospital (test only)."""
+    path = _ctmd_dir()
+    if not (path / "labels.csv").is_file():
+        pytest.fail(f"CT-MD sample not found at {path}; set CTSCAN_TEST_CTMD_DIR")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ctmd_slices(ctmd_dir: Path) -> dict[str, list[dict[str, str]]]:
+    """labels.csv rows by study, ordered from the abdomen up to the neck."""
+    import csv
+
+    with (ctmd_dir / "labels.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    studies: dict[str, list[dict[str, str]]] = {}
+    for row in sorted(rows, key=lambda r: int(r["slice_index"])):
+        studies.setdefault(row["study"], []).append(row)
+    return studies
+
+
 @pytest.fixture(scope="session")
 def real_ct_images(data_dir: Path) -> dict[str, Path]:
     """A few real test-split images of each class and file mode."""

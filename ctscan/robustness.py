@@ -1,0 +1,202 @@
+"""Robustness and attention checks: does a model keep its answer under changes that say
+nothing about the lungs, and does it look at the lungs when it says COVID-19?
+
+`PERTURBATIONS` are benign, moderate changes a slice goes through between hospitals,
+scanners and exports: brightness, contrast, gamma, window level and width, JPEG
+re-compression, rescaling (0.5x, 2x), a small rotation and shift, noise. Each is applied
+to the decoded slice, before the model's own preprocessing, exactly as an upload would
+arrive. DICOM slices are changed in Hounsfield units where the change exists there
+(offset, contrast, noise, geometry); display-only changes (gamma, window, JPEG) are
+skipped for them.
+
+`attention_in_lungs` is the share of a Grad-CAM heatmap's mass that falls inside the
+lungs (`ctscan.preprocessing`'s lung region), per COVID slice.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ctscan.imaging import DecodedImage, lung_window
+from ctscan.metrics import point_metrics
+from ctscan.preprocessing import PreparedSlice, get_preprocessor, lung_region_mask
+
+Predict = Callable[[np.ndarray], np.ndarray]  # (N, S, S, 3) float32 -> (N,) probabilities
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    name: str
+    raster: Callable[[np.ndarray], np.ndarray] | None  # grey uint8 -> grey uint8
+    hounsfield: Callable[[np.ndarray], np.ndarray] | None  # HU float32 -> HU float32
+
+
+def _clip8(values: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(values), 0, 255).astype(np.uint8)
+
+
+def _geometric(array: np.ndarray, transform: Callable[[Image.Image], Image.Image]) -> np.ndarray:
+    mode = "F" if array.dtype != np.uint8 else "L"
+    image = Image.fromarray(array.astype(np.float32) if mode == "F" else array, mode=mode)
+    return np.asarray(transform(image)).astype(array.dtype)
+
+
+def _rescale(factor: float) -> Callable[[np.ndarray], np.ndarray]:
+    def apply(array: np.ndarray) -> np.ndarray:
+        height, width = array.shape
+        size = (max(8, round(width * factor)), max(8, round(height * factor)))
+        return _geometric(array, lambda image: image.resize(size, Image.Resampling.BILINEAR))
+
+    return apply
+
+
+def _rotate(degrees: float, fill: float) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda array: _geometric(array, lambda image: image.rotate(
+        degrees, resample=Image.Resampling.BILINEAR, fillcolor=fill))
+
+
+def _shift(share: float, fill: float) -> Callable[[np.ndarray], np.ndarray]:
+    def apply(array: np.ndarray) -> np.ndarray:
+        dx, dy = round(array.shape[1] * share), round(array.shape[0] * share)
+        return _geometric(array, lambda image: image.transform(
+            image.size, Image.Transform.AFFINE, (1, 0, -dx, 0, 1, -dy), fillcolor=fill))
+
+    return apply
+
+
+def _jpeg(quality: int) -> Callable[[np.ndarray], np.ndarray]:
+    def apply(grey: np.ndarray) -> np.ndarray:
+        buffer = io.BytesIO()
+        Image.fromarray(grey).save(buffer, format="JPEG", quality=quality)
+        return np.asarray(Image.open(buffer).convert("L"))
+
+    return apply
+
+
+def _noise(sigma: float, seed: int = 0) -> Callable[[np.ndarray], np.ndarray]:
+    def apply(array: np.ndarray) -> np.ndarray:
+        noisy = array.astype(np.float32) + np.random.default_rng(seed).normal(0, sigma, array.shape)
+        return _clip8(noisy) if array.dtype == np.uint8 else noisy.astype(np.float32)
+
+    return apply
+
+
+AIR_HU = -1024.0
+PERTURBATIONS: tuple[Perturbation, ...] = (
+    Perturbation("brightness +20", lambda g: _clip8(g.astype(np.float32) + 20), lambda h: h + 50),
+    Perturbation("brightness -20", lambda g: _clip8(g.astype(np.float32) - 20), lambda h: h - 50),
+    Perturbation("contrast x1.25", lambda g: _clip8((g - g.mean()) * 1.25 + g.mean()),
+                 lambda h: (h + 600) * 1.25 - 600),
+    Perturbation("contrast x0.8", lambda g: _clip8((g - g.mean()) * 0.8 + g.mean()),
+                 lambda h: (h + 600) * 0.8 - 600),
+    Perturbation("gamma 0.8", lambda g: _clip8(255 * (g / 255.0) ** 0.8), None),
+    Perturbation("gamma 1.25", lambda g: _clip8(255 * (g / 255.0) ** 1.25), None),
+    Perturbation("window narrower (x1.3)", lambda g: _clip8((g.astype(np.float32) - 128) * 1.3 + 128), None),
+    Perturbation("window level +10%", lambda g: _clip8((g.astype(np.float32) - 25) * 1.1), None),
+    Perturbation("jpeg q75", _jpeg(75), None),
+    Perturbation("rescale 0.5x", _rescale(0.5), _rescale(0.5)),
+    Perturbation("rescale 2x", _rescale(2.0), _rescale(2.0)),
+    Perturbation("rotate 5 deg", _rotate(5.0, 0), _rotate(5.0, AIR_HU)),
+    Perturbation("shift 5%", _shift(0.05, 0), _shift(0.05, AIR_HU)),
+    Perturbation("noise", _noise(5.0), _noise(20.0)),
+)
+
+
+def perturb(decoded: DecodedImage, perturbation: Perturbation) -> DecodedImage | None:
+    """The slice after one benign change; None when the change does not apply to it."""
+    if decoded.hounsfield is not None:
+        if perturbation.hounsfield is None:
+            return None
+        hounsfield = perturbation.hounsfield(decoded.hounsfield).astype(np.float32)
+        return replace(decoded, hounsfield=hounsfield, grey=lung_window(hounsfield))
+    if perturbation.raster is None:
+        return None
+    return replace(decoded, grey=perturbation.raster(decoded.grey))
+
+
+def _inputs(decoded: Sequence[DecodedImage], preprocessing: str, size: int) -> np.ndarray:
+    preprocessor = get_preprocessor(preprocessing)
+    return np.stack([preprocessor(d).model_input(size) for d in decoded]).astype(np.float32)
+
+
+def robustness_report(
+    predict: Predict,
+    decoded: Sequence[DecodedImage],
+    targets: np.ndarray,
+    *,
+    preprocessing: str,
+    size: int,
+    threshold: float,
+    baseline: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Per perturbation: label flip rate (against the unchanged slices) and AUC."""
+    baseline = predict(_inputs(decoded, preprocessing, size)) if baseline is None else baseline
+    base_labels = baseline >= threshold
+    report: dict[str, Any] = {"threshold": threshold, "perturbations": {}}
+    flips = []
+    for perturbation in PERTURBATIONS:
+        pairs = [(index, changed) for index, d in enumerate(decoded)
+                 if (changed := perturb(d, perturbation)) is not None]
+        if not pairs:
+            continue
+        indices = np.array([index for index, _ in pairs])
+        probabilities = predict(_inputs([changed for _, changed in pairs], preprocessing, size))
+        flip_rate = float(np.mean((probabilities >= threshold) != base_labels[indices]))
+        flips.append(flip_rate)
+        metrics = point_metrics(targets[indices], probabilities, threshold)
+        report["perturbations"][perturbation.name] = {
+            "flip_rate": flip_rate, "auc": metrics["auc"], "accuracy": metrics["accuracy"],
+            "mean_abs_change": float(np.mean(np.abs(probabilities - baseline[indices]))), "n": len(indices)}
+    report["max_flip_rate"] = max(flips) if flips else None
+    report["mean_flip_rate"] = float(np.mean(flips)) if flips else None
+    return report
+
+
+def attention_in_lungs(heatmap: np.ndarray, lung_mask: np.ndarray) -> float | None:
+    """Share of the heatmap's mass inside the lung mask (heatmap resized to the mask)."""
+    image = Image.fromarray(heatmap.astype(np.float32), mode="F")
+    resized = np.asarray(image.resize((lung_mask.shape[1], lung_mask.shape[0]), Image.Resampling.BILINEAR))
+    resized = np.clip(resized, 0.0, None)
+    total = float(resized.sum())
+    if total <= 0 or not lung_mask.any():
+        return None
+    return float(resized[lung_mask].sum() / total)
+
+
+def lung_mask_for_input(decoded: DecodedImage, prepared: PreparedSlice, size: int) -> np.ndarray:
+    """The lungs in the model's input frame (the whole image for `legacy` models)."""
+    mask = prepared.lung_mask_at(size)
+    if mask is not None:
+        return mask
+    full = lung_region_mask(decoded)
+    image = Image.fromarray(full.astype(np.uint8) * 255)
+    return np.asarray(image.resize((size, size), Image.Resampling.NEAREST)) > 127
+
+
+def attention_report(
+    heatmap: Callable[[np.ndarray], np.ndarray],
+    decoded: Sequence[DecodedImage],
+    *,
+    preprocessing: str,
+    size: int,
+) -> dict[str, Any]:
+    """Grad-CAM mass inside the lungs over `decoded` (pass the COVID slices)."""
+    preprocessor = get_preprocessor(preprocessing)
+    shares = []
+    for image in decoded:
+        prepared = preprocessor(image)
+        share = attention_in_lungs(heatmap(prepared.model_input(size)),
+                                   lung_mask_for_input(image, prepared, size))
+        if share is not None:
+            shares.append(share)
+    if not shares:
+        return {"n": 0, "mean": None, "median": None}
+    values = np.array(shares)
+    return {"n": len(values), "mean": float(values.mean()), "median": float(np.median(values)),
+            "share_above_0.8": float(np.mean(values >= 0.8))}
