@@ -84,15 +84,101 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     report = evaluate_store(
         store=_store(args), data_dir=_data_dir(args), models=args.model, split=args.split,
-        out_dir=args.out, resamples=args.resamples,
+        out_dir=args.out, resamples=args.resamples, robustness=args.robustness, attention=args.attention,
     )
     if args.json:
         print(json.dumps(report, indent=2))
+        return 0
+    for name, metrics in report["models"].items():
+        if "error" in metrics:
+            print(f"{name:12s} not evaluated: {metrics['error']}")
+            continue
+        line = (f"{name:12s} acc {metrics['accuracy']:.4f} prec {metrics['precision']:.4f} "
+                f"rec {metrics['recall']:.4f} f1 {metrics['f1']:.4f} auc {metrics['auc']:.4f} "
+                f"thr {metrics['threshold']:.3f} ece {metrics['calibration']['after']['ece']:.3f}")
+        if "robustness" in metrics:
+            line += f" max-flip {metrics['robustness']['max_flip_rate']:.3f}"
+        if metrics.get("attention", {}).get("mean") is not None:
+            line += f" gradcam-in-lungs {metrics['attention']['mean']:.3f}"
+        print(line)
+    return 0
+
+
+# --- audit --------------------------------------------------------------------------------
+def cmd_audit(args: argparse.Namespace) -> int:
+    from ctscan.audit import audit_dataset
+
+    report = audit_dataset(_data_dir(args), preprocessing=args.preprocessing,
+                           splits=args.split or None, resamples=args.resamples)
+    if args.json:
+        print(json.dumps(report, indent=2))
     else:
-        for name, metrics in report["models"].items():
-            print(f"{name:12s} acc {metrics['accuracy']:.4f} prec {metrics['precision']:.4f} "
-                  f"rec {metrics['recall']:.4f} f1 {metrics['f1']:.4f} auc {metrics['auc']:.4f} "
-                  f"thr {metrics['threshold']:.3f}")
+        print(f"{report['images']} images of {report['data']} ({', '.join(report['splits'])}); "
+              f"preprocessing {report['preprocessing']}")
+        for cue_set, result in report["cue_sets"].items():
+            low, high = result["ci95"]
+            top = ", ".join(f"{k} {v:.2f}" for k, v in list(result["single_cues"].items())[:3])
+            print(f"  {cue_set:12s} cue-only AUC {result['auc']:.3f} [{low:.3f}-{high:.3f}]  strongest: {top}")
+    for warning in report["warnings"]:
+        print(f"ctscan: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+# --- predict ------------------------------------------------------------------------------
+def _read_inputs(paths: Sequence[str], limits: Any) -> list[bytes]:
+    from ctscan.study import is_zip, unpack_zip
+
+    blobs: list[bytes] = []
+    for text in paths:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        elif path.is_file():
+            files = [path]
+        else:
+            raise CTScanError(f"{text}: no such file or folder")
+        for file in files:
+            data = file.read_bytes()
+            blobs.extend(unpack_zip(data, limits) if is_zip(data) else [data])
+    if len(blobs) > limits.max_slices:
+        raise CTScanError(f"{len(blobs)} files; at most {limits.max_slices} slices per study")
+    return blobs
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ctscan.answers import slice_answer, study_answer
+    from ctscan.imaging import decode_image
+    from ctscan.models import MODEL_NAMES
+    from ctscan.predictor import ENSEMBLE, Predictor
+    from ctscan.study import StudyLimits
+
+    blobs = _read_inputs(args.paths, StudyLimits())
+    decoded = [decode_image(data) for data in blobs]
+    names = list(MODEL_NAMES) if args.model == ENSEMBLE else [args.model]
+    predictor = Predictor.from_store(_store(args), names)
+    version = ",".join(f"{n}={m.version}" for n, m in predictor.models.items())
+    study = len(decoded) > 1 or any(Path(p).is_dir() for p in args.paths)
+    if study:
+        answer = study_answer(predictor.classify_study(decoded, model=args.model, explain_top=3 if args.explain else 0),
+                              model=args.model, model_version=version)
+    else:
+        result = predictor.classify(decoded, model=args.model, explain=args.explain)[0]
+        answer = slice_answer(result, model=args.model, model_version=version, source_format=decoded[0].source_format)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    probability = answer["probability_covid"]
+    shown = f"{probability:.1%}" if probability is not None else "-"
+    print(f"{answer['outcome_text']} (probability of COVID-19 {shown}, threshold "
+          f"{answer['threshold']:.1%})" if answer["threshold"] is not None else answer["outcome_text"])
+    for reason in answer["reasons"]:
+        print(f"  - {reason}")
+    if study:
+        print(f"  {answer['slice_count']} slices; not classified: {answer['skipped'] or 'none'}")
+        strip = "".join("." if s["probability_covid"] is None else " _-=+#"[min(5, int(s["probability_covid"] * 6))]
+                        for s in answer["slices"])
+        print(f"  per-slice probability along the body (first slice first): {strip}")
+    print(f"  {answer['disclaimer']}")
     return 0
 
 
@@ -244,7 +330,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--out", type=Path, help="folder for ROC and confusion-matrix PNGs")
     evaluate.add_argument("--resamples", type=_positive_int, default=1000)
+    evaluate.add_argument("--robustness", action="store_true",
+                          help="label flip rate and AUC under benign changes (brightness, window, JPEG, ...)")
+    evaluate.add_argument("--attention", action="store_true",
+                          help="share of Grad-CAM mass inside the lungs on COVID slices")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    audit = sub.add_parser("audit", help="can non-clinical cues (file format, size, intensity) predict the labels?")
+    audit.add_argument("--data", help="dataset folder (default: CTSCAN_DATA_DIR)")
+    audit.add_argument("--preprocessing", choices=tuple(PREPROCESSORS), default=DEFAULT_PREPROCESSING,
+                       help="preprocessing whose output the model_input cues are measured on")
+    audit.add_argument("--split", action="append", choices=("train", "val", "test"),
+                       help="audit only these splits (repeatable; default: all)")
+    audit.add_argument("--resamples", type=_positive_int, default=1000)
+    audit.add_argument("--json", action="store_true")
+    audit.set_defaults(func=cmd_audit)
+
+    predict = sub.add_parser("predict", help="classify a slice, a study folder or a ZIP without the service")
+    predict.add_argument("paths", nargs="+", help="DICOM/PNG/JPEG files, folders of a study, or ZIPs of a series")
+    predict.add_argument("--model", default="ensemble", help=f"ensemble or one of {', '.join(MODEL_NAMES)}")
+    predict.add_argument("--explain", action="store_true", help="add Grad-CAM heatmaps (base64 PNG in --json)")
+    predict.add_argument("--store")
+    predict.add_argument("--json", action="store_true")
+    predict.set_defaults(func=cmd_predict)
 
     data = sub.add_parser("data", help="dataset commands").add_subparsers(dest="data_command", required=True)
     verify = data.add_parser("verify", help="check split.csv and SHA256SUMS")

@@ -1,0 +1,253 @@
+"""Prediction for one slice or a whole study, without a server: what `ctscan predict` runs,
+and the rules the inference service applies to its (batched, ONNX) outputs alike.
+
+`slice_decision` turns one slice's member outputs into the outcome; `study_decision`
+aggregates a study's slices (`ctscan.study`). `Predictor` loads production models from a
+store and runs everything in-process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ctscan.calibration import Calibration
+from ctscan.decision import DEFAULT_BAND, Decision, decide, refuse
+from ctscan.errors import CTScanError
+from ctscan.gate import OUTCOME_NO_LUNGS, OUTCOME_NOT_CHEST_CT, FeatureGate
+from ctscan.imaging import DecodedImage
+from ctscan.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
+from ctscan.study import AGGREGATION_RULE, aggregate, order_series
+
+ENSEMBLE = "ensemble"
+
+
+@dataclass(frozen=True)
+class MemberOutput:
+    """One model's view of one slice."""
+
+    name: str
+    version: str
+    probability: float  # calibrated
+    threshold: float
+    gate_distance: float | None = None  # None: the model's card has no gate
+    gate_threshold: float | None = None
+
+    @property
+    def gate_rejects(self) -> bool:
+        return self.gate_distance is not None and self.gate_threshold is not None \
+            and self.gate_distance > self.gate_threshold
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"probability_covid": self.probability, "threshold": self.threshold, "version": self.version,
+                "side": "covid" if self.probability >= self.threshold else "non_covid",
+                "gate_distance": self.gate_distance, "gate_threshold": self.gate_threshold}
+
+
+@dataclass(frozen=True)
+class EnsembleRule:
+    members: dict[str, str]
+    threshold: float
+    calibration: Calibration
+
+
+def input_refusal(decoded: DecodedImage, prepared: PreparedSlice) -> Decision | None:
+    """Refuse before any model runs: a DICOM of another modality, or no lungs."""
+    if decoded.dicom is not None and decoded.dicom.modality and decoded.dicom.modality != "CT":
+        return refuse(OUTCOME_NOT_CHEST_CT, f"the DICOM modality is {decoded.dicom.modality}, not CT")
+    if not prepared.lungs_visible:
+        return refuse(OUTCOME_NO_LUNGS, prepared.reason or "no lungs visible")
+    return None
+
+
+def slice_decision(outputs: Sequence[MemberOutput], *, ensemble: EnsembleRule | None,
+                   band: float = DEFAULT_BAND) -> Decision:
+    """One slice's outcome from its members' outputs (one member: that model alone)."""
+    rejecting = [o.name for o in outputs if o.gate_rejects]
+    if len(rejecting) * 2 > len(outputs):
+        return refuse(OUTCOME_NOT_CHEST_CT, "the image lies far from the chest CT slices the models were trained "
+                      f"on ({', '.join(rejecting)}); not an axial chest CT slice, or one they cannot judge")
+    if ensemble is None:
+        only = outputs[0]
+        return decide(probability=only.probability, threshold=only.threshold, band=band)
+    probability = float(ensemble.calibration.apply(float(np.mean([o.probability for o in outputs]))))
+    sides = {o.probability >= o.threshold for o in outputs}
+    return decide(probability=probability, threshold=ensemble.threshold, band=band, members_disagree=len(sides) > 1)
+
+
+@dataclass
+class SliceResult:
+    decision: Decision
+    members: list[MemberOutput] = field(default_factory=list)
+    prepared: PreparedSlice | None = None
+    heatmap_png: bytes | None = None
+
+
+@dataclass
+class StudyResult:
+    decision: Decision
+    slices: list[SliceResult]
+    positions_mm: list[float | None]
+    k: int | None
+    upload_order: list[int]
+
+    def skipped(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for result in self.slices:
+            if not result.decision.classified:
+                counts[result.decision.outcome] = counts.get(result.decision.outcome, 0) + 1
+        return counts
+
+
+def study_decision(slices: Sequence[SliceResult], *, threshold: float, band: float = DEFAULT_BAND
+                   ) -> tuple[Decision, int | None]:
+    """The study's outcome: top-k mean of the classified slices' probabilities."""
+    classified = [s.decision.probability_covid for s in slices
+                  if s.decision.classified and s.decision.probability_covid is not None]
+    if not classified:
+        outcomes = {s.decision.outcome for s in slices}
+        outcome = OUTCOME_NOT_CHEST_CT if OUTCOME_NOT_CHEST_CT in outcomes else OUTCOME_NO_LUNGS
+        return refuse(outcome, "no slice of the study could be classified"), None
+    probability, k = aggregate(classified)
+    covid_side = sum(s.decision.label_side == "covid" for s in slices if s.decision.classified)
+    decision = decide(probability=probability, threshold=threshold, band=band)
+    reasons = [*decision.reasons, f"{AGGREGATION_RULE}: mean of the {k} most suspicious of {len(classified)} "
+               f"classified slices; {covid_side} slice(s) lie on the COVID-19 side of the threshold"]
+    return Decision(decision.outcome, decision.probability_covid, decision.threshold, reasons), k
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    version: str
+    card: dict[str, Any]
+    model: Any
+    input_size: int
+    preprocessing: str
+    threshold: float
+    calibration: Calibration
+    gate: FeatureGate | None
+    _features: Callable[[np.ndarray], np.ndarray] | None = None
+    _gradcam: Callable[[np.ndarray], np.ndarray] | None = None
+
+    def outputs(self, inputs: np.ndarray) -> list[MemberOutput]:
+        from ctscan.training import predict_probabilities
+
+        probabilities = self.calibration.apply(predict_probabilities(self.model, inputs))
+        distances: list[float | None] = [None] * len(inputs)
+        if self.gate is not None:
+            if self._features is None:
+                from ctscan.gate import feature_extractor
+
+                self._features = feature_extractor(self.model)
+            distances = [float(d) for d in self.gate.distance(self._features(inputs))]
+        return [MemberOutput(self.name, self.version, float(p), self.threshold, d,
+                             self.gate.threshold if self.gate is not None else None)
+                for p, d in zip(probabilities, distances, strict=True)]
+
+    def heatmap(self, pixels: np.ndarray) -> np.ndarray:
+        if self._gradcam is None:
+            from ctscan.gradcam import make_gradcam
+
+            self._gradcam = make_gradcam(self.model)
+        return self._gradcam(pixels)
+
+
+class Predictor:
+    """Production models of a store, loaded once, run in this process."""
+
+    def __init__(self, models: dict[str, LoadedModel], ensemble: EnsembleRule | None, *,
+                 band: float = DEFAULT_BAND) -> None:
+        self.models, self.ensemble, self.band = models, ensemble, band
+
+    @classmethod
+    def from_store(cls, store: Any, names: Sequence[str], *, band: float = DEFAULT_BAND) -> Predictor:
+        from ctscan.evaluation import ensemble_record_for
+        from ctscan.preprocessing import card_preprocessing
+        from ctscan.store import load_keras_model
+
+        models = {}
+        for name in names:
+            model, card = load_keras_model(store, name)
+            gate = FeatureGate.from_dict(card["gate"]) if card.get("gate") else None
+            models[name] = LoadedModel(
+                name=name, version=str(card["version"]), card=card, model=model, input_size=int(card["input_size"]),
+                preprocessing=card_preprocessing(card), threshold=float(card["threshold"]),
+                calibration=Calibration.from_dict(card.get("calibration")), gate=gate)
+        ensemble = None
+        if len(models) >= 2:
+            record = ensemble_record_for(store, {n: m.version for n, m in models.items()})
+            ensemble = EnsembleRule(members=dict(record["members"]), threshold=float(record["threshold"]),
+                                    calibration=Calibration.from_dict(record.get("calibration")))
+        return cls(models, ensemble, band=band)
+
+    def _members(self, model: str) -> list[LoadedModel]:
+        if model == ENSEMBLE:
+            if self.ensemble is None:
+                raise CTScanError("the ensemble needs at least two models")
+            return list(self.models.values())
+        if model not in self.models:
+            raise CTScanError(f"unknown model {model!r}; choose one of {', '.join([*self.models, ENSEMBLE])}")
+        return [self.models[model]]
+
+    def classify(self, decoded: Sequence[DecodedImage], *, model: str = ENSEMBLE,
+                 explain: bool = False) -> list[SliceResult]:
+        members = self._members(model)
+        ensemble = self.ensemble if model == ENSEMBLE else None
+        results: list[SliceResult] = []
+        screened = [prepare(d, LUNG_V1) for d in decoded]  # the lung signals, whatever the models' preprocessing
+        accepted = [i for i, (d, p) in enumerate(zip(decoded, screened, strict=True)) if input_refusal(d, p) is None]
+        per_member: dict[str, list[MemberOutput]] = {}
+        prepared_by: dict[str, list[PreparedSlice]] = {}
+        for member in members:
+            preprocessor = get_preprocessor(member.preprocessing)
+            prepared = [screened[i] if member.preprocessing == LUNG_V1 else preprocessor(decoded[i]) for i in accepted]
+            prepared_by[member.name] = prepared
+            inputs = np.stack([p.model_input(member.input_size) for p in prepared]) if prepared else None
+            per_member[member.name] = member.outputs(inputs) if inputs is not None else []
+        position = {index: n for n, index in enumerate(accepted)}
+        for index, (image, screen) in enumerate(zip(decoded, screened, strict=True)):
+            refusal = input_refusal(image, screen)
+            if refusal is not None:
+                results.append(SliceResult(refusal, prepared=screen))
+                continue
+            outputs = [per_member[m.name][position[index]] for m in members]
+            decision = slice_decision(outputs, ensemble=ensemble, band=self.band)
+            result = SliceResult(decision, outputs, prepared=prepared_by[members[0].name][position[index]])
+            if explain and decision.classified:
+                result.heatmap_png = self.explain(members, [prepared_by[m.name][position[index]] for m in members])
+            results.append(result)
+        return results
+
+    def explain(self, members: Sequence[LoadedModel], prepared: Sequence[PreparedSlice]) -> bytes:
+        """Members' Grad-CAM heatmaps averaged, over the slice as the first member saw it."""
+        from PIL import Image
+
+        from ctscan.gradcam import overlay_png
+
+        grid = 224
+        heatmaps = []
+        for member, item in zip(members, prepared, strict=True):
+            heat = member.heatmap(item.model_input(member.input_size))
+            heatmaps.append(np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(
+                (grid, grid), Image.Resampling.BILINEAR)))
+        base = prepared[0].grey
+        return overlay_png(np.repeat(base[:, :, None], 3, axis=2), np.mean(heatmaps, axis=0))
+
+    def classify_study(self, decoded: Sequence[DecodedImage], *, model: str = ENSEMBLE,
+                       explain_top: int = 3) -> StudyResult:
+        ordered = order_series(decoded)
+        results = self.classify([s.decoded for s in ordered], model=model)
+        members = self._members(model)
+        threshold = self.ensemble.threshold if model == ENSEMBLE and self.ensemble else members[0].threshold
+        decision, k = study_decision(results, threshold=threshold, band=self.band)
+        ranked = sorted((i for i, r in enumerate(results) if r.decision.classified),
+                        key=lambda i: -(results[i].decision.probability_covid or 0.0))
+        for index in ranked[:explain_top]:
+            prepared = [get_preprocessor(m.preprocessing)(ordered[index].decoded) for m in members]
+            results[index].heatmap_png = self.explain(members, prepared)
+        return StudyResult(decision=decision, slices=results, positions_mm=[s.position_mm for s in ordered], k=k,
+                           upload_order=[s.upload_index for s in ordered])
