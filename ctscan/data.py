@@ -20,8 +20,8 @@ import numpy as np
 
 from ctscan import NEGATIVE_LABEL, POSITIVE_LABEL
 from ctscan.errors import ChecksumError, DataError, ImageError
-from ctscan.imaging import decode_image
-from ctscan.preprocessing import DEFAULT_PREPROCESSING, PreparedSlice, prepare
+from ctscan.imaging import DecodedImage, decode_image
+from ctscan.preprocessing import DEFAULT_PREPROCESSING, PreparedSlice, get_preprocessor, prepare
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -61,7 +61,8 @@ def read_checksums(path: Path) -> dict[str, str]:
         digest, sep, name = line.partition("  ")
         if not sep or len(digest) != 64:
             raise DataError(f"{path}:{line_number}: not a 'sha256  path' line")
-        sums[name.lstrip("*")] = digest.lower()
+        name = name.lstrip("*")  # sha256sum's binary-mode marker
+        sums[name[2:] if name.startswith("./") else name] = digest.lower()  # `sha256sum ./dir/*` style
     return sums
 
 
@@ -158,16 +159,50 @@ def load_sample_pixels(sample: Sample, size: int, preprocessing: str = DEFAULT_P
 
 
 def load_arrays(
-    samples: Sequence[Sample], size: int, *, preprocessing: str = DEFAULT_PREPROCESSING, workers: int = 4
+    samples: Sequence[Sample], size: int, *, preprocessing: str = DEFAULT_PREPROCESSING, workers: int = 4,
+    variants: int = 1, seed: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode, preprocess and resize samples -> (N, size, size, 3) uint8 images and (N,)
-    float32 targets. Slices in which no lungs were found keep the whole (standardised)
-    image: a training set is curated chest CT, so that is a segmentation miss, not a refusal."""
+    float32 targets; with `variants` > 1, (N, variants, size, size, 3): the slice as it
+    is, then changed at random *before* preprocessing (`source_variant`). Slices in which
+    no lungs were found keep the whole (standardised) image: a training set is curated
+    chest CT, so that is a segmentation miss, not a refusal."""
+    preprocessor = get_preprocessor(preprocessing)
+
+    def one(index: int) -> np.ndarray:
+        sample = samples[index]
+        try:
+            decoded = decode_image(sample.path.read_bytes())
+        except ImageError as exc:
+            raise DataError(f"cannot load {sample.relative_path}: {exc}") from None
+        except OSError as exc:
+            raise DataError(f"cannot read {sample.relative_path}: {exc.strerror}") from None
+        rng = np.random.default_rng([seed, index])
+        copies = [decoded, *(source_variant(decoded, rng) for _ in range(variants - 1))]
+        return np.stack([preprocessor(copy).model_input(size) for copy in copies])
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        pixels = list(pool.map(lambda s: load_sample_pixels(s, size, preprocessing), samples))
-    images = np.stack(pixels).round().astype(np.uint8) if pixels else np.zeros((0, size, size, 3), np.uint8)
+        pixels = list(pool.map(one, range(len(samples))))
+    shape = (0, variants, size, size, 3)
+    images = np.stack(pixels).round().astype(np.uint8) if pixels else np.zeros(shape, np.uint8)
+    if variants == 1:
+        images = images[:, 0]
     targets = np.array([s.target for s in samples], dtype=np.float32)
     return images, targets
+
+
+def source_variant(decoded: DecodedImage, rng: np.random.Generator) -> DecodedImage:
+    """The slice as another hospital or paper might have sent it: shifted, rotated,
+    rescaled, in another window, gamma and JPEG quality. Applied before preprocessing, so
+    the model also learns that the lung crop moves a little from copy to copy."""
+    from ctscan.robustness import change_slice
+
+    return change_slice(
+        decoded, shift=(float(rng.uniform(-0.08, 0.08)), float(rng.uniform(-0.08, 0.08))),
+        degrees=float(rng.uniform(-10, 10)), scale=float(np.exp(rng.uniform(np.log(0.6), np.log(1.5)))),
+        contrast=float(np.exp(rng.uniform(np.log(0.8), np.log(1.25)))), brightness=float(rng.uniform(-20, 20)),
+        gamma=float(np.exp(rng.uniform(np.log(0.8), np.log(1.25)))),
+        jpeg_quality=int(rng.integers(40, 95)) if rng.random() < 0.5 else None)
 
 
 AUGMENTATIONS = ("none", "basic", "domain")
@@ -325,7 +360,7 @@ def make_pipeline(
 
     if recipe not in AUGMENTATIONS:
         raise ValueError(f"augmentation must be one of {', '.join(AUGMENTATIONS)}, got {recipe!r}")
-    size = int(images.shape[1])
+    size = int(images.shape[-2])
     tensors: tuple[np.ndarray, ...] = (images, targets)
     if sample_weights is not None:
         tensors = (images, targets, sample_weights.astype(np.float32))
@@ -334,6 +369,16 @@ def make_pipeline(
     dataset = tf.data.Dataset.from_tensor_slices(tensors).cache()
     if training:
         dataset = dataset.shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+    if images.ndim == 5:  # source variants (see load_arrays): one at random per slice and epoch
+        count = int(images.shape[1])
+
+        def pick(element: tuple[tf.Tensor, ...], index: tf.Tensor) -> tuple[tf.Tensor, ...]:
+            epoch_index = tf.constant(0, tf.int64) if epoch is None else tf.cast(epoch, tf.int64)
+            choice = tf.random.stateless_uniform([], tf.stack([tf.constant(seed, tf.int64) + 7919 * epoch_index,
+                                                               index]), 0, count, dtype=tf.int32)
+            return (element[0][choice], *element[1:])
+
+        dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.counter())).map(pick)
     dataset = dataset.batch(batch_size)
 
     def to_float(*batch: tf.Tensor) -> tuple[tf.Tensor, ...]:

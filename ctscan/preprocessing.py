@@ -170,8 +170,17 @@ def _segment(intensity: np.ndarray, tissue: np.ndarray) -> tuple[np.ndarray, np.
     from skimage.morphology import disk
 
     height, width = tissue.shape
-    frame = np.zeros_like(tissue)
-    frame[:3, :], frame[-3:, :], frame[:, :3], frame[:, -3:] = True, True, True, True
+    border = np.zeros_like(tissue)
+    border[:3, :], border[-3:, :], border[:, :3], border[:, -3:] = True, True, True, True
+    # Padding: a perfectly flat region at the image's minimum that reaches the border (a
+    # slice pasted, shifted or rotated onto a blank canvas). It is no anatomy, and where the
+    # image content ends the frame ends: the edge of the padding counts as the frame.
+    flat = intensity <= float(intensity.min()) + 1e-6
+    labels, count = ndimage.label(flat)
+    touching = np.unique(labels[border & flat])
+    padding = np.isin(labels, touching[touching > 0]) if count else np.zeros_like(flat)
+    frame = border | ndimage.binary_dilation(padding, iterations=3)
+    tissue = tissue & ~padding
     opened = ndimage.binary_opening(tissue, structure=disk(2))
     labels, count = ndimage.label(opened)
     if count:
@@ -197,7 +206,7 @@ def _segment(intensity: np.ndarray, tissue: np.ndarray) -> tuple[np.ndarray, np.
     for rows in (slice(0, corner), slice(height - corner, height)):
         for columns in (slice(0, corner), slice(width - corner, width)):
             corners[rows, columns] = True
-    dark = ndimage.binary_opening(~tissue & body, structure=disk(1))
+    dark = ndimage.binary_opening(~tissue & ~padding & body, structure=disk(1))
     labels, count = ndimage.label(dark)
     lungs = np.zeros_like(body)
     sizes: list[int] = []

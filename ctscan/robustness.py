@@ -120,6 +120,34 @@ def perturb(decoded: DecodedImage, perturbation: Perturbation) -> DecodedImage |
     return replace(decoded, grey=perturbation.raster(decoded.grey))
 
 
+def change_slice(decoded: DecodedImage, *, shift: tuple[float, float] = (0.0, 0.0), degrees: float = 0.0,
+                 scale: float = 1.0, contrast: float = 1.0, brightness: float = 0.0, gamma: float = 1.0,
+                 jpeg_quality: int | None = None) -> DecodedImage:
+    """Several benign changes at once (training's source variants). DICOM slices change in
+    Hounsfield units (brightness x2.5 HU per grey level, contrast about -600 HU); gamma and
+    JPEG apply to screenshots only."""
+    hounsfield = decoded.hounsfield is not None
+    array: np.ndarray = decoded.hounsfield if decoded.hounsfield is not None else decoded.grey
+    fill = AIR_HU if hounsfield else 0
+    if scale != 1.0:
+        array = _rescale(scale)(array)
+    if degrees:
+        array = _rotate(degrees, fill)(array)
+    if shift != (0.0, 0.0):
+        dx, dy = round(array.shape[1] * shift[0]), round(array.shape[0] * shift[1])
+        array = _geometric(array, lambda image: image.transform(
+            image.size, Image.Transform.AFFINE, (1, 0, -dx, 0, 1, -dy), fillcolor=fill))
+    if hounsfield:
+        changed = ((array.astype(np.float32) + 600) * contrast - 600 + 2.5 * brightness).astype(np.float32)
+        return replace(decoded, hounsfield=changed, grey=lung_window(changed))
+    values = array.astype(np.float32)
+    values = (values - values.mean()) * contrast + values.mean() + brightness
+    grey = _clip8(255 * (np.clip(values, 0, 255) / 255.0) ** gamma)
+    if jpeg_quality is not None:
+        grey = _jpeg(jpeg_quality)(grey)
+    return replace(decoded, grey=grey)
+
+
 def _inputs(decoded: Sequence[DecodedImage], preprocessing: str, size: int) -> np.ndarray:
     preprocessor = get_preprocessor(preprocessing)
     return np.stack([preprocessor(d).model_input(size) for d in decoded]).astype(np.float32)

@@ -68,6 +68,7 @@ class TrainConfig:
     ema: bool = False  # evaluate and keep the exponential moving average of the weights
     label_smoothing: float = 0.0
     weight_decay: float = 0.0  # AdamW's decoupled weight decay; 0 = Adam
+    source_variants: int = 1  # copies of each training slice changed before preprocessing; 1 = none
 
     def validate(self) -> None:
         get_spec(self.model)
@@ -89,6 +90,8 @@ class TrainConfig:
             raise CTScanError(f"mixup must lie in 0..1, got {self.mixup!r}")
         if not 0.0 <= self.label_smoothing <= 0.3:
             raise CTScanError(f"label_smoothing must lie in 0..0.3, got {self.label_smoothing!r}")
+        if not isinstance(self.source_variants, int) or not 1 <= self.source_variants <= 16:
+            raise CTScanError(f"source_variants must be a whole number in 1..16, got {self.source_variants!r}")
         if not 0.0 <= self.weight_decay <= 1.0:
             raise CTScanError(f"weight_decay must lie in 0..1, got {self.weight_decay!r}")
 
@@ -276,8 +279,9 @@ class Trainer:
         dataset.verify_checksums()
         train_samples = _subset(dataset.split("train"), config.limit_per_class, config.seed)
         val_samples = _subset(dataset.split("val"), config.limit_per_class, config.seed)
-        self.train_x, self.train_y = load_arrays(train_samples, self.input_size,
-                                                 preprocessing=config.preprocessing)
+        variants = config.source_variants if config.augment else 1
+        self.train_x, self.train_y = load_arrays(train_samples, self.input_size, preprocessing=config.preprocessing,
+                                                 variants=variants, seed=config.seed)
         self.val_data = load_arrays(val_samples, self.input_size, preprocessing=config.preprocessing)
         weights = class_weights(self.train_y)
         self.class_weights = weights
@@ -395,7 +399,8 @@ def build_card(
     val_probabilities = calibration.apply(val_scores)
     threshold = choose_threshold(val_y, val_probabilities, config.threshold_rule)
     features = feature_extractor(model)
-    gate = fit_gate(features(trainer.train_x.astype(np.float32)), features(val_x.astype(np.float32)))
+    originals = trainer.train_x[:, 0] if trainer.train_x.ndim == 5 else trainer.train_x  # without source variants
+    gate = fit_gate(features(originals.astype(np.float32)), features(val_x.astype(np.float32)))
     card: dict[str, Any] = {
         "architecture": config.model,
         "input_size": trainer.input_size,
