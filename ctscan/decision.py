@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ctscan.gate import OUTCOME_NO_LUNGS, OUTCOME_NOT_CHEST_CT
 
 API_VERSION = 2
@@ -24,7 +26,10 @@ NON_COVID = "non_covid"
 INDETERMINATE = "indeterminate"
 OUTCOMES = (COVID, NON_COVID, INDETERMINATE, OUTCOME_NO_LUNGS, OUTCOME_NOT_CHEST_CT)
 REFUSALS = (OUTCOME_NO_LUNGS, OUTCOME_NOT_CHEST_CT)
-DEFAULT_BAND = 0.10
+DEFAULT_BAND = 0.10  # for models whose card predates a band chosen on val
+BAND_TARGET_ACCURACY = 0.85  # answers outside the band should be right this often on val...
+BAND_MAX_SHARE = 0.5  # ...without calling more than this share of val indeterminate
+BAND_STEPS = tuple(round(0.02 * i, 2) for i in range(1, 21))  # 0.02 .. 0.40
 
 # What the page says for each outcome (plain words, no jargon).
 OUTCOME_TEXT = {
@@ -73,6 +78,27 @@ def decide(*, probability: float, threshold: float, band: float = DEFAULT_BAND,
     if reasons:
         return Decision(INDETERMINATE, probability, threshold, reasons)
     return Decision(COVID if probability >= threshold else NON_COVID, probability, threshold, [])
+
+
+def choose_band(targets: np.ndarray, probabilities: np.ndarray, threshold: float) -> dict[str, Any]:
+    """The indeterminate band's half-width, chosen on val: the narrowest for which the
+    answers outside it reach BAND_TARGET_ACCURACY, as long as at most BAND_MAX_SHARE of the
+    val slices fall inside; else the widest allowed (and say the target was missed)."""
+    targets = np.asarray(targets) >= 0.5
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    best: dict[str, Any] | None = None
+    for band in BAND_STEPS:
+        inside = np.abs(probabilities - threshold) < band
+        if inside.mean() > BAND_MAX_SHARE:
+            break
+        outside = ~inside
+        accuracy = float(np.mean((probabilities[outside] >= threshold) == targets[outside])) if outside.any() else 1.0
+        best = {"band": band, "indeterminate_share": float(inside.mean()), "accuracy_outside": accuracy,
+                "target_accuracy": BAND_TARGET_ACCURACY, "target_met": accuracy >= BAND_TARGET_ACCURACY}
+        if accuracy >= BAND_TARGET_ACCURACY:
+            break
+    return best or {"band": BAND_STEPS[0], "indeterminate_share": None, "accuracy_outside": None,
+                    "target_accuracy": BAND_TARGET_ACCURACY, "target_met": False}
 
 
 def refuse(outcome: str, reason: str) -> Decision:

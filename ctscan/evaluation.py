@@ -20,6 +20,7 @@ import numpy as np
 from ctscan import DISCLAIMER
 from ctscan.calibration import Calibration, calibration_metrics, fit_calibration, reliability_plot
 from ctscan.data import CTDataset, Sample
+from ctscan.decision import DEFAULT_BAND, choose_band
 from ctscan.errors import CTScanError, DataError, ImageError, StoreError
 from ctscan.gradcam import make_gradcam
 from ctscan.imaging import DecodedImage, decode_image
@@ -31,8 +32,6 @@ from ctscan.store import ModelStore, load_keras_model
 from ctscan.training import _subset, predict_probabilities
 
 ENSEMBLE = "ensemble"
-# Calibrated probabilities this close to the decision threshold are "indeterminate".
-UNCERTAINTY_BAND = 0.10
 
 
 def _resolve_models(store: ModelStore, models: str | list[str]) -> list[str]:
@@ -148,6 +147,7 @@ def calibrate_ensemble(
         "members": {n: split.cards[n]["version"] for n in names},
         "threshold": threshold,
         "threshold_rule": rule,
+        "uncertainty": {**choose_band(targets, probabilities, threshold), "fitted_on": "val"},
         "calibration": {**calibration.as_dict(), "fitted_on": "val", "comparison": comparison,
                         "before": calibration_metrics(targets, mean),
                         "after": calibration_metrics(targets, probabilities)},
@@ -187,8 +187,13 @@ def _save_plots(out_dir: Path, name: str, targets: np.ndarray, probabilities: np
     reliability_plot(out_dir / f"reliability_{name}.png", curves, title=f"Reliability - {name}")
 
 
+def card_band(card: dict[str, Any] | None) -> float:
+    """The indeterminate band a card (or ensemble record) was fitted with on val."""
+    return float(((card or {}).get("uncertainty") or {}).get("band", DEFAULT_BAND))
+
+
 def uncertainty_summary(targets: np.ndarray, probabilities: np.ndarray, threshold: float,
-                        band: float = UNCERTAINTY_BAND) -> dict[str, Any]:
+                        band: float = DEFAULT_BAND) -> dict[str, Any]:
     """How often an answer falls in the indeterminate band around the threshold, and how
     accurate the answers outside it are."""
     inside = np.abs(probabilities - threshold) < band
@@ -199,13 +204,13 @@ def uncertainty_summary(targets: np.ndarray, probabilities: np.ndarray, threshol
 
 
 def _model_report(split: SplitPredictions, probabilities: np.ndarray, threshold: float, *,
-                  raw: np.ndarray | None, resamples: int) -> dict[str, Any]:
+                  raw: np.ndarray | None, resamples: int, band: float) -> dict[str, Any]:
     targets = split.targets
     metrics = full_report(targets, probabilities, threshold, resamples=resamples)
     metrics["calibration"] = {"after": calibration_metrics(targets, probabilities)}
     if raw is not None:
         metrics["calibration"]["before"] = calibration_metrics(targets, raw)
-    metrics["uncertainty"] = uncertainty_summary(targets, probabilities, threshold)
+    metrics["uncertainty"] = uncertainty_summary(targets, probabilities, threshold, band)
     visible = split.lungs_visible
     metrics["lung_gate"] = {"slices_with_lungs": int(visible.sum()), "slices": len(visible),
                             "coverage": float(visible.mean())}
@@ -246,7 +251,8 @@ def evaluate_store(
         card = predictions.cards[name]
         threshold = float(card["threshold"])
         metrics = _model_report(predictions, predictions.calibrated[name], threshold,
-                                raw=predictions.raw[name] if card.get("calibration") else None, resamples=resamples)
+                                raw=predictions.raw[name] if card.get("calibration") else None, resamples=resamples,
+                                band=card_band(card))
         preprocessing, size = card_preprocessing(card), int(card["input_size"])
         metrics.update(version=card["version"], init=card.get("init"), input_size=size, preprocessing=preprocessing)
         model = predictions.models[name]
@@ -276,7 +282,8 @@ def evaluate_store(
         probabilities = ensemble_probabilities([predictions.calibrated[n] for n in names], record)
         mean = np.mean([predictions.calibrated[n] for n in names], axis=0)
         metrics = _model_report(predictions, probabilities, float(record["threshold"]),
-                                raw=mean if record.get("calibration") else None, resamples=resamples)
+                                raw=mean if record.get("calibration") else None, resamples=resamples,
+                                band=card_band(record))
         metrics.update(members=members, threshold_source="val-calibrated")
         report["models"][ENSEMBLE] = metrics
         if out_dir is not None:

@@ -35,6 +35,7 @@ class MemberOutput:
     threshold: float
     gate_distance: float | None = None  # None: the model's card has no gate
     gate_threshold: float | None = None
+    band: float = DEFAULT_BAND  # the model's indeterminate band (chosen on val)
 
     @property
     def gate_rejects(self) -> bool:
@@ -52,6 +53,7 @@ class EnsembleRule:
     members: dict[str, str]
     threshold: float
     calibration: Calibration
+    band: float = DEFAULT_BAND
 
 
 def input_refusal(decoded: DecodedImage, prepared: PreparedSlice) -> Decision | None:
@@ -63,8 +65,7 @@ def input_refusal(decoded: DecodedImage, prepared: PreparedSlice) -> Decision | 
     return None
 
 
-def slice_decision(outputs: Sequence[MemberOutput], *, ensemble: EnsembleRule | None,
-                   band: float = DEFAULT_BAND) -> Decision:
+def slice_decision(outputs: Sequence[MemberOutput], *, ensemble: EnsembleRule | None) -> Decision:
     """One slice's outcome from its members' outputs (one member: that model alone)."""
     rejecting = [o.name for o in outputs if o.gate_rejects]
     if len(rejecting) * 2 > len(outputs):
@@ -72,10 +73,11 @@ def slice_decision(outputs: Sequence[MemberOutput], *, ensemble: EnsembleRule | 
                       f"on ({', '.join(rejecting)}); not an axial chest CT slice, or one they cannot judge")
     if ensemble is None:
         only = outputs[0]
-        return decide(probability=only.probability, threshold=only.threshold, band=band)
+        return decide(probability=only.probability, threshold=only.threshold, band=only.band)
     probability = float(ensemble.calibration.apply(float(np.mean([o.probability for o in outputs]))))
     sides = {o.probability >= o.threshold for o in outputs}
-    return decide(probability=probability, threshold=ensemble.threshold, band=band, members_disagree=len(sides) > 1)
+    return decide(probability=probability, threshold=ensemble.threshold, band=ensemble.band,
+                  members_disagree=len(sides) > 1)
 
 
 @dataclass
@@ -130,6 +132,7 @@ class LoadedModel:
     threshold: float
     calibration: Calibration
     gate: FeatureGate | None
+    band: float = DEFAULT_BAND
     _features: Callable[[np.ndarray], np.ndarray] | None = None
     _gradcam: Callable[[np.ndarray], np.ndarray] | None = None
 
@@ -145,7 +148,7 @@ class LoadedModel:
                 self._features = feature_extractor(self.model)
             distances = [float(d) for d in self.gate.distance(self._features(inputs))]
         return [MemberOutput(self.name, self.version, float(p), self.threshold, d,
-                             self.gate.threshold if self.gate is not None else None)
+                             self.gate.threshold if self.gate is not None else None, self.band)
                 for p, d in zip(probabilities, distances, strict=True)]
 
     def heatmap(self, pixels: np.ndarray) -> np.ndarray:
@@ -159,13 +162,12 @@ class LoadedModel:
 class Predictor:
     """Production models of a store, loaded once, run in this process."""
 
-    def __init__(self, models: dict[str, LoadedModel], ensemble: EnsembleRule | None, *,
-                 band: float = DEFAULT_BAND) -> None:
-        self.models, self.ensemble, self.band = models, ensemble, band
+    def __init__(self, models: dict[str, LoadedModel], ensemble: EnsembleRule | None) -> None:
+        self.models, self.ensemble = models, ensemble
 
     @classmethod
-    def from_store(cls, store: Any, names: Sequence[str], *, band: float = DEFAULT_BAND) -> Predictor:
-        from ctscan.evaluation import ensemble_record_for
+    def from_store(cls, store: Any, names: Sequence[str]) -> Predictor:
+        from ctscan.evaluation import card_band, ensemble_record_for
         from ctscan.preprocessing import card_preprocessing
         from ctscan.store import load_keras_model
 
@@ -176,13 +178,14 @@ class Predictor:
             models[name] = LoadedModel(
                 name=name, version=str(card["version"]), card=card, model=model, input_size=int(card["input_size"]),
                 preprocessing=card_preprocessing(card), threshold=float(card["threshold"]),
-                calibration=Calibration.from_dict(card.get("calibration")), gate=gate)
+                calibration=Calibration.from_dict(card.get("calibration")), gate=gate, band=card_band(card))
         ensemble = None
         if len(models) >= 2:
             record = ensemble_record_for(store, {n: m.version for n, m in models.items()})
             ensemble = EnsembleRule(members=dict(record["members"]), threshold=float(record["threshold"]),
-                                    calibration=Calibration.from_dict(record.get("calibration")))
-        return cls(models, ensemble, band=band)
+                                    calibration=Calibration.from_dict(record.get("calibration")),
+                                    band=card_band(record))
+        return cls(models, ensemble)
 
     def _members(self, model: str) -> list[LoadedModel]:
         if model == ENSEMBLE:
@@ -215,7 +218,7 @@ class Predictor:
                 results.append(SliceResult(refusal, prepared=screen))
                 continue
             outputs = [per_member[m.name][position[index]] for m in members]
-            decision = slice_decision(outputs, ensemble=ensemble, band=self.band)
+            decision = slice_decision(outputs, ensemble=ensemble)
             result = SliceResult(decision, outputs, prepared=prepared_by[members[0].name][position[index]])
             if explain and decision.classified:
                 result.heatmap_png = self.explain(members, [prepared_by[m.name][position[index]] for m in members])
@@ -242,8 +245,9 @@ class Predictor:
         ordered = order_series(decoded)
         results = self.classify([s.decoded for s in ordered], model=model)
         members = self._members(model)
-        threshold = self.ensemble.threshold if model == ENSEMBLE and self.ensemble else members[0].threshold
-        decision, k = study_decision(results, threshold=threshold, band=self.band)
+        rule = self.ensemble if model == ENSEMBLE else None
+        threshold = rule.threshold if rule else members[0].threshold
+        decision, k = study_decision(results, threshold=threshold, band=rule.band if rule else members[0].band)
         ranked = sorted((i for i, r in enumerate(results) if r.decision.classified),
                         key=lambda i: -(results[i].decision.probability_covid or 0.0))
         for index in ranked[:explain_top]:

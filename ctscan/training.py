@@ -390,6 +390,7 @@ def build_card(
     decision threshold (on the calibrated probabilities) and the input gate's threshold;
     when asked, once on test; return the model card."""
     from ctscan.calibration import calibration_metrics, fit_calibration
+    from ctscan.decision import choose_band
     from ctscan.gate import feature_extractor, fit_gate
 
     unpack_weights(model, store_weights)
@@ -398,6 +399,7 @@ def build_card(
     calibration, comparison = fit_calibration(val_scores, val_y)
     val_probabilities = calibration.apply(val_scores)
     threshold = choose_threshold(val_y, val_probabilities, config.threshold_rule)
+    band = choose_band(val_y, val_probabilities, threshold)
     features = feature_extractor(model)
     originals = trainer.train_x[:, 0] if trainer.train_x.ndim == 5 else trainer.train_x  # without source variants
     gate = fit_gate(features(originals.astype(np.float32)), features(val_x.astype(np.float32)))
@@ -420,6 +422,7 @@ def build_card(
         "calibration": {**calibration.as_dict(), "fitted_on": "val", "comparison": comparison,
                         "before": calibration_metrics(val_y, val_scores),
                         "after": calibration_metrics(val_y, val_probabilities)},
+        "uncertainty": {**band, "fitted_on": "val"},
         "gate": gate.to_dict(),
         "metrics": {"val": full_report(val_y, val_probabilities, threshold)},
         "history": state.history,

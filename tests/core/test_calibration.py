@@ -58,7 +58,7 @@ def test_tiny_validation_sets_still_get_a_calibration() -> None:
     assert calibration.method == "temperature" and "reason" in comparison
 
 
-def test_reliability_diagram_is_written(tmp_path) -> None:  # noqa: ANN001
+def test_reliability_diagram_is_written(tmp_path) -> None:
     scores, targets = _overconfident_scores(200, 3)
     path = tmp_path / "reliability.png"
     reliability_plot(path, {"raw": (targets, scores)}, title="test")

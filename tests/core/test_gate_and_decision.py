@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ctscan.calibration import IDENTITY, Calibration
-from ctscan.decision import COVID, INDETERMINATE, NON_COVID, decide, refuse
+from ctscan.decision import BAND_STEPS, COVID, INDETERMINATE, NON_COVID, choose_band, decide, refuse
 from ctscan.gate import OUTCOME_NO_LUNGS, OUTCOME_NOT_CHEST_CT, FeatureGate, fit_gate
 from ctscan.predictor import EnsembleRule, MemberOutput, SliceResult, slice_decision, study_decision
 
@@ -55,9 +55,20 @@ def test_ensemble_refuses_when_most_members_find_the_input_foreign() -> None:
 
 def test_the_ensemble_probability_is_calibrated_again() -> None:
     rule = EnsembleRule(members={"a": "v1", "b": "v1"}, threshold=0.5,
-                        calibration=Calibration("platt", slope=1.0, offset=-2.0))
-    decision = slice_decision([_member("a", 0.8), _member("b", 0.8)], ensemble=rule, band=0.0)
+                        calibration=Calibration("platt", slope=1.0, offset=-2.0), band=0.0)
+    decision = slice_decision([_member("a", 0.8), _member("b", 0.8)], ensemble=rule)
     assert decision.probability_covid == pytest.approx(1 / (1 + np.exp(-(np.log(4) - 2))))
+
+
+def test_the_band_is_chosen_on_val_as_narrow_as_the_accuracy_target_allows() -> None:
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 2, 400)
+    probabilities = np.clip(0.5 + (targets - 0.5) * 0.6 + rng.normal(0, 0.2, 400), 0, 1)
+    chosen = choose_band(targets, probabilities, 0.5)
+    assert chosen["target_met"] and chosen["accuracy_outside"] >= 0.85
+    assert chosen["band"] == min(b for b in BAND_STEPS if b >= chosen["band"])
+    hopeless = choose_band(targets, rng.uniform(0, 1, 400), 0.5)  # no signal: the widest band allowed, target missed
+    assert not hopeless["target_met"] and hopeless["indeterminate_share"] <= 0.5
 
 
 def test_a_study_of_only_refused_slices_is_refused() -> None:

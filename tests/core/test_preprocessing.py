@@ -31,7 +31,7 @@ def ucsd_slices(data_dir: Path) -> list:
     return [decode_image(s.path.read_bytes()) for s in chosen]
 
 
-def _ctmd(ctmd_dir: Path, row: dict[str, str]):  # noqa: ANN202
+def _ctmd(ctmd_dir: Path, row: dict[str, str]):
     return decode_image((ctmd_dir / row["path"]).read_bytes())
 
 
