@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -105,3 +106,27 @@ class RunCheckpoint(keras.callbacks.Callback):  # type: ignore[misc]
                 loss=entry["loss"], val_loss=val_loss, val_auc=val_auc,
                 val_accuracy=entry["val_accuracy"], learning_rate=learning_rate,
                 seconds=seconds, best_epoch=state.best_epoch, best_val_auc=state.best_val_auc))
+
+
+class WeightAverage(keras.callbacks.Callback):  # type: ignore[misc]
+    """Running average of the weights over the epochs from `first_epoch` (0-based, within the
+    phase) on, kept in `path` so a resumed run continues it; `RunState.swa_count` says how
+    many epochs it holds."""
+
+    def __init__(self, path: Path, state: RunState, *, first_epoch: int) -> None:
+        super().__init__()
+        self.path, self.state, self.first_epoch = path, state, first_epoch
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if epoch < self.first_epoch:
+            return
+        weights = [np.asarray(w, dtype=np.float64) for w in self.model.get_weights()]
+        count = self.state.swa_count
+        if count:
+            with np.load(self.path) as arrays:
+                weights = [a + (w - a) / (count + 1) for a, w in
+                           zip((arrays[f"w{i}"] for i in range(len(weights))), weights, strict=True)]
+        temporary = self.path.with_suffix(".tmp.npz")
+        np.savez(temporary, **{f"w{i}": w.astype(np.float32) for i, w in enumerate(weights)})  # type: ignore[arg-type]
+        temporary.replace(self.path)
+        self.state.swa_count = count + 1

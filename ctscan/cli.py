@@ -56,7 +56,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         limit_per_class=args.limit_per_class, report_test=args.report_test,
         augment=not args.no_augment, preprocessing=args.preprocessing, augmentation=args.augmentation,
         mixup=args.mixup, ema=args.ema, label_smoothing=args.label_smoothing, weight_decay=args.weight_decay,
-        source_variants=args.source_variants,
+        source_variants=args.source_variants, swa_epochs=args.swa_epochs,
     )
     run_dir = args.run_dir or (get_core_settings().runs_dir / args.model)
     version, card, promoted = train_and_store(
@@ -315,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--ema", action="store_true", help="keep and select the weights' moving average")
     train.add_argument("--label-smoothing", type=float, default=0.0)
     train.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay; 0 = Adam")
+    train.add_argument("--swa-epochs", type=int, default=0,
+                       help="average the weights of the last N epochs (stochastic weight averaging); 0 = off")
     train.add_argument("--source-variants", type=_positive_int, default=1,
                        help="copies of each training slice shifted/rotated/rescaled/re-windowed before "
                             "preprocessing (one drawn per epoch); 1 = none")

@@ -38,6 +38,7 @@ from ctscan.store import ModelStore, pack_weights, unpack_weights
 STATE_FILE = "state.json"
 LAST_CHECKPOINT = "last.keras"
 BEST_WEIGHTS = "best.weights.h5"
+SWA_WEIGHTS = "swa.npz"
 
 
 class TrainingCancelled(CTScanError):
@@ -69,6 +70,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     weight_decay: float = 0.0  # AdamW's decoupled weight decay; 0 = Adam
     source_variants: int = 1  # copies of each training slice changed before preprocessing; 1 = none
+    swa_epochs: int = 0  # average the weights of the last N epochs (then BatchNorm re-estimated); 0 = off
 
     def validate(self) -> None:
         get_spec(self.model)
@@ -90,6 +92,8 @@ class TrainConfig:
             raise CTScanError(f"mixup must lie in 0..1, got {self.mixup!r}")
         if not 0.0 <= self.label_smoothing <= 0.3:
             raise CTScanError(f"label_smoothing must lie in 0..0.3, got {self.label_smoothing!r}")
+        if not isinstance(self.swa_epochs, int) or not 0 <= self.swa_epochs <= self.epochs:
+            raise CTScanError(f"swa_epochs must be a whole number in 0..epochs, got {self.swa_epochs!r}")
         if not isinstance(self.source_variants, int) or not 1 <= self.source_variants <= 16:
             raise CTScanError(f"source_variants must be a whole number in 1..16, got {self.source_variants!r}")
         if not 0.0 <= self.weight_decay <= 1.0:
@@ -135,6 +139,9 @@ class RunState:
     history: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
     stopped_early: bool = False
+    swa_count: int = 0  # epochs averaged so far into SWA_WEIGHTS
+    swa_val_auc: float | None = None
+    selected: str = "best_epoch"  # or "swa": which weights the run ended with
 
 
 def plan_phases(config: TrainConfig) -> list[Phase]:
@@ -348,13 +355,39 @@ class Trainer:
             model.save(self.run_dir / LAST_CHECKPOINT)
             self._save_state(state)
 
+        if state.swa_count and state.swa_val_auc is None:
+            self._finish_swa(model, state)
         model.load_weights(self.run_dir / BEST_WEIGHTS)
         return model, state, self.data_summary
+
+    def _finish_swa(self, model: Any, state: RunState) -> None:
+        """Stochastic weight averaging (Izmailov et al. 2018): the averaged weights, with
+        BatchNorm's statistics re-estimated on the training slices, replace the best epoch's
+        when they do at least as well on val."""
+        from ctscan.metrics import point_metrics
+
+        with np.load(self.run_dir / SWA_WEIGHTS) as arrays:
+            averaged = [arrays[f"w{i}"] for i in range(len(arrays.files))]
+        model.set_weights(averaged)
+        originals = self.train_x[:, 0] if self.train_x.ndim == 5 else self.train_x
+        for _ in range(2):  # BatchNorm momentum 0.9: two passes settle the moving statistics
+            for start in range(0, len(originals), 32):
+                model(originals[start:start + 32].astype(np.float32), training=True)
+        val_x, val_y = self.val_data
+        auc = float(point_metrics(val_y, predict_probabilities(model, val_x), 0.5)["auc"])
+        state.swa_val_auc = auc
+        if auc >= state.best_val_auc:
+            model.save_weights(self.run_dir / BEST_WEIGHTS)
+            state.selected, state.best_val_auc = "swa", auc
+        self._save_state(state)
+        if self.verbose:
+            print(f"SWA of the last {state.swa_count} epochs: val AUC {auc:.4f}; keeping "
+                  f"{'the average' if state.selected == 'swa' else f'epoch {state.best_epoch}'}", flush=True)
 
     def _callbacks(self, state: RunState, phase: Phase, total_epochs: int, epoch_variable: Any) -> list[Any]:
         import keras
 
-        from ctscan.callbacks import ResumableEarlyStopping, RunCheckpoint, ValidationAUC
+        from ctscan.callbacks import ResumableEarlyStopping, RunCheckpoint, ValidationAUC, WeightAverage
 
         config = self.config
 
@@ -374,6 +407,8 @@ class Trainer:
                 save_weights_only=True, initial_value_threshold=state.best_val_auc
                 if (self.run_dir / BEST_WEIGHTS).exists() else None),
             early_stopping,
+            *([WeightAverage(self.run_dir / SWA_WEIGHTS, state, first_epoch=phase.epochs - config.swa_epochs)]
+              if config.swa_epochs and state.phase_index == len(self.phases) - 1 else []),
             RunCheckpoint(self, state, phase, total_epochs, epoch_variable),
         ]
 
@@ -414,6 +449,8 @@ def build_card(
                   "report": "test" if config.report_test else None},
         "epochs_run": state.epochs_done,
         "best_epoch": state.best_epoch,
+        "weights_selected": state.selected,
+        "swa": {"epochs": state.swa_count, "val_auc": state.swa_val_auc} if state.swa_count else None,
         "stopped_early": state.stopped_early,
         "hyperparameters": {k: v for k, v in asdict(config).items()
                             if k not in ("data_dir", "model", "init", "report_test")},
