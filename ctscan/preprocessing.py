@@ -368,6 +368,14 @@ class LungPreprocessor:
         square = _square_box(box, CROP_MARGIN if visible else 0.0)  # type: ignore[arg-type]
         standardised = AIR_LEVEL + (intensity - air) * (TISSUE_LEVEL - AIR_LEVEL) / (soft - air)
         standardised = np.where(_upscale_mask(keep, intensity.shape), np.clip(standardised, 0.0, 1.0), 0.0)
+        if visible:
+            # Only the lung box and its margin: squaring the crop adds the same black either
+            # way, whether the source went on (a whole scan: the body) or ended (a tight crop).
+            top, left, bottom, right = box
+            reach = round(CROP_MARGIN * max(bottom - top, right - left))
+            inside = np.zeros(intensity.shape, dtype=bool)
+            inside[max(top - reach, 0):bottom + reach, max(left - reach, 0):right + reach] = True
+            standardised = np.where(inside, standardised, 0.0)
         grey = (_crop_padded(standardised, square, 0.0) * 255.0).round().astype(np.uint8)
         mask = _crop_padded(_upscale_mask(lung_region, intensity.shape), square, False)
         findings = LungFindings(
