@@ -16,15 +16,14 @@ from ctscan import DISCLAIMER
 from ctscan.data import CTDataset, Sample, load_arrays
 from ctscan.errors import CTScanError, StoreError
 from ctscan.metrics import choose_threshold, full_report
-from ctscan.models import MODEL_NAMES, get_spec
+from ctscan.models import ENSEMBLE, architecture_names, get_spec
+from ctscan.records import EnsembleRecord, ModelCard
 from ctscan.store import ModelStore, load_keras_model
 from ctscan.training import _subset, predict_probabilities
 
-ENSEMBLE = "ensemble"
-
 
 def _resolve_models(store: ModelStore, models: str | list[str]) -> list[str]:
-    names = list(MODEL_NAMES) if models == "all" else ([models] if isinstance(models, str) else models)
+    names = list(architecture_names()) if models == "all" else ([models] if isinstance(models, str) else models)
     for name in names:
         get_spec(name)
     available = [n for n in names if store.production(n)]
@@ -39,15 +38,15 @@ def _resolve_models(store: ModelStore, models: str | list[str]) -> list[str]:
 
 def predict_split(
     store: ModelStore, names: list[str], samples: list[Sample]
-) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]], np.ndarray]:
+) -> tuple[dict[str, np.ndarray], dict[str, ModelCard], np.ndarray]:
     """Probabilities of each production model on `samples`, their cards, and the targets."""
     probabilities: dict[str, np.ndarray] = {}
-    cards: dict[str, dict[str, Any]] = {}
+    cards: dict[str, ModelCard] = {}
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     targets = np.array([s.target for s in samples], dtype=np.float32)
     for name in names:
         model, card = load_keras_model(store, name)
-        size = int(card["input_size"])
+        size = card.input_size
         if size not in cache:
             cache[size] = load_arrays(samples, size)
         probabilities[name] = predict_probabilities(model, cache[size][0])
@@ -57,7 +56,7 @@ def predict_split(
 
 def calibrate_ensemble(
     *, store: ModelStore, data_dir: str, limit_per_class: int | None = None, rule: str = "youden"
-) -> dict[str, Any]:
+) -> EnsembleRecord:
     """Choose the ensemble's threshold on the val split and store it with its members."""
     names = _resolve_models(store, "all")
     if len(names) < 2:
@@ -67,14 +66,14 @@ def calibrate_ensemble(
     probabilities, cards, targets = predict_split(store, names, samples)
     mean = np.mean([probabilities[n] for n in names], axis=0)
     threshold = choose_threshold(targets, mean, rule)
-    record = {
-        "members": {n: cards[n]["version"] for n in names},
-        "threshold": threshold,
-        "threshold_rule": rule,
-        "dataset_fingerprint": dataset.fingerprint(),
-        "metrics": {"val": full_report(targets, mean, threshold)},
-        "created_at": datetime.now(UTC).isoformat(),
-    }
+    record = EnsembleRecord(
+        members={n: str(cards[n].version) for n in names},
+        threshold=threshold,
+        threshold_rule=rule,
+        dataset_fingerprint=dataset.fingerprint(),
+        metrics={"val": full_report(targets, mean, threshold)},
+        created_at=datetime.now(UTC).isoformat(),
+    )
     store.save_ensemble_record(record)
     return record
 
@@ -83,9 +82,9 @@ def ensemble_threshold(store: ModelStore, members: dict[str, str]) -> tuple[floa
     """The stored val threshold when it was calibrated for exactly these member versions,
     else the mean of the members' own thresholds (and say which)."""
     record = store.ensemble_record()
-    if record and record.get("members") == members:
-        return float(record["threshold"]), "val-calibrated"
-    thresholds = [float(store.card(n, v)["threshold"]) for n, v in members.items()]
+    if record is not None and record.members == members:
+        return record.threshold, "val-calibrated"
+    thresholds = [store.card(n, v).threshold for n, v in members.items()]
     return float(np.mean(thresholds)), "mean-of-members"
 
 
@@ -135,14 +134,14 @@ def evaluate_store(
         "models": {},
     }
     for name in names:
-        metrics = full_report(targets, probabilities[name], float(cards[name]["threshold"]), resamples=resamples)
-        metrics.update(version=cards[name]["version"], init=cards[name].get("init"),
-                       input_size=cards[name]["input_size"])
+        card = cards[name]
+        metrics = full_report(targets, probabilities[name], card.threshold, resamples=resamples)
+        metrics.update(version=card.version, init=card.init, input_size=card.input_size)
         report["models"][name] = metrics
         if out_dir is not None:
             _save_plots(Path(out_dir), name, targets, probabilities[name], metrics)
     if len(names) >= 2 and models == "all":
-        members = {n: cards[n]["version"] for n in names}
+        members = {n: str(cards[n].version) for n in names}
         threshold, source = ensemble_threshold(store, members)
         mean = np.mean([probabilities[n] for n in names], axis=0)
         metrics = full_report(targets, mean, threshold, resamples=resamples)
