@@ -1,10 +1,13 @@
 """The models being served, their loading, warm-up and hot reload.
 
 Each served model is an immutable `ServedModel` (one version: Keras model for Grad-CAM, a
-verified fast predictor, its own batcher). Swapping a version replaces the entry in one
-assignment; requests hold the entry they started with, and a retired version's batcher
-closes only after its last request finished. A version that fails its checksum, weight
-restore, ONNX/TF smoke prediction or warm-up never replaces a working one.
+fast predictor, its own batcher). The fast predictor is the version's stored ONNX copy,
+made and checked against TensorFlow when the version was saved; here it is only loaded and
+smoke-tested (TensorFlow serves, with the reason shown in /models, when there is no usable
+copy). Swapping a version replaces the entry in one assignment; requests hold the entry they
+started with, and a retired version's batcher closes only after its last request finished.
+A version that fails its checksum, weight restore, smoke prediction or warm-up never
+replaces a working one.
 """
 
 from __future__ import annotations
@@ -17,21 +20,21 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ctscan.data import CTDataset
-from ctscan.errors import CTScanError, DataError, ImageError
-from ctscan.evaluation import ENSEMBLE, ensemble_threshold
+from ctscan.errors import CTScanError
+from ctscan.evaluation import ensemble_threshold
 from ctscan.gradcam import HeatmapFunction, make_gradcam
-from ctscan.imaging import decode_image, resize_for_model
-from ctscan.onnx_runtime import FastPredictor, build_fast_predictor
+from ctscan.imaging import resize_for_model
+from ctscan.models import ENSEMBLE
+from ctscan.onnx_runtime import NO_COPY_REASON, FastPredictor, load_fast_predictor, load_verification_images
+from ctscan.records import ModelCard
+from ctscan.settings import InferenceSettings
 from ctscan.store import ModelStore, load_keras_model
 from services.inference.batching import DynamicBatcher
 from services.inference.metrics import InferenceMetrics
-from services.inference.settings import InferenceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ class ModelNotReadyError(CTScanError):
 class ServedModel:
     name: str
     version: str
-    card: dict[str, Any]
+    card: ModelCard
     input_size: int
     threshold: float
     keras_model: Any
@@ -97,29 +100,12 @@ def _phantom(size: int = 256) -> np.ndarray:
     return np.repeat(grey.astype(np.uint8)[:, :, None], 3, axis=2)
 
 
-def load_verification_images(folder: Path, count: int) -> list[np.ndarray]:
-    """Up to `count` real CT slices (both classes, val split) for ONNX checks and smoke tests."""
-    paths: list[Path] = []
-    try:
-        dataset = CTDataset(folder)
-        by_label: dict[str, list[Path]] = {}
-        for sample in dataset.split("val"):
-            by_label.setdefault(sample.label, []).append(sample.path)
-        for index in range(count):
-            for label in sorted(by_label):
-                if index < len(by_label[label]) and len(paths) < count:
-                    paths.append(by_label[label][index])
-    except DataError:
-        if folder.is_dir():
-            paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:count]
-    images = []
-    for path in paths:
-        try:
-            images.append(decode_image(path.read_bytes()).grey)
-        except (ImageError, OSError) as exc:
-            logger.warning("verification image %s skipped: %s", path.name, exc)
+def smoke_images(settings: InferenceSettings) -> list[np.ndarray]:
+    """Real CT slices for smoke predictions and warm-up, else a synthetic one."""
+    folder = settings.verification_path()
+    images = load_verification_images(folder, settings.verification_images)
     if not images:
-        logger.warning("no real CT images found in %s; ONNX is verified on a synthetic slice", folder)
+        logger.warning("no real CT images found in %s; smoke predictions use a synthetic slice", folder)
         images = [_phantom()]
     return images
 
@@ -190,20 +176,24 @@ class ModelRegistry:
     # --- loading --------------------------------------------------------------------------
     def verification_images(self) -> list[np.ndarray]:
         if self._verification is None:
-            self._verification = load_verification_images(
-                self.settings.verification_path(), self.settings.verification_images)
+            self._verification = smoke_images(self.settings)
         return self._verification
 
-    def load_version(self, name: str, version: str) -> ServedModel:
-        """Load, verify (checksums, ONNX vs TF, smoke prediction) and warm up one version."""
+    def load_version(self, name: str, version: str, *, warm_gradcam: bool = True) -> ServedModel:
+        """Load, verify (checksums, stored ONNX copy, smoke prediction) and warm up one version."""
         model, card = load_keras_model(self.store, name, version)
-        size = int(card["input_size"])
+        size = card.input_size
         images = np.stack([resize_for_model(p, size) for p in self.verification_images()])
         settings = self.settings
-        predictor = build_fast_predictor(
-            model, images, use_onnx=settings.use_onnx, tolerance=settings.onnx_tolerance,
-            weights_sha256=card.get("weights_sha256"), cache_dir=settings.onnx_cache_dir,
-            threads=settings.onnx_threads or None, spinning=settings.onnx_spinning)
+        absent_reason = NO_COPY_REASON
+        try:
+            onnx_copy = self.store.onnx_copy(name, version) if settings.use_onnx else None
+        except CTScanError as exc:  # a corrupt copy: TensorFlow serves, and /models says why
+            onnx_copy, absent_reason = None, f"the stored ONNX copy was refused: {exc}"
+        predictor = load_fast_predictor(
+            model, onnx_copy, images, weights_sha256=card.weights_sha256, use_onnx=settings.use_onnx,
+            tolerance=settings.onnx_tolerance, threads=settings.onnx_threads or None,
+            spinning=settings.onnx_spinning, absent_reason=absent_reason)
         probabilities = predictor.predict(images)
         if probabilities.shape != (len(images),) or not np.all(
                 np.isfinite(probabilities) & (probabilities >= 0) & (probabilities <= 1)):
@@ -215,7 +205,7 @@ class ModelRegistry:
         for batch_size in sorted({*range(1, min(largest, 32) + 1), largest}):
             predictor.predict(np.repeat(images[:1], batch_size, axis=0))
         gradcam = make_gradcam(model)
-        if settings.warmup_gradcam:
+        if warm_gradcam and settings.warmup_gradcam:
             gradcam(images[0])
         batch_metric = self.metrics.batch_size.labels(model=name)
         batcher = DynamicBatcher(predictor.predict, name=f"{name}-{version}",
@@ -223,7 +213,7 @@ class ModelRegistry:
                                  max_wait_s=settings.max_wait_ms / 1000.0,
                                  on_batch=batch_metric.observe)
         return ServedModel(name=name, version=version, card=card, input_size=size,
-                           threshold=float(card["threshold"]), keras_model=model,
+                           threshold=card.threshold, keras_model=model,
                            predictor=predictor, batcher=batcher, gradcam=gradcam,
                            loaded_at=time.time())
 
@@ -253,7 +243,7 @@ class ModelRegistry:
             source = "mean-of-members"
         return EnsembleInfo(members=members, threshold=threshold, threshold_source=source)
 
-    def try_load(self, name: str, *, reason: str) -> bool:
+    def try_load(self, name: str, *, reason: str, warm_gradcam: bool = True) -> bool:
         """Load the store's production version of `name` if it differs from the served one."""
         try:
             version = self.store.production(name)
@@ -269,7 +259,7 @@ class ModelRegistry:
             return False
         started = time.monotonic()
         try:
-            served = self.load_version(name, version)
+            served = self.load_version(name, version, warm_gradcam=warm_gradcam)
         except Exception as exc:
             message = f"version {version} refused: {type(exc).__name__}: {exc}"
             logger.error("%s %s (%s)", name, message, reason)
@@ -283,13 +273,26 @@ class ModelRegistry:
         return True
 
     def load_all(self) -> None:
+        """Load every configured model; readiness waits for their predictions to be warm.
+
+        Grad-CAM is warmed after that (its first trace costs seconds per model on a CPU): an
+        explanation asked for in those seconds traces it itself. A new version arriving later
+        is warmed completely before it replaces the served one."""
         try:
             for name in self.configured:
                 if self._stop.is_set():
                     return
-                self.try_load(name, reason="startup")
+                self.try_load(name, reason="startup", warm_gradcam=False)
         finally:
             self.loading_done.set()
+        if self.settings.warmup_gradcam:
+            for served in list(self._models.values()):
+                if self._stop.is_set():
+                    return
+                try:
+                    served.gradcam(resize_for_model(self.verification_images()[0], served.input_size))
+                except Exception:  # an explanation will say what is wrong; predictions are unaffected
+                    logger.exception("%s %s: Grad-CAM warm-up failed", served.name, served.version)
 
     def _set_error(self, name: str, message: str | None) -> None:
         # Copy on write: routes read `errors` from other threads without a lock.
@@ -330,7 +333,7 @@ class ModelRegistry:
     def stop(self) -> None:
         self._stop.set()
         for thread in self._threads:
-            thread.join(timeout=10)  # a conversion in progress is abandoned
+            thread.join(timeout=10)  # a load in progress is abandoned
         for served in self._models.values():
             served.retire()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
