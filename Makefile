@@ -54,8 +54,9 @@ test: lint typecheck pytest
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
 
-# The data folder only supplies real slices for the services' smoke predictions.
-up: setup
+# devstack seeds the store it uses (so `setup`'s seeding is not repeated here); the data
+# folder only supplies real slices for the services' smoke predictions.
+up: $(VENV)/.installed release-onnx
 	CTSCAN_DATA_DIR="$${CTSCAN_DATA_DIR:-$(abspath $(DATA))}" $(BIN)/python scripts/devstack.py up
 
 down:
