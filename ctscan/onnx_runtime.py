@@ -179,19 +179,45 @@ def load_fast_predictor(
     """The stored ONNX copy when it belongs to these weights, was within `tolerance` of
     TensorFlow when it was made and passes a smoke test here; else the TensorFlow graph and
     the reason. Never raises for an ONNX problem."""
+    fast = stored_onnx_predictor(onnx_copy, smoke_images, weights_sha256=weights_sha256, use_onnx=use_onnx,
+                                 tolerance=tolerance, threads=threads, spinning=spinning,
+                                 absent_reason=absent_reason)
+    if isinstance(fast, FastPredictor):
+        return fast
+    return tensorflow_fallback(model, onnx_copy, fast)
+
+
+def stored_onnx_predictor(
+    onnx_copy: tuple[bytes, OnnxManifest] | None,
+    smoke_images: np.ndarray,
+    *,
+    weights_sha256: str | None,
+    use_onnx: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+    threads: int | None = None,
+    spinning: bool = True,
+    absent_reason: str = NO_COPY_REASON,
+) -> FastPredictor | str:
+    """The stored copy, checked as `load_fast_predictor` says, or the reason it cannot serve
+    (needs neither TensorFlow nor the Keras model)."""
     reason = _onnx_refusal(onnx_copy, weights_sha256=weights_sha256, use_onnx=use_onnx,
                            tolerance=tolerance, absent_reason=absent_reason)
-    if reason is None and onnx_copy is not None:
-        onnx_bytes, manifest = onnx_copy
-        try:
-            candidate = onnx_predictor(onnx_bytes, threads=threads, spinning=spinning)
-            reason = smoke_test(candidate, smoke_images, tolerance=tolerance)
-        except OnnxConversionError as exc:
-            reason = str(exc)
-        except Exception as exc:  # a broken copy can make the runtime raise anything
-            reason = f"the ONNX copy failed its smoke test: {type(exc).__name__}: {str(exc)[:200]}"
-        if reason is None:
-            return FastPredictor(candidate, BACKEND_ONNX, manifest.max_abs_difference, None)
+    if reason is not None or onnx_copy is None:
+        return reason or absent_reason
+    onnx_bytes, manifest = onnx_copy
+    try:
+        candidate = onnx_predictor(onnx_bytes, threads=threads, spinning=spinning)
+        problem = smoke_test(candidate, smoke_images, tolerance=tolerance)
+    except OnnxConversionError as exc:
+        problem = str(exc)
+    except Exception as exc:  # a broken copy can make the runtime raise anything
+        problem = f"the ONNX copy failed its smoke test: {type(exc).__name__}: {str(exc)[:200]}"
+    return problem if problem is not None else FastPredictor(candidate, BACKEND_ONNX, manifest.max_abs_difference,
+                                                             None)
+
+
+def tensorflow_fallback(model: keras.Model, onnx_copy: tuple[bytes, OnnxManifest] | None,
+                        reason: str) -> FastPredictor:
     logger.warning("%s: serving with TensorFlow: %s", model.name, reason)
     difference = onnx_copy[1].max_abs_difference if onnx_copy is not None else None
     return FastPredictor(keras_predictor(model), BACKEND_TF, difference, reason)

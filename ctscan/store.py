@@ -311,14 +311,19 @@ def open_store(url: str | Path) -> ModelStore:
     return ModelStore(open_objects(url))
 
 
-def load_keras_model(store: ModelStore, name: str, version: str | None = None) -> tuple[keras.Model, ModelCard]:
-    """Build the architecture named by the card and restore verified weights into it."""
+def keras_model_from(card: ModelCard, weights: bytes) -> keras.Model:
+    """The architecture named by the card with these (verified) weights restored into it."""
     from ctscan.models import build_model
 
+    model = build_model(card.architecture, init="none", input_size=card.input_size, compile_model=False)
+    unpack_weights(model, weights)
+    return model
+
+
+def load_keras_model(store: ModelStore, name: str, version: str | None = None) -> tuple[keras.Model, ModelCard]:
+    """Build the architecture named by the card and restore verified weights into it."""
     version = version or store.production(name)
     if not version:
         raise StoreError(f"model {name} has no production version in {store.url}")
     card, weights = store.verified_card(name, version)
-    model = build_model(card.architecture, init="none", input_size=card.input_size, compile_model=False)
-    unpack_weights(model, weights)
-    return model, card
+    return keras_model_from(card, weights), card

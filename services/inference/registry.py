@@ -1,10 +1,13 @@
 """The models being served, their loading, warm-up and hot reload.
 
-Each served model is an immutable `ServedModel` (one version: Keras model for Grad-CAM, a
-fast predictor, its own batcher). The fast predictor is the version's stored ONNX copy,
-made and checked against TensorFlow when the version was saved; here it is only loaded and
-smoke-tested (TensorFlow serves, with the reason shown in /models, when there is no usable
-copy). Swapping a version replaces the entry in one assignment; requests hold the entry they
+Each served model is an immutable `ServedModel` (one version: a fast predictor, its own
+batcher, and the Keras model for Grad-CAM). The fast predictor is the version's stored ONNX
+copy, made and checked against TensorFlow when the version was saved; here it is only loaded
+and smoke-tested (TensorFlow serves, with the reason shown in /models, when there is no
+usable copy). With a copy, start-up needs no TensorFlow: the Keras model is built right
+after readiness (or by the first explanation asked for before that).
+
+Swapping a version replaces the entry in one assignment; requests hold the entry they
 started with, and a retired version's batcher closes only after its last request finished.
 A version that fails its checksum, weight restore, smoke prediction or warm-up never
 replaces a working one.
@@ -13,11 +16,12 @@ replaces a working one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,10 +33,16 @@ from ctscan.evaluation import ensemble_threshold
 from ctscan.gradcam import HeatmapFunction, make_gradcam
 from ctscan.imaging import resize_for_model
 from ctscan.models import ENSEMBLE
-from ctscan.onnx_runtime import NO_COPY_REASON, FastPredictor, load_fast_predictor, load_verification_images
+from ctscan.onnx_runtime import (
+    NO_COPY_REASON,
+    FastPredictor,
+    load_verification_images,
+    stored_onnx_predictor,
+    tensorflow_fallback,
+)
 from ctscan.records import ModelCard
 from ctscan.settings import InferenceSettings
-from ctscan.store import ModelStore, load_keras_model
+from ctscan.store import ModelStore, keras_model_from
 from services.inference.batching import DynamicBatcher
 from services.inference.metrics import InferenceMetrics
 
@@ -47,6 +57,23 @@ class ModelNotReadyError(CTScanError):
     """The model is served but not loaded yet, or failed to load (HTTP 503)."""
 
 
+class Explainer:
+    """A version's Keras model and its Grad-CAM, built once, on first use."""
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        self._build = build
+        self._lock = threading.Lock()
+        self._heatmap: HeatmapFunction | None = None
+        self.model: Any = None
+
+    def ready(self) -> HeatmapFunction:
+        with self._lock:
+            if self._heatmap is None:
+                self.model = self._build()
+                self._heatmap = make_gradcam(self.model)
+            return self._heatmap
+
+
 @dataclass
 class ServedModel:
     name: str
@@ -54,14 +81,16 @@ class ServedModel:
     card: ModelCard
     input_size: int
     threshold: float
-    keras_model: Any
     predictor: FastPredictor
     batcher: DynamicBatcher
-    gradcam: HeatmapFunction
+    explainer: Explainer
     loaded_at: float
     _in_flight: int = 0
     _retired: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def gradcam(self, pixels: np.ndarray) -> np.ndarray:
+        return self.explainer.ready()(pixels)
 
     def enter(self) -> None:
         with self._lock:
@@ -179,9 +208,12 @@ class ModelRegistry:
             self._verification = smoke_images(self.settings)
         return self._verification
 
-    def load_version(self, name: str, version: str, *, warm_gradcam: bool = True) -> ServedModel:
-        """Load, verify (checksums, stored ONNX copy, smoke prediction) and warm up one version."""
-        model, card = load_keras_model(self.store, name, version)
+    def load_version(self, name: str, version: str, *, warm_explainer: bool = True) -> ServedModel:
+        """Load, verify (checksums, stored ONNX copy, smoke prediction) and warm up one version;
+        with `warm_explainer`, also build its Keras model (its weights must fit the
+        architecture) and warm Grad-CAM before returning."""
+        card, weights = self.store.verified_card(name, version)
+        explainer = Explainer(functools.partial(keras_model_from, card, weights))
         size = card.input_size
         images = np.stack([resize_for_model(p, size) for p in self.verification_images()])
         settings = self.settings
@@ -190,10 +222,15 @@ class ModelRegistry:
             onnx_copy = self.store.onnx_copy(name, version) if settings.use_onnx else None
         except CTScanError as exc:  # a corrupt copy: TensorFlow serves, and /models says why
             onnx_copy, absent_reason = None, f"the stored ONNX copy was refused: {exc}"
-        predictor = load_fast_predictor(
-            model, onnx_copy, images, weights_sha256=card.weights_sha256, use_onnx=settings.use_onnx,
+        fast = stored_onnx_predictor(
+            onnx_copy, images, weights_sha256=card.weights_sha256, use_onnx=settings.use_onnx,
             tolerance=settings.onnx_tolerance, threads=settings.onnx_threads or None,
             spinning=settings.onnx_spinning, absent_reason=absent_reason)
+        if isinstance(fast, FastPredictor):
+            predictor = fast
+        else:
+            explainer.ready()
+            predictor = tensorflow_fallback(explainer.model, onnx_copy, fast)
         probabilities = predictor.predict(images)
         if probabilities.shape != (len(images),) or not np.all(
                 np.isfinite(probabilities) & (probabilities >= 0) & (probabilities <= 1)):
@@ -204,18 +241,18 @@ class ModelRegistry:
         largest = settings.max_batch_size
         for batch_size in sorted({*range(1, min(largest, 32) + 1), largest}):
             predictor.predict(np.repeat(images[:1], batch_size, axis=0))
-        gradcam = make_gradcam(model)
-        if warm_gradcam and settings.warmup_gradcam:
-            gradcam(images[0])
+        if warm_explainer:
+            heatmap = explainer.ready()
+            if settings.warmup_gradcam:
+                heatmap(images[0])
         batch_metric = self.metrics.batch_size.labels(model=name)
         batcher = DynamicBatcher(predictor.predict, name=f"{name}-{version}",
                                  max_batch_size=settings.max_batch_size,
                                  max_wait_s=settings.max_wait_ms / 1000.0,
                                  on_batch=batch_metric.observe)
         return ServedModel(name=name, version=version, card=card, input_size=size,
-                           threshold=card.threshold, keras_model=model,
-                           predictor=predictor, batcher=batcher, gradcam=gradcam,
-                           loaded_at=time.time())
+                           threshold=card.threshold, predictor=predictor, batcher=batcher,
+                           explainer=explainer, loaded_at=time.time())
 
     def _install(self, served: ServedModel) -> None:
         with self._swap_lock:
@@ -243,7 +280,7 @@ class ModelRegistry:
             source = "mean-of-members"
         return EnsembleInfo(members=members, threshold=threshold, threshold_source=source)
 
-    def try_load(self, name: str, *, reason: str, warm_gradcam: bool = True) -> bool:
+    def try_load(self, name: str, *, reason: str, warm_explainer: bool = True) -> bool:
         """Load the store's production version of `name` if it differs from the served one."""
         try:
             version = self.store.production(name)
@@ -259,7 +296,7 @@ class ModelRegistry:
             return False
         started = time.monotonic()
         try:
-            served = self.load_version(name, version, warm_gradcam=warm_gradcam)
+            served = self.load_version(name, version, warm_explainer=warm_explainer)
         except Exception as exc:
             message = f"version {version} refused: {type(exc).__name__}: {exc}"
             logger.error("%s %s (%s)", name, message, reason)
@@ -275,24 +312,27 @@ class ModelRegistry:
     def load_all(self) -> None:
         """Load every configured model; readiness waits for their predictions to be warm.
 
-        Grad-CAM is warmed after that (its first trace costs seconds per model on a CPU): an
-        explanation asked for in those seconds traces it itself. A new version arriving later
-        is warmed completely before it replaces the served one."""
+        The Keras models (for Grad-CAM) are built and warmed after that: TensorFlow's import
+        and Grad-CAM's first trace cost seconds per model on a CPU, and an ONNX copy needs
+        neither. An explanation asked for in those seconds builds its model itself. A new
+        version arriving later is loaded completely before it replaces the served one."""
         try:
             for name in self.configured:
                 if self._stop.is_set():
                     return
-                self.try_load(name, reason="startup", warm_gradcam=False)
+                self.try_load(name, reason="startup", warm_explainer=False)
         finally:
             self.loading_done.set()
-        if self.settings.warmup_gradcam:
-            for served in list(self._models.values()):
-                if self._stop.is_set():
-                    return
-                try:
-                    served.gradcam(resize_for_model(self.verification_images()[0], served.input_size))
-                except Exception:  # an explanation will say what is wrong; predictions are unaffected
-                    logger.exception("%s %s: Grad-CAM warm-up failed", served.name, served.version)
+        for served in list(self._models.values()):
+            if self._stop.is_set():
+                return
+            try:
+                heatmap = served.explainer.ready()
+                if self.settings.warmup_gradcam:
+                    heatmap(resize_for_model(self.verification_images()[0], served.input_size))
+            except Exception:  # explanations will fail and say so; predictions are unaffected
+                logger.exception("%s %s: the Keras model for Grad-CAM could not be built", served.name,
+                                 served.version)
 
     def _set_error(self, name: str, message: str | None) -> None:
         # Copy on write: routes read `errors` from other threads without a lock.
