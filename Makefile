@@ -50,8 +50,8 @@ pytest: setup
 
 test: lint typecheck pytest
 
-# The fast tier: no training, no ONNX conversion, no service processes (about a minute).
-test-fast: setup
+# The fast tier: no training, no ONNX conversion, no processes started (about a minute).
+test-fast: $(VENV)/.installed
 	$(BIN)/pytest -q -m "not slow"
 
 # devstack seeds the store it uses (so `setup`'s seeding is not repeated here); the data

@@ -1,10 +1,10 @@
 """Fixtures shared by every test package: the real data folder, a small model store, and the
 test tiers.
 
-Tiers: a test is `slow` when it trains a network, converts one to ONNX or starts a service
-process; every other test runs in `make test-fast` (`pytest -m "not slow"`). Tests get the
-mark from the fixtures they use (SLOW_FIXTURES, here and in the packages' conftest files) or
-from an explicit `@pytest.mark.slow`.
+Tiers: a test is `slow` when it trains a network, converts one to ONNX or starts a process
+(a service, a worker, the `ctscan` command, a browser); every other test runs in `make
+test-fast` (`pytest -m "not slow"`). Tests get the mark from the fixtures they use
+(SLOW_FIXTURES) or from an explicit `@pytest.mark.slow`.
 """
 
 from __future__ import annotations

@@ -91,6 +91,7 @@ def _one_line_error(result: subprocess.CompletedProcess[str], fragment: str) -> 
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # four CLI processes
 def test_wrong_input_ends_with_one_clear_line(data_dir: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     base = ["train", "--init", "none", "--epochs", "1", "--input-size", "32", "--limit-per-class", "2",
@@ -107,6 +108,7 @@ def test_wrong_input_ends_with_one_clear_line(data_dir: Path, tmp_path: Path) ->
     assert not store.exists() or not any(store.iterdir())
 
 
+@pytest.mark.slow  # a CLI process that loads data
 def test_a_failed_run_leaves_the_store_untouched(data_dir: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -136,6 +138,7 @@ def test_a_failed_run_leaves_the_store_untouched(data_dir: Path, tmp_path: Path)
     assert all(p.read_bytes() == data for p, data in snapshot.items())
 
 
+@pytest.mark.slow  # six CLI processes
 def test_models_list_promote_and_rollback(tmp_path: Path) -> None:
     store = tmp_path / "store"
     for version in saved_versions(store, "mobilenetv2", 2):

@@ -52,6 +52,7 @@ def test_settings_read_from_environment(monkeypatch: pytest.MonkeyPatch) -> None
     assert settings.admin.token() is None  # optional: the console then cannot queue
 
 
+@pytest.mark.slow  # starts the service's process
 def test_serve_web_refuses_to_start_with_placeholder_secret(tmp_path: Path) -> None:
     env = _base_env() | {"WEB_SECRET_KEY": "changeme", "WEB_ADMIN_PASSWORD": ADMIN_PASSWORD}
     completed = subprocess.run([CTSCAN, "serve", "web", "--port", "1"], check=False, env=env, cwd=tmp_path,
