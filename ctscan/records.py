@@ -32,6 +32,27 @@ class Record(BaseModel):
     def from_json(cls, data: bytes | str) -> Any:
         return cls.model_validate(json.loads(data))
 
+    # Read-only mapping access (record["threshold"], record.get("gate"), "gate" in record) for
+    # code written against the dict records these replace; new code reads attributes. A field
+    # that is None counts as absent for `get` and `in`.
+    def __getitem__(self, key: str) -> Any:
+        if key in type(self).model_fields:
+            return getattr(self, key)
+        extra = self.model_extra or {}
+        if key in extra:
+            return extra[key]
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            value = self[key]
+        except KeyError:
+            return default
+        return default if value is None else value
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and self.get(key) is not None
+
 
 class ModelCard(Record):
     """What a model version is and how it was made (card.json beside its weights).

@@ -46,6 +46,12 @@ def test_new_card_sections_and_unknown_keys_round_trip(tmp_path: Path) -> None:
     assert loaded.calibration is not None and loaded.calibration["temperature"] == 1.7
     assert loaded.gate == {"mean": 0.31, "std": 0.02}
     assert loaded.model_extra == {"a_key_from_the_future": {"nested": [1, 2]}}
+    # Code written against the dict cards reads them the same way.
+    assert loaded["threshold"] == 0.4 and loaded.get("gate") == {"mean": 0.31, "std": 0.02}
+    assert loaded["a_key_from_the_future"] == {"nested": [1, 2]} and loaded.get("split", "none") == "none"
+    assert "gate" in loaded and "calibration" in loaded and "split" not in loaded
+    with pytest.raises(KeyError):
+        loaded["no_such_key"]
     written = json.loads((tmp_path / "mobilenetv2" / version / CARD_FILE).read_text())
     assert {k: v for k, v in written.items() if k not in ("name", "version", "weights_sha256")} == card
     # No field is added that the author did not write.
