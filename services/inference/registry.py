@@ -57,20 +57,32 @@ class ModelNotReadyError(CTScanError):
     """The model is served but not loaded yet, or failed to load (HTTP 503)."""
 
 
-class Explainer:
-    """A version's Keras model and its Grad-CAM, built once, on first use."""
+# Keras models are built, and Grad-CAM traced, one at a time: side by side on two cores they
+# took minutes instead of seconds (retracing, and the GIL shared with the requests).
+_BUILDING = threading.Lock()
 
-    def __init__(self, build: Callable[[], Any]) -> None:
+
+class Explainer:
+    """A version's Keras model and its Grad-CAM, built (and traced on `warm_pixels`) once, on
+    first use: by the loader right after readiness, or by an explanation asked for first."""
+
+    def __init__(self, build: Callable[[], Any], *, warm_pixels: np.ndarray | None) -> None:
         self._build = build
-        self._lock = threading.Lock()
+        self._warm_pixels = warm_pixels
         self._heatmap: HeatmapFunction | None = None
         self.model: Any = None
 
     def ready(self) -> HeatmapFunction:
-        with self._lock:
+        heatmap = self._heatmap
+        if heatmap is not None:
+            return heatmap
+        with _BUILDING:
             if self._heatmap is None:
                 self.model = self._build()
-                self._heatmap = make_gradcam(self.model)
+                heatmap = make_gradcam(self.model)
+                if self._warm_pixels is not None:
+                    heatmap(self._warm_pixels)
+                self._heatmap = heatmap
             return self._heatmap
 
 
@@ -213,10 +225,11 @@ class ModelRegistry:
         with `warm_explainer`, also build its Keras model (its weights must fit the
         architecture) and warm Grad-CAM before returning."""
         card, weights = self.store.verified_card(name, version)
-        explainer = Explainer(functools.partial(keras_model_from, card, weights))
         size = card.input_size
         images = np.stack([resize_for_model(p, size) for p in self.verification_images()])
         settings = self.settings
+        explainer = Explainer(functools.partial(keras_model_from, card, weights),
+                              warm_pixels=images[0] if settings.warmup_gradcam else None)
         absent_reason = NO_COPY_REASON
         try:
             onnx_copy = self.store.onnx_copy(name, version) if settings.use_onnx else None
@@ -242,9 +255,7 @@ class ModelRegistry:
         for batch_size in sorted({*range(1, min(largest, 32) + 1), largest}):
             predictor.predict(np.repeat(images[:1], batch_size, axis=0))
         if warm_explainer:
-            heatmap = explainer.ready()
-            if settings.warmup_gradcam:
-                heatmap(images[0])
+            explainer.ready()
         batch_metric = self.metrics.batch_size.labels(model=name)
         batcher = DynamicBatcher(predictor.predict, name=f"{name}-{version}",
                                  max_batch_size=settings.max_batch_size,
@@ -326,10 +337,10 @@ class ModelRegistry:
         for served in list(self._models.values()):
             if self._stop.is_set():
                 return
+            started = time.monotonic()
             try:
-                heatmap = served.explainer.ready()
-                if self.settings.warmup_gradcam:
-                    heatmap(resize_for_model(self.verification_images()[0], served.input_size))
+                served.explainer.ready()
+                logger.info("%s %s: Grad-CAM ready in %.1fs", served.name, served.version, time.monotonic() - started)
             except Exception:  # explanations will fail and say so; predictions are unaffected
                 logger.exception("%s %s: the Keras model for Grad-CAM could not be built", served.name,
                                  served.version)
