@@ -4,12 +4,30 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data/ucsd-covid-ct
+# The development model store (`make up` and `make bench` use it) and the shipped release.
+# Outside the source tree the library defaults to the per-user data folder instead.
+STORE ?= var/model-store
+RELEASE := models
+# The release's ONNX copies, one per version: made once per checkout, never committed.
+RELEASE_ONNX := $(patsubst %/SHA256SUMS,%/onnx/SHA256SUMS,$(wildcard $(RELEASE)/*/*/SHA256SUMS))
 
-.PHONY: setup seed test lint typecheck pytest up down train-release evaluate bench lock clean
+.PHONY: setup seed release-onnx test test-fast lint typecheck pytest up down train-release evaluate bench lock clean
 
-# Installs, then seeds the local model store from the shipped release (no download).
-setup: $(VENV)/.installed
-	$(BIN)/ctscan models seed > /dev/null
+# Installs, makes the release's ONNX copies (checked against TensorFlow on real images, so
+# only when the data is there), then seeds the development store from the release.
+setup: $(VENV)/.installed release-onnx
+	$(BIN)/ctscan models seed --release $(RELEASE) --store $(STORE) > /dev/null
+
+ifneq ($(wildcard $(DATA)/split.csv),)
+release-onnx: $(RELEASE_ONNX)
+else
+release-onnx:
+	@echo "no data at $(DATA): the release gets no ONNX copies and inference uses TensorFlow"
+endif
+
+$(RELEASE)/%/onnx/SHA256SUMS: | $(VENV)/.installed
+	$(BIN)/ctscan models export-onnx --store $(RELEASE) --data $(DATA) \
+		--model $(word 1,$(subst /, ,$*)) --version $(word 2,$(subst /, ,$*)) > /dev/null
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +35,9 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install --quiet --constraint requirements.lock --editable '.[test]'
 	touch $@
 
-# Copy the shipped release (models/) into the configured model store; never replaces anything.
+# Copy the shipped release (models/) into the development store; never replaces anything.
 seed: setup
-	$(BIN)/ctscan models seed
+	$(BIN)/ctscan models seed --release $(RELEASE) --store $(STORE)
 
 lint: setup
 	$(BIN)/ruff check ctscan services tests bench scripts
@@ -32,8 +50,14 @@ pytest: setup
 
 test: lint typecheck pytest
 
-up: setup
-	$(BIN)/python scripts/devstack.py up
+# The fast tier: no training, no ONNX conversion, no processes started (about a minute).
+test-fast: $(VENV)/.installed
+	$(BIN)/pytest -q -m "not slow"
+
+# devstack seeds the store it uses (so `setup`'s seeding is not repeated here); the data
+# folder only supplies real slices for the services' smoke predictions.
+up: $(VENV)/.installed release-onnx
+	CTSCAN_DATA_DIR="$${CTSCAN_DATA_DIR:-$(abspath $(DATA))}" $(BIN)/python scripts/devstack.py up
 
 down:
 	$(BIN)/python scripts/devstack.py down

@@ -30,7 +30,7 @@ def main() -> None:
     from ctscan.store import load_keras_model, open_store
 
     model, card = load_keras_model(open_store(args.store), args.model)
-    size = int(card["input_size"])
+    size = card.input_size
     app = FastAPI()
 
     @app.get("/healthz")

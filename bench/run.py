@@ -123,7 +123,7 @@ def pipeline_images_per_s(predict: Any, images: list[bytes], size: int, batch_si
 def in_process(store_url: str, images: list[bytes], *, quick: bool) -> dict[str, Any]:
     """Limits measured without HTTP, on the slices the load generator sends."""
     from ctscan.imaging import decode_image, resize_for_model
-    from ctscan.onnx_runtime import build_fast_predictor, cached_onnx, keras_predictor, onnx_predictor
+    from ctscan.onnx_runtime import keras_predictor, load_fast_predictor, onnx_predictor
     from ctscan.store import load_keras_model, open_store
 
     store = open_store(store_url)
@@ -133,18 +133,17 @@ def in_process(store_url: str, images: list[bytes], *, quick: bool) -> dict[str,
     results: dict[str, Any] = {}
     for name in MODELS:
         model, card = load_keras_model(store, name)
-        size = int(card["input_size"])
+        size = card.input_size
         decode_ms = [1000 * _time_call(lambda data, size=size: resize_for_model(decode_image(data).grey, size),
                                        data, repeats) for data in images]
         slices = np.stack([resize_for_model(decode_image(d).grey, size) for d in images[:4]])
-        cache = REPO_ROOT / "var" / "onnx-cache"  # shared with the service: same conversion
+        onnx_copy = store.onnx_copy(name, str(card.version))  # the copy the service serves
         backends = {"tensorflow": keras_predictor(model)}
-        fast = build_fast_predictor(model, slices, weights_sha256=card.get("weights_sha256"), cache_dir=cache)
+        fast = load_fast_predictor(model, onnx_copy, slices, weights_sha256=card.weights_sha256)
         pipelines: dict[str, Any] = {"tensorflow": [backends["tensorflow"]]}
-        if fast.backend == "onnxruntime":
+        if fast.backend == "onnxruntime" and onnx_copy is not None:
             backends["onnxruntime"] = fast.predict  # ONNX Runtime's defaults: idle threads spin
-            onnx_bytes = cached_onnx(model, card.get("weights_sha256"), cache)
-            pipelines["onnxruntime"] = [fast.predict, onnx_predictor(onnx_bytes, spinning=False)]
+            pipelines["onnxruntime"] = [fast.predict, onnx_predictor(onnx_copy[0], spinning=False)]
         entry: dict[str, Any] = {"decode_ms": decode_ms, "input_size": size,
                                  "onnx_fallback_reason": fast.fallback_reason}
         for backend, predict in backends.items():

@@ -1,4 +1,8 @@
-"""`ctscan` command line: data, train, evaluate, models, serve, jobs.
+"""`ctscan` command line: data, train, evaluate, models, serve, and the services' commands.
+
+The services plug in through entry points (see pyproject.toml), so this core module never
+imports them: `ctscan.services` names what `ctscan serve NAME` runs, `ctscan.commands`
+adds whole commands (the trainer's `ctscan jobs`).
 
 Every CTScanError (and other expected failures) ends as one line on stderr, exit status 2.
 """
@@ -10,12 +14,16 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
 from ctscan.errors import CTScanError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SERVICES_GROUP = "ctscan.services"  # name -> callable(args) that runs the service
+COMMANDS_GROUP = "ctscan.commands"  # name -> callable(subparsers) that adds a command
 
 
 def _positive_int(text: str) -> int:
@@ -28,24 +36,35 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _plugins(group: str) -> list[EntryPoint]:
+    return sorted(entry_points(group=group), key=lambda entry: entry.name)
+
+
 def _store(args: argparse.Namespace) -> Any:
-    from ctscan.config import get_core_settings
+    from ctscan.settings import get_store_settings
     from ctscan.store import open_store
 
-    return open_store(getattr(args, "store", None) or get_core_settings().model_store)
+    return open_store(getattr(args, "store", None) or get_store_settings().model_store)
 
 
 def _data_dir(args: argparse.Namespace) -> str:
-    from ctscan.config import get_core_settings
+    from ctscan.settings import get_core_settings
 
     return str(getattr(args, "data", None) or get_core_settings().data_dir)
 
 
+def _short(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    if metrics is None:
+        return None
+    return {k: metrics[k] for k in ("accuracy", "precision", "recall", "f1", "auc") if k in metrics}
+
+
 # --- train --------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from ctscan.config import get_core_settings
     from ctscan.models import get_spec
-    from ctscan.training import TrainConfig, train_and_store
+    from ctscan.publishing import train_and_store
+    from ctscan.settings import get_core_settings
+    from ctscan.training import TrainConfig
 
     get_spec(args.model)
     config = TrainConfig(
@@ -65,18 +84,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     summary = {
         "model": args.model, "version": version, "promoted": promoted, "init": args.init,
-        "threshold": card["threshold"], "val": _short(card["metrics"]["val"]),
-        "test": _short(card["metrics"].get("test")), "run_dir": str(run_dir),
-        "training_seconds": card["training_seconds"],
+        "threshold": card.threshold, "val": _short(card.metrics.get("val")),
+        "test": _short(card.metrics.get("test")), "run_dir": str(run_dir),
+        "training_seconds": card.training_seconds,
     }
     print(json.dumps(summary, indent=2))
     return 0
-
-
-def _short(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
-    if metrics is None:
-        return None
-    return {k: metrics[k] for k in ("accuracy", "precision", "recall", "f1", "auc") if k in metrics}
 
 
 # --- evaluate -----------------------------------------------------------------------------
@@ -149,13 +162,13 @@ def _read_inputs(paths: Sequence[str], limits: Any) -> list[bytes]:
 def cmd_predict(args: argparse.Namespace) -> int:
     from ctscan.answers import slice_answer, study_answer
     from ctscan.imaging import decode_image
-    from ctscan.models import MODEL_NAMES
+    from ctscan.models import architecture_names
     from ctscan.predictor import ENSEMBLE, Predictor
     from ctscan.study import StudyLimits
 
     blobs = _read_inputs(args.paths, StudyLimits())
     decoded = [decode_image(data) for data in blobs]
-    names = list(MODEL_NAMES) if args.model == ENSEMBLE else [args.model]
+    names = list(architecture_names()) if args.model == ENSEMBLE else [args.model]
     predictor = Predictor.from_store(_store(args), names)
     version = ",".join(f"{n}={m.version}" for n, m in predictor.models.items())
     study = len(decoded) > 1 or any(Path(p).is_dir() for p in args.paths)
@@ -205,8 +218,8 @@ def cmd_data_download(args: argparse.Namespace) -> int:
 def cmd_data_upload(args: argparse.Namespace) -> int:
     from ctscan.datasets import upload_dataset
 
-    result = upload_dataset(Path(args.dir), args.url, version=args.version)
-    print(json.dumps(result, indent=2))
+    manifest = upload_dataset(Path(args.dir), args.url, version=args.version)
+    print(json.dumps(manifest.model_dump(mode="json"), indent=2))
     return 0
 
 
@@ -220,8 +233,9 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         for version in store.list_versions(name):
             card = store.card(name, version)
             versions.append({"version": version, "production": version == production,
-                             "val": _short(card.get("metrics", {}).get("val")),
-                             "test": _short(card.get("metrics", {}).get("test"))})
+                             "val": _short(card.metrics.get("val")),
+                             "test": _short(card.metrics.get("test")),
+                             "onnx": store.has_onnx(name, version)})
         listing[name] = versions
     print(json.dumps(listing, indent=2))
     return 0
@@ -242,11 +256,14 @@ def cmd_models_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_models_seed(args: argparse.Namespace) -> int:
-    from ctscan.config import get_core_settings
     from ctscan.release import seed_store
+    from ctscan.settings import get_core_settings
 
-    release = Path(args.release or get_core_settings().release_dir)
-    result = seed_store(release, _store(args))
+    release = args.release or get_core_settings().release_dir
+    if release is None:
+        raise CTScanError("no release folder: pass --release DIR (the shipped release is models/ in the "
+                          "source tree) or set CTSCAN_RELEASE_DIR")
+    result = seed_store(Path(release), _store(args))
     print(json.dumps(result, indent=2))
     return 0
 
@@ -255,44 +272,38 @@ def cmd_models_calibrate(args: argparse.Namespace) -> int:
     from ctscan.evaluation import calibrate_ensemble
 
     record = calibrate_ensemble(store=_store(args), data_dir=_data_dir(args))
-    print(json.dumps(record, indent=2))
+    print(json.dumps(record.model_dump(mode="json"), indent=2))
     return 0
 
 
-# --- serve and jobs are provided by the services ------------------------------------------
+def cmd_models_export_onnx(args: argparse.Namespace) -> int:
+    from ctscan.publishing import export_missing_onnx
+
+    result = export_missing_onnx(_store(args), data_dir=Path(_data_dir(args)), models=args.model or None,
+                                 version=args.version)
+    print(json.dumps(result, indent=2))
+    return 1 if result["failed"] else 0
+
+
+# --- services (entry points) --------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.service == "inference":
-        from services.inference.main import serve as serve_inference
-
-        serve_inference(host=args.host, port=args.port or 8000)
-    elif args.service == "web":
-        from services.web.main import serve as serve_web
-
-        serve_web(host=args.host, port=args.port or 8080)
-    else:
-        from services.trainer.main import serve as serve_worker
-
-        serve_worker(concurrency=args.concurrency)
-    return 0
-
-
-def cmd_jobs(args: argparse.Namespace) -> int:
-    from services.trainer.cli import run_jobs_command
-
-    return run_jobs_command(args)
+    entry = next(e for e in _plugins(SERVICES_GROUP) if e.name == args.service)
+    status = entry.load()(args)
+    return int(status or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from ctscan.data import AUGMENTATIONS
     from ctscan.metrics import THRESHOLD_RULES
-    from ctscan.models import MODEL_NAMES
+    from ctscan.models import architecture_names
     from ctscan.preprocessing import DEFAULT_PREPROCESSING, PREPROCESSORS
 
+    names = ", ".join(architecture_names())
     parser = argparse.ArgumentParser(prog="ctscan", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train one model and save it to the model store")
-    train.add_argument("--model", required=True, help=f"one of {', '.join(MODEL_NAMES)}")
+    train.add_argument("--model", required=True, help=f"one of {names}")
     train.add_argument("--data", help="dataset folder (default: CTSCAN_DATA_DIR)")
     train.add_argument("--init", default="imagenet", help="imagenet | none | PATH to backbone weights")
     train.add_argument("--input-size", type=_positive_int)
@@ -329,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="evaluate production models on a split")
-    evaluate.add_argument("--model", default="all", help=f"all or one of {', '.join(MODEL_NAMES)}")
+    evaluate.add_argument("--model", default="all", help=f"all or one of {names}")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
     evaluate.add_argument("--data")
     evaluate.add_argument("--store")
@@ -354,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="classify a slice, a study folder or a ZIP without the service")
     predict.add_argument("paths", nargs="+", help="DICOM/PNG/JPEG files, folders of a study, or ZIPs of a series")
-    predict.add_argument("--model", default="ensemble", help=f"ensemble or one of {', '.join(MODEL_NAMES)}")
+    predict.add_argument("--model", default="ensemble", help=f"ensemble or one of {', '.join(architecture_names())}")
     predict.add_argument("--explain", action="store_true", help="add Grad-CAM heatmaps (base64 PNG in --json)")
     predict.add_argument("--store")
     predict.add_argument("--json", action="store_true")
@@ -368,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("dest")
     download.add_argument("--base-url", default=None, help="mirror of the UCSD-AI4H/COVID-CT repository")
     download.set_defaults(func=cmd_data_download)
-    upload = data.add_parser("upload", help="publish a dataset version to S3")
+    upload = data.add_parser("upload", help="publish a dataset version to S3 (or a datasets folder)")
     upload.add_argument("dir")
     upload.add_argument("url", help="s3://bucket/prefix/datasets/<name>")
     upload.add_argument("--version")
@@ -388,29 +399,33 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--store")
     rollback.set_defaults(func=cmd_models_rollback)
     seed = models.add_parser("seed", help="copy the shipped release (models/) into the store")
-    seed.add_argument("--release")
+    seed.add_argument("--release", help="release folder (default: CTSCAN_RELEASE_DIR)")
     seed.add_argument("--store")
     seed.set_defaults(func=cmd_models_seed)
     calibrate = models.add_parser("calibrate-ensemble", help="choose the ensemble threshold on val")
     calibrate.add_argument("--data")
     calibrate.add_argument("--store")
     calibrate.set_defaults(func=cmd_models_calibrate)
+    export = models.add_parser("export-onnx", help="make and check the ONNX copy of versions that lack one")
+    export.add_argument("--model", action="append", help=f"only this model (repeatable): {names}")
+    export.add_argument("--version", help="only this version (with one --model)")
+    export.add_argument("--data", help="real CT images to check the copies on (default: CTSCAN_DATA_DIR)")
+    export.add_argument("--store")
+    export.set_defaults(func=cmd_models_export_onnx)
 
     serve = sub.add_parser("serve", help="run a service")
-    serve.add_argument("service", choices=("inference", "web", "worker"))
+    serve.add_argument("service", choices=[entry.name for entry in _plugins(SERVICES_GROUP)])
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=_positive_int)
     serve.add_argument("--concurrency", type=_positive_int, default=1)
     serve.set_defaults(func=cmd_serve)
 
-    jobs = sub.add_parser("jobs", help="training jobs (trainer service)")
-    try:
-        from services.trainer.cli import add_jobs_arguments
-
-        add_jobs_arguments(jobs)
-    except ImportError:
-        pass
-    jobs.set_defaults(func=cmd_jobs)
+    for entry in _plugins(COMMANDS_GROUP):
+        try:
+            add_command: Callable[[Any], None] = entry.load()
+        except ImportError:  # that service's dependencies are not installed here
+            continue
+        add_command(sub)
     return parser
 
 

@@ -25,17 +25,18 @@ from ctscan.errors import CTScanError, DataError, ImageError, StoreError
 from ctscan.gradcam import make_gradcam
 from ctscan.imaging import DecodedImage, decode_image
 from ctscan.metrics import choose_threshold, full_report
-from ctscan.models import MODEL_NAMES, get_spec
+from ctscan.models import ENSEMBLE, architecture_names, get_spec
 from ctscan.preprocessing import LUNG_V1, card_preprocessing, get_preprocessor, prepare
+from ctscan.records import EnsembleRecord, ModelCard
 from ctscan.robustness import attention_report, robustness_report
 from ctscan.store import ModelStore, load_keras_model
 from ctscan.training import _subset, predict_probabilities
 
-ENSEMBLE = "ensemble"
+__all__ = ["ENSEMBLE", "calibrate_ensemble", "ensemble_record_for", "evaluate_store", "predict_split"]
 
 
 def _resolve_models(store: ModelStore, models: str | list[str]) -> list[str]:
-    names = list(MODEL_NAMES) if models == "all" else ([models] if isinstance(models, str) else models)
+    names = list(architecture_names()) if models == "all" else ([models] if isinstance(models, str) else models)
     for name in names:
         get_spec(name)
     available = [n for n in names if store.production(n)]
@@ -58,7 +59,7 @@ class SplitPredictions:
     targets: np.ndarray
     decoded: list[DecodedImage]
     lungs_visible: np.ndarray
-    cards: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cards: dict[str, ModelCard] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, np.ndarray] = field(default_factory=dict)
     calibrated: dict[str, np.ndarray] = field(default_factory=dict)
@@ -104,7 +105,7 @@ class EnsembleNotCalibratedError(CTScanError):
     """The ensemble's calibration and threshold were fitted for other member versions."""
 
 
-def ensemble_record_for(store: ModelStore, members: dict[str, str]) -> dict[str, Any]:
+def ensemble_record_for(store: ModelStore, members: dict[str, str]) -> EnsembleRecord:
     """The stored ensemble calibration when it was fitted for exactly these member
     versions. Anything else would change the clinical decision rule without anyone
     deciding it, so the ensemble is refused until it is calibrated again."""
@@ -112,8 +113,8 @@ def ensemble_record_for(store: ModelStore, members: dict[str, str]) -> dict[str,
     if not record:
         raise EnsembleNotCalibratedError(
             "the ensemble has no calibration; run `ctscan models calibrate-ensemble` (fits its threshold on val)")
-    if record.get("members") != members:
-        calibrated_for = ", ".join(f"{n} {v}" for n, v in sorted((record.get("members") or {}).items()))
+    if record.members != members:
+        calibrated_for = ", ".join(f"{n} {v}" for n, v in sorted(record.members.items()))
         serving = ", ".join(f"{n} {v}" for n, v in sorted(members.items()))
         raise EnsembleNotCalibratedError(
             f"the ensemble was calibrated for {calibrated_for or 'other members'}, but production is now "
@@ -121,15 +122,15 @@ def ensemble_record_for(store: ModelStore, members: dict[str, str]) -> dict[str,
     return record
 
 
-def ensemble_probabilities(calibrated_members: list[np.ndarray], record: dict[str, Any] | None) -> np.ndarray:
+def ensemble_probabilities(calibrated_members: list[np.ndarray], record: EnsembleRecord | None) -> np.ndarray:
     """Mean of the members' calibrated probabilities, calibrated again as the record says."""
     mean = np.mean(calibrated_members, axis=0)
-    return Calibration.from_dict((record or {}).get("calibration")).apply(mean)
+    return Calibration.from_dict(record.get("calibration") if record is not None else None).apply(mean)
 
 
 def calibrate_ensemble(
     *, store: ModelStore, data_dir: str, limit_per_class: int | None = None, rule: str = "youden"
-) -> dict[str, Any]:
+) -> EnsembleRecord:
     """Fit the ensemble's calibration and threshold on the val split for the current
     production members, and store them with the member versions."""
     names = _resolve_models(store, "all")
@@ -143,18 +144,18 @@ def calibrate_ensemble(
     calibration, comparison = fit_calibration(mean, targets)
     probabilities = calibration.apply(mean)
     threshold = choose_threshold(targets, probabilities, rule)
-    record = {
-        "members": {n: split.cards[n]["version"] for n in names},
-        "threshold": threshold,
-        "threshold_rule": rule,
-        "uncertainty": {**choose_band(targets, probabilities, threshold), "fitted_on": "val"},
-        "calibration": {**calibration.as_dict(), "fitted_on": "val", "comparison": comparison,
-                        "before": calibration_metrics(targets, mean),
-                        "after": calibration_metrics(targets, probabilities)},
-        "dataset_fingerprint": dataset.fingerprint(),
-        "metrics": {"val": full_report(targets, probabilities, threshold)},
-        "created_at": datetime.now(UTC).isoformat(),
-    }
+    record = EnsembleRecord(
+        members={n: str(split.cards[n].version) for n in names},
+        threshold=threshold,
+        threshold_rule=rule,
+        dataset_fingerprint=dataset.fingerprint(),
+        metrics={"val": full_report(targets, probabilities, threshold)},
+        created_at=datetime.now(UTC).isoformat(),
+        uncertainty={**choose_band(targets, probabilities, threshold), "fitted_on": "val"},
+        calibration={**calibration.as_dict(), "fitted_on": "val", "comparison": comparison,
+                     "before": calibration_metrics(targets, mean),
+                     "after": calibration_metrics(targets, probabilities)},
+    )
     store.save_ensemble_record(record)
     return record
 
@@ -187,7 +188,7 @@ def _save_plots(out_dir: Path, name: str, targets: np.ndarray, probabilities: np
     reliability_plot(out_dir / f"reliability_{name}.png", curves, title=f"Reliability - {name}")
 
 
-def card_band(card: dict[str, Any] | None) -> float:
+def card_band(card: ModelCard | EnsembleRecord | dict[str, Any] | None) -> float:
     """The indeterminate band a card (or ensemble record) was fitted with on val."""
     return float(((card or {}).get("uncertainty") or {}).get("band", DEFAULT_BAND))
 

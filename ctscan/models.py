@@ -1,4 +1,9 @@
-"""The three architectures of the product, built by one factory.
+"""The architectures of the product: one registry, one factory.
+
+`ARCHITECTURES` is the only list of model names: the CLI, the services' settings, the web
+page and the evaluation all ask it. An architecture is its name, the name people read, a
+backbone builder, the backbone's own input preprocessing, its input size and the brief's
+head; `register_architecture` adds one (see docs/architecture.md).
 
 Each model takes RGB pixels 0..255 (float32, NHWC) and does its backbone's own
 preprocessing inside, so servers and the ONNX copy feed plain pixels. The backbone is built
@@ -7,6 +12,7 @@ on the preprocessed tensor (one flat graph), which keeps Grad-CAM and layer free
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,15 +22,25 @@ from ctscan.errors import ModelError
 if TYPE_CHECKING:
     import keras
 
+ENSEMBLE = "ensemble"  # the mean of the architectures' probabilities; never an architecture's name
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probability_covid"
 HEAD_PREFIX = "head_"
+PREPROCESSING_PREFIX = "pre_"  # layer names of the preprocessing (not part of the backbone)
 SCRATCH_BN_MOMENTUM = 0.9
+
+# (preprocessed input tensor, weights: "imagenet" | path | None) -> backbone without its top
+BackboneBuilder = Callable[[Any, str | None], "keras.Model"]
+# input tensor of pixels 0..255 -> what the backbone expects; layers named PREPROCESSING_PREFIX*
+Preprocessing = Callable[[Any], Any]
 
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
     name: str
+    label: str  # as people read it ("DenseNet-121")
+    backbone: BackboneBuilder
+    preprocessing: Preprocessing
     input_size: int
     min_input_size: int
     dense_units: int
@@ -32,16 +48,73 @@ class ArchitectureSpec:
     gradcam_layer: str  # last convolutional activation of the backbone
     # Layers (from the top of the backbone) made trainable in the fine-tuning phase;
     # 0 = the seed's regime keeps the base frozen throughout.
-    finetune_layers: int
+    finetune_layers: int = 0
 
 
-ARCHITECTURES: dict[str, ArchitectureSpec] = {
-    "inceptionv3": ArchitectureSpec("inceptionv3", 299, 75, 512, (0.5,), "mixed10", 0),
-    # The brief's head: Dense 512 then two Dropouts before the output unit.
-    "densenet121": ArchitectureSpec("densenet121", 224, 32, 512, (0.5, 0.3), "relu", 0),
-    "mobilenetv2": ArchitectureSpec("mobilenetv2", 224, 32, 1024, (0.5,), "out_relu", 20),
-}
-MODEL_NAMES = tuple(ARCHITECTURES)
+# --- preprocessing, as layers inside the model ------------------------------------------------
+def scale_to_plus_minus_one(inputs: Any) -> Any:
+    """keras.applications' "tf" mode: pixels 0..255 -> -1..1."""
+    import keras
+
+    return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name=f"{PREPROCESSING_PREFIX}scale")(inputs)
+
+
+def imagenet_normalisation(inputs: Any) -> Any:
+    """keras.applications' "torch" mode: 0..1, then ImageNet's mean and standard deviation."""
+    import keras
+
+    scaled = keras.layers.Rescaling(1.0 / 255.0, name=f"{PREPROCESSING_PREFIX}scale")(inputs)
+    return keras.layers.Normalization(
+        mean=[0.485, 0.456, 0.406],
+        variance=[0.229**2, 0.224**2, 0.225**2],
+        name=f"{PREPROCESSING_PREFIX}normalize",
+    )(scaled)
+
+
+# --- backbones ---------------------------------------------------------------------------------
+def _inception_v3(tensor: Any, weights: str | None) -> keras.Model:
+    import keras
+
+    return keras.applications.InceptionV3(include_top=False, weights=weights, input_tensor=tensor)
+
+
+def _densenet121(tensor: Any, weights: str | None) -> keras.Model:
+    import keras
+
+    return keras.applications.DenseNet121(include_top=False, weights=weights, input_tensor=tensor)
+
+
+def _mobilenet_v2(tensor: Any, weights: str | None) -> keras.Model:
+    import keras
+
+    return keras.applications.MobileNetV2(include_top=False, weights=weights, input_tensor=tensor)
+
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {}
+
+
+def register_architecture(spec: ArchitectureSpec) -> None:
+    if not spec.name.isidentifier() or spec.name == ENSEMBLE:
+        raise ValueError(f"{spec.name!r} cannot be an architecture name")
+    ARCHITECTURES[spec.name] = spec
+
+
+def unregister_architecture(name: str) -> None:
+    ARCHITECTURES.pop(name, None)
+
+
+def architecture_names() -> tuple[str, ...]:
+    return tuple(ARCHITECTURES)
+
+
+register_architecture(ArchitectureSpec(
+    "inceptionv3", "InceptionV3", _inception_v3, scale_to_plus_minus_one, 299, 75, 512, (0.5,), "mixed10"))
+# The brief's head: Dense 512 then two Dropouts before the output unit.
+register_architecture(ArchitectureSpec(
+    "densenet121", "DenseNet-121", _densenet121, imagenet_normalisation, 224, 32, 512, (0.5, 0.3), "relu"))
+register_architecture(ArchitectureSpec(
+    "mobilenetv2", "MobileNetV2", _mobilenet_v2, scale_to_plus_minus_one, 224, 32, 1024, (0.5,), "out_relu",
+    finetune_layers=20))
 
 
 def get_spec(name: str) -> ArchitectureSpec:
@@ -49,34 +122,8 @@ def get_spec(name: str) -> ArchitectureSpec:
         return ARCHITECTURES[name]
     except KeyError:
         raise ModelError(
-            f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}"
+            f"unknown model {name!r}; choose one of {', '.join(architecture_names())}"
         ) from None
-
-
-def _preprocessing(name: str, inputs: Any) -> Any:
-    import keras
-
-    if name == "densenet121":
-        # keras.applications.densenet.preprocess_input ("torch" mode) as plain layers.
-        scaled = keras.layers.Rescaling(1.0 / 255.0, name="pre_scale")(inputs)
-        return keras.layers.Normalization(
-            mean=[0.485, 0.456, 0.406],
-            variance=[0.229**2, 0.224**2, 0.225**2],
-            name="pre_normalize",
-        )(scaled)
-    # InceptionV3 and MobileNetV2 expect -1..1 ("tf" mode).
-    return keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="pre_scale")(inputs)
-
-
-def _backbone(name: str, tensor: Any, weights: str | None) -> keras.Model:
-    import keras
-
-    constructors = {
-        "inceptionv3": keras.applications.InceptionV3,
-        "densenet121": keras.applications.DenseNet121,
-        "mobilenetv2": keras.applications.MobileNetV2,
-    }
-    return constructors[name](include_top=False, weights=weights, input_tensor=tensor)
 
 
 def parse_init(init: str) -> str | None:
@@ -115,9 +162,9 @@ def build_model(
     import keras
 
     inputs = keras.Input(shape=(size, size, 3), name=INPUT_NAME, dtype="float32")
-    preprocessed = _preprocessing(name, inputs)
+    preprocessed = spec.preprocessing(inputs)
     try:
-        backbone = _backbone(name, preprocessed, weights)
+        backbone = spec.backbone(preprocessed, weights)
     except Exception as exc:  # urllib and h5py raise several types for a missing download or file
         if weights == "imagenet":
             raise ModelError(
@@ -174,7 +221,7 @@ def backbone_layers(model: keras.Model) -> list[Any]:
         layer
         for layer in model.layers
         if layer.name != INPUT_NAME
-        and not layer.name.startswith(("pre_", HEAD_PREFIX))
+        and not layer.name.startswith((PREPROCESSING_PREFIX, HEAD_PREFIX))
         and layer.name != OUTPUT_NAME
     ]
 

@@ -1,24 +1,26 @@
-"""ONNX Runtime copies of the Keras models: conversion, verification and the fast predictor.
+"""ONNX Runtime copies of the Keras models: made and checked once, loaded by servers.
 
-The ONNX copy is only a speed-up. It is used only after its outputs match TensorFlow's on
-real CT images within a tolerance (1e-4 by default); anything else (a converter error, an
-unsupported op, a mismatch) falls back to TensorFlow and says why.
+`export_onnx` converts a model with tf2onnx and compares the copy with TensorFlow on real
+CT images; only a copy within the tolerance (1e-4 by default, in probability) is kept, and
+the store keeps it beside the version's weights (`ModelStore.attach_onnx`). Servers call
+`load_fast_predictor`: it loads the stored copy, smoke-tests it and otherwise falls back to
+TensorFlow, saying why. The copy is only a speed-up; a version without one still serves.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ctscan.errors import ModelError
+from ctscan.errors import DataError, ImageError, ModelError
 from ctscan.models import INPUT_NAME
+from ctscan.records import OnnxManifest
 
 if TYPE_CHECKING:
     import keras
@@ -29,6 +31,7 @@ DEFAULT_TOLERANCE = 1e-4
 ONNX_OPSET = 17
 BACKEND_ONNX = "onnxruntime"
 BACKEND_TF = "tensorflow"
+NO_COPY_REASON = "this version has no ONNX copy (make one with `ctscan models export-onnx`)"
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -43,7 +46,7 @@ class FastPredictor:
 
     predict: Predict
     backend: str  # BACKEND_ONNX or BACKEND_TF
-    max_abs_difference: float | None  # ONNX vs TensorFlow on the verification images
+    max_abs_difference: float | None  # ONNX vs TensorFlow when the copy was made
     fallback_reason: str | None  # why ONNX is not used, when it is not
 
 
@@ -62,6 +65,12 @@ def keras_predictor(model: keras.Model) -> Predict:
         return np.asarray(forward(batch.astype(np.float32, copy=False))).reshape(-1)
 
     return predict
+
+
+def converter_version() -> str:
+    import tf2onnx
+
+    return f"tf2onnx {tf2onnx.__version__}"
 
 
 def convert_to_onnx(model: keras.Model, *, opset: int = ONNX_OPSET) -> bytes:
@@ -107,70 +116,168 @@ def onnx_predictor(onnx_bytes: bytes, *, threads: int | None = None, spinning: b
     return predict
 
 
-def max_difference(reference: Predict, candidate: Predict, images: np.ndarray) -> float:
+def max_difference(reference: Predict | np.ndarray, candidate: Predict, images: np.ndarray) -> float:
     """Largest absolute difference in probability, image by image and as one batch."""
-    expected = reference(images)
+    expected = reference if isinstance(reference, np.ndarray) else reference(images)
     batched = candidate(images)
     single = np.concatenate([candidate(images[i:i + 1]) for i in range(len(images))])
-    if batched.shape != expected.shape or not np.all(np.isfinite(batched)):
+    if batched.shape != expected.shape or not (np.all(np.isfinite(batched)) and np.all(np.isfinite(single))):
         return float("inf")
     return float(max(np.abs(batched - expected).max(), np.abs(single - expected).max()))
 
 
-def cached_onnx(model: keras.Model, weights_sha256: str | None, cache_dir: Path | None) -> bytes:
-    """Convert, reusing an earlier conversion of exactly these weights when cached."""
-    if cache_dir is None or not weights_sha256:
-        return convert_to_onnx(model)
-    key = hashlib.sha256(f"{model.name}:{model.input_shape}:{weights_sha256}:{ONNX_OPSET}".encode())
-    path = cache_dir / f"{model.name}-{key.hexdigest()[:24]}.onnx"
-    if path.is_file():
-        return path.read_bytes()
+# --- made once, when a version is saved ----------------------------------------------------------
+@dataclass(frozen=True)
+class OnnxExport:
+    onnx_bytes: bytes
+    input_size: int
+    max_abs_difference: float
+    tolerance: float
+    verification_images: int
+    verified_on: str
+
+    def manifest(self, *, weights_sha256: str) -> OnnxManifest:
+        import hashlib
+
+        return OnnxManifest(
+            sha256=hashlib.sha256(self.onnx_bytes).hexdigest(), size=len(self.onnx_bytes),
+            weights_sha256=weights_sha256, input_size=self.input_size, opset=ONNX_OPSET,
+            converter=converter_version(), max_abs_difference=self.max_abs_difference,
+            tolerance=self.tolerance, verification_images=self.verification_images,
+            verified_on=self.verified_on, created_at=datetime.now(UTC).isoformat())
+
+
+def export_onnx(model: keras.Model, images: np.ndarray, *, verified_on: str,
+                tolerance: float = DEFAULT_TOLERANCE) -> OnnxExport:
+    """Convert `model` and check the copy against TensorFlow on `images` (real CT slices at
+    the model's input size); OnnxConversionError unless it matches within `tolerance`."""
+    if len(images) == 0:
+        raise OnnxConversionError("no real images to check the ONNX copy against TensorFlow")
     onnx_bytes = convert_to_onnx(model)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_bytes(onnx_bytes)
-        os.replace(temporary, path)
-    except OSError as exc:  # a read-only cache only costs a conversion next time
-        logger.warning("cannot cache ONNX model in %s: %s", cache_dir, exc)
-    return onnx_bytes
+    candidate = onnx_predictor(onnx_bytes, spinning=False)
+    difference = max_difference(keras_predictor(model), candidate, images)
+    if not difference <= tolerance:
+        raise OnnxConversionError(f"the ONNX copy differs from TensorFlow by {difference:.3g} on "
+                                  f"{len(images)} real images (tolerance {tolerance:g})")
+    return OnnxExport(onnx_bytes=onnx_bytes, input_size=int(model.input_shape[1]), max_abs_difference=difference,
+                      tolerance=tolerance, verification_images=len(images), verified_on=verified_on)
 
 
-def build_fast_predictor(
+# --- loaded by servers -------------------------------------------------------------------------
+def load_fast_predictor(
     model: keras.Model,
-    verification_images: np.ndarray,
+    onnx_copy: tuple[bytes, OnnxManifest] | None,
+    smoke_images: np.ndarray,
     *,
+    weights_sha256: str | None,
     use_onnx: bool = True,
     tolerance: float = DEFAULT_TOLERANCE,
-    weights_sha256: str | None = None,
-    cache_dir: Path | None = None,
     threads: int | None = None,
     spinning: bool = True,
+    absent_reason: str = NO_COPY_REASON,
 ) -> FastPredictor:
-    """ONNX Runtime when its copy matches TensorFlow on `verification_images` within
-    `tolerance`, else the TensorFlow graph. Never raises for an ONNX problem."""
-    tf_predict = keras_predictor(model)
-    if not use_onnx:
-        return FastPredictor(tf_predict, BACKEND_TF, None, "ONNX disabled by configuration")
-    if len(verification_images) == 0:
-        return FastPredictor(tf_predict, BACKEND_TF, None, "no verification images")
+    """The stored ONNX copy when it belongs to these weights, was within `tolerance` of
+    TensorFlow when it was made and passes a smoke test here; else the TensorFlow graph and
+    the reason. Never raises for an ONNX problem."""
+    fast = stored_onnx_predictor(onnx_copy, smoke_images, weights_sha256=weights_sha256, use_onnx=use_onnx,
+                                 tolerance=tolerance, threads=threads, spinning=spinning,
+                                 absent_reason=absent_reason)
+    if isinstance(fast, FastPredictor):
+        return fast
+    return tensorflow_fallback(model, onnx_copy, fast)
+
+
+def stored_onnx_predictor(
+    onnx_copy: tuple[bytes, OnnxManifest] | None,
+    smoke_images: np.ndarray,
+    *,
+    weights_sha256: str | None,
+    use_onnx: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+    threads: int | None = None,
+    spinning: bool = True,
+    absent_reason: str = NO_COPY_REASON,
+) -> FastPredictor | str:
+    """The stored copy, checked as `load_fast_predictor` says, or the reason it cannot serve
+    (needs neither TensorFlow nor the Keras model)."""
+    reason = _onnx_refusal(onnx_copy, weights_sha256=weights_sha256, use_onnx=use_onnx,
+                           tolerance=tolerance, absent_reason=absent_reason)
+    if reason is not None or onnx_copy is None:
+        return reason or absent_reason
+    onnx_bytes, manifest = onnx_copy
     try:
-        onnx_bytes = cached_onnx(model, weights_sha256, cache_dir)
         candidate = onnx_predictor(onnx_bytes, threads=threads, spinning=spinning)
-        difference = max_difference(tf_predict, candidate, verification_images)
+        problem = smoke_test(candidate, smoke_images, tolerance=tolerance)
     except OnnxConversionError as exc:
-        logger.warning("%s: ONNX refused, serving with TensorFlow: %s", model.name, exc)
-        return FastPredictor(tf_predict, BACKEND_TF, None, str(exc))
-    except Exception as exc:
-        reason = f"ONNX copy failed on verification images: {type(exc).__name__}: {str(exc)[:200]}"
-        logger.warning("%s: %s", model.name, reason)
-        return FastPredictor(tf_predict, BACKEND_TF, None, reason)
-    if difference > tolerance:
-        reason = (f"ONNX copy differs from TensorFlow by {difference:.3g} on verification "
-                  f"images (tolerance {tolerance:g})")
-        logger.warning("%s: %s; serving with TensorFlow", model.name, reason)
-        return FastPredictor(tf_predict, BACKEND_TF, difference, reason)
-    return FastPredictor(candidate, BACKEND_ONNX, difference, None)
+        problem = str(exc)
+    except Exception as exc:  # a broken copy can make the runtime raise anything
+        problem = f"the ONNX copy failed its smoke test: {type(exc).__name__}: {str(exc)[:200]}"
+    return problem if problem is not None else FastPredictor(candidate, BACKEND_ONNX, manifest.max_abs_difference,
+                                                             None)
+
+
+def tensorflow_fallback(model: keras.Model, onnx_copy: tuple[bytes, OnnxManifest] | None,
+                        reason: str) -> FastPredictor:
+    logger.warning("%s: serving with TensorFlow: %s", model.name, reason)
+    difference = onnx_copy[1].max_abs_difference if onnx_copy is not None else None
+    return FastPredictor(keras_predictor(model), BACKEND_TF, difference, reason)
+
+
+def _onnx_refusal(onnx_copy: tuple[bytes, OnnxManifest] | None, *, weights_sha256: str | None, use_onnx: bool,
+                  tolerance: float, absent_reason: str) -> str | None:
+    if not use_onnx:
+        return "ONNX disabled by configuration"
+    if onnx_copy is None:
+        return absent_reason
+    manifest = onnx_copy[1]
+    if manifest.weights_sha256 != weights_sha256:
+        return "the stored ONNX copy was made from other weights"
+    if not manifest.max_abs_difference <= tolerance:
+        return (f"the ONNX copy differed from TensorFlow by {manifest.max_abs_difference:.3g} when it was "
+                f"made (tolerance {tolerance:g})")
+    return None
+
+
+def smoke_test(predict: Predict, images: np.ndarray, *, tolerance: float) -> str | None:
+    """None when `predict` gives one finite probability per image, the same one alone and in
+    a batch; else what is wrong."""
+    batched = predict(images)
+    if batched.shape != (len(images),):
+        return f"the ONNX copy gave {batched.shape} outputs for {len(images)} images"
+    if not np.all(np.isfinite(batched) & (batched >= 0) & (batched <= 1)):
+        return "the ONNX copy gave probabilities outside 0..1"
+    difference = max_difference(batched, predict, images)
+    if not difference <= tolerance:
+        return f"the ONNX copy answers differently alone and in a batch (by {difference:.3g})"
+    return None
+
+
+def load_verification_images(folder: Path, count: int) -> list[np.ndarray]:
+    """Up to `count` real CT slices (greyscale, both classes, val split of a dataset folder;
+    else any PNG/JPEG in the folder); empty when there are none."""
+    from ctscan.data import CTDataset
+    from ctscan.imaging import decode_image
+
+    paths: list[Path] = []
+    try:
+        dataset = CTDataset(folder)
+        by_label: dict[str, list[Path]] = {}
+        for sample in dataset.split("val"):
+            by_label.setdefault(sample.label, []).append(sample.path)
+        for index in range(count):
+            for label in sorted(by_label):
+                if index < len(by_label[label]) and len(paths) < count:
+                    paths.append(by_label[label][index])
+    except DataError:
+        if folder.is_dir():
+            paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:count]
+    images = []
+    for path in paths:
+        try:
+            images.append(decode_image(path.read_bytes()).grey)
+        except (ImageError, OSError) as exc:
+            logger.warning("verification image %s skipped: %s", path.name, exc)
+    return images
 
 
 def stack_for_model(images: Sequence[np.ndarray]) -> np.ndarray:

@@ -20,6 +20,7 @@ from ctscan.errors import CTScanError
 from ctscan.gate import OUTCOME_NO_LUNGS, OUTCOME_NOT_CHEST_CT, FeatureGate
 from ctscan.imaging import DecodedImage
 from ctscan.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
+from ctscan.records import ModelCard
 from ctscan.study import AGGREGATION_RULE, aggregate, order_series
 
 ENSEMBLE = "ensemble"
@@ -125,7 +126,7 @@ def study_decision(slices: Sequence[SliceResult], *, threshold: float, band: flo
 class LoadedModel:
     name: str
     version: str
-    card: dict[str, Any]
+    card: ModelCard
     model: Any
     input_size: int
     preprocessing: str

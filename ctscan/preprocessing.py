@@ -403,8 +403,9 @@ def get_preprocessor(name: str | None) -> Preprocessor:
                          f"{', '.join(PREPROCESSORS)} (a newer ctscan may be needed)") from None
 
 
-def card_preprocessing(card: dict[str, Any]) -> str:
-    """The preprocessing a model card was trained with (`legacy` for cards that predate it)."""
+def card_preprocessing(card: Any) -> str:
+    """The preprocessing a model card (a ModelCard or its dict) was trained with (`legacy` for
+    cards that predate it)."""
     named = card.get("preprocessing")
     name = named.get("name") if isinstance(named, dict) else named
     get_preprocessor(name)

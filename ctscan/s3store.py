@@ -1,29 +1,27 @@
-"""S3 access for the model store, datasets, job records and checkpoints.
+"""The S3 backend of `ctscan.objects`: one bucket prefix seen as a folder of objects.
 
-`S3Objects` is one bucket prefix seen as a folder of objects; `S3ModelStore` is the model
-store (`ctscan.store` layout) on top of it. Endpoint, region and tuning come from
-`S3Settings` (environment), credentials from boto3's usual chain (AWS_ACCESS_KEY_ID...),
-so AWS S3, MinIO and other S3-compatible servers work.
+Registered for `s3://bucket/prefix` URLs (AWS S3, MinIO and other S3-compatible servers).
+Endpoint, region and tuning come from `ctscan.settings.S3Settings`, credentials from
+boto3's usual chain (AWS_ACCESS_KEY_ID...).
 
 Transient errors (connection refused, throttling, 5xx) are retried by botocore's
 "standard" retry mode with exponential backoff and a bounded number of attempts; what is
 left is turned into one clear `StoreError`. New objects are written with
-`If-None-Match: *` so a version is never overwritten even by a concurrent writer.
+`If-None-Match: *` so nothing is overwritten even by a concurrent writer.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from ctscan.errors import StoreError, VersionExistsError
-from ctscan.store import SUMS_FILE, ModelStore
+from ctscan.objects import TEMP_PREFIX, FileSource, ObjectStore, check_key, read_source, source_size
+from ctscan.settings import S3Settings, get_s3_settings
 
 # Error codes that mean "no such object" / "precondition failed" across S3 implementations.
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -31,18 +29,6 @@ _EXISTS_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409
 # Servers that do not implement conditional puts answer one of these; we then rely on the
 # check-then-write done before every new object.
 _UNSUPPORTED_CODES = {"NotImplemented", "501"}
-
-
-class S3Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
-
-    endpoint_url: str | None = Field(default=None, validation_alias="CTSCAN_S3_ENDPOINT_URL")
-    region: str = Field(default="us-east-1", validation_alias="AWS_DEFAULT_REGION")
-    # "path" works with MinIO and local servers; AWS accepts it too.
-    addressing_style: str = Field(default="path", validation_alias="CTSCAN_S3_ADDRESSING_STYLE")
-    max_attempts: int = Field(default=5, ge=1, validation_alias="CTSCAN_S3_MAX_ATTEMPTS")
-    connect_timeout: float = Field(default=5.0, gt=0, validation_alias="CTSCAN_S3_CONNECT_TIMEOUT")
-    read_timeout: float = Field(default=60.0, gt=0, validation_alias="CTSCAN_S3_READ_TIMEOUT")
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -72,7 +58,7 @@ def _client(endpoint_url: str | None, region: str, addressing_style: str, max_at
 
 
 def s3_client(settings: S3Settings | None = None) -> Any:
-    settings = settings or S3Settings()
+    settings = settings or get_s3_settings()
     return _client(settings.endpoint_url, settings.region, settings.addressing_style,
                    settings.max_attempts, settings.connect_timeout, settings.read_timeout)
 
@@ -82,7 +68,11 @@ def _error_code(exc: Exception) -> str:
     return str(response.get("Error", {}).get("Code", ""))
 
 
-class S3Objects:
+def _b64_sha256(data: bytes) -> str:
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+class S3ObjectStore(ObjectStore):
     """Objects below `s3://bucket/prefix`, addressed by '/'-separated keys relative to it."""
 
     def __init__(self, bucket: str, prefix: str = "", *, client: Any = None,
@@ -94,18 +84,16 @@ class S3Objects:
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
 
     @classmethod
-    def from_url(cls, url: str, *, settings: S3Settings | None = None) -> S3Objects:
+    def from_url(cls, url: str, *, settings: S3Settings | None = None) -> S3ObjectStore:
         bucket, prefix = parse_s3_url(url)
         return cls(bucket, prefix, client=s3_client(settings))
 
-    def child(self, key_prefix: str) -> S3Objects:
-        return S3Objects(self.bucket, self._key(key_prefix), client=self.client,
-                         endpoint_url=self.endpoint_url)
+    def child(self, key_prefix: str) -> S3ObjectStore:
+        return S3ObjectStore(self.bucket, self._key(key_prefix), client=self.client,
+                             endpoint_url=self.endpoint_url)
 
     def _key(self, key: str) -> str:
-        key = key.strip("/")
-        if any(part in ("..", ".") for part in key.split("/")):
-            raise StoreError(f"key {key!r} leaves {self.url}")
+        key = check_key(key, self.url)
         return f"{self.prefix}/{key}" if self.prefix and key else (self.prefix or key)
 
     def _fail(self, action: str, key: str, exc: Exception) -> StoreError:
@@ -174,17 +162,15 @@ class S3Objects:
             raise self._fail("list", key_prefix, exc) from None
 
     def names(self, key_prefix: str = "") -> list[str]:
-        """Names directly below `key_prefix` (sub-folders and objects)."""
         base = self._key(key_prefix)
         start = len(f"{base}/") if base else 0
         names: set[str] = set()
         for page in self._pages(key_prefix, "/"):
             names.update(p["Prefix"][start:].rstrip("/") for p in page.get("CommonPrefixes", []))
             names.update(o["Key"][start:] for o in page.get("Contents", []))
-        return sorted(n for n in names if n)
+        return sorted(n for n in names if n and not n.startswith(TEMP_PREFIX))
 
     def walk(self, key_prefix: str = "") -> dict[str, int]:
-        """Every object below `key_prefix` -> its size, keys relative to `key_prefix`."""
         base = self._key(key_prefix)
         start = len(f"{base}/") if base else 0
         return {o["Key"][start:]: int(o["Size"]) for page in self._pages(key_prefix, None)
@@ -201,7 +187,7 @@ class S3Objects:
 
     # --- writing ---------------------------------------------------------------------------
     def put(self, key: str, data: bytes) -> None:
-        """Create or replace one object (a single PUT is atomic for readers)."""
+        """A single PUT is atomic for readers."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -211,7 +197,6 @@ class S3Objects:
             raise self._fail("write", key, exc) from None
 
     def put_new(self, key: str, data: bytes) -> None:
-        """Create an object that must not exist yet; VersionExistsError if it does."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         if self.exists(key):
@@ -233,6 +218,35 @@ class S3Objects:
         except BotoCoreError as exc:
             raise self._fail("write", key, exc) from None
 
+    def put_folder_new(self, key_prefix: str, files: Mapping[str, FileSource], *, marker: str) -> None:
+        if marker not in files:
+            raise ValueError(f"marker {marker!r} is not one of the files")
+        if self.walk(key_prefix):
+            raise VersionExistsError(f"{self.url}/{key_prefix} already exists (complete or unfinished); "
+                                     "it is never overwritten")
+        folder = self.child(key_prefix)
+        written: list[str] = []
+        try:
+            for relative in sorted(files, key=lambda name: name == marker):
+                if relative == marker:
+                    # Everything else is up, at the size it has here, before the marker says so.
+                    stored = folder.walk()
+                    short = [name for name in written if stored.get(name) != source_size(files[name])]
+                    if short:
+                        raise StoreError(f"upload to {folder.url} is incomplete: {len(short)} file(s) "
+                                         f"missing or truncated, e.g. {short[0]}")
+                folder.put_new(relative, read_source(files[relative]))
+                written.append(relative)
+        except VersionExistsError:
+            raise VersionExistsError(f"{folder.url} was written meanwhile; it is never overwritten") from None
+        except StoreError:
+            # A failed write leaves nothing behind (best effort: the endpoint may be gone).
+            try:
+                folder.delete(written)
+            except StoreError:
+                pass
+            raise
+
     def delete(self, keys: list[str]) -> None:
         from botocore.exceptions import BotoCoreError, ClientError
 
@@ -242,52 +256,3 @@ class S3Objects:
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
             except (ClientError, BotoCoreError) as exc:
                 raise self._fail("delete", keys[start], exc) from None
-
-
-def _b64_sha256(data: bytes) -> str:
-    import base64
-
-    return base64.b64encode(hashlib.sha256(data).digest()).decode()
-
-
-class S3ModelStore(ModelStore):
-    """The model store in a bucket prefix: `s3://bucket/prefix/<model>/<version>/...`."""
-
-    def __init__(self, objects: S3Objects) -> None:
-        self.objects = objects
-        self.url = objects.url
-
-    @classmethod
-    def from_url(cls, url: str, *, settings: S3Settings | None = None) -> S3ModelStore:
-        return cls(S3Objects.from_url(url, settings=settings))
-
-    def _read(self, key: str) -> bytes | None:
-        return self.objects.get(key)
-
-    def _list(self, key_prefix: str) -> list[str]:
-        # Dot-names (job records, checkpoints) are hidden, as in LocalModelStore.
-        return [n for n in self.objects.names(key_prefix) if not n.startswith(".")]
-
-    def _write_version(self, key_prefix: str, files: dict[str, bytes]) -> None:
-        if self.objects.walk(key_prefix):
-            raise VersionExistsError(f"{key_prefix} already exists in {self.url}; versions are never overwritten")
-        # SHA256SUMS goes last: a version counts (list_versions) only once it is complete.
-        order = sorted(files, key=lambda name: name == SUMS_FILE)
-        written: list[str] = []
-        try:
-            for filename in order:
-                self.objects.put_new(f"{key_prefix}/{filename}", files[filename])
-                written.append(f"{key_prefix}/{filename}")
-        except VersionExistsError:
-            raise VersionExistsError(f"{key_prefix} was written meanwhile in {self.url}; "
-                                     "versions are never overwritten") from None
-        except StoreError:
-            # A failed save leaves nothing behind (best effort: the endpoint may be gone).
-            try:
-                self.objects.delete(written)
-            except StoreError:
-                pass
-            raise
-
-    def _write_pointer(self, key: str, data: bytes) -> None:
-        self.objects.put(key, data)

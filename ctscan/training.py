@@ -33,7 +33,7 @@ from ctscan.models import (
     unfreeze_top,
 )
 from ctscan.preprocessing import DEFAULT_PREPROCESSING, get_preprocessor
-from ctscan.store import ModelStore, pack_weights, unpack_weights
+from ctscan.store import unpack_weights
 
 STATE_FILE = "state.json"
 LAST_CHECKPOINT = "last.keras"
@@ -476,43 +476,3 @@ def build_card(
         card["metrics"]["test"] = full_report(
             test_y, calibration.apply(predict_probabilities(model, test_x)), threshold)
     return card
-
-
-def should_promote(store: ModelStore, name: str, card: dict[str, Any], metric: str = "auc") -> bool:
-    """Promote when there is no production model or the new one beats it on val `metric`."""
-    current = store.production(name)
-    if current is None:
-        return True
-    try:
-        current_value = store.card(name, current)["metrics"]["val"][metric]
-    except (KeyError, CTScanError):
-        return True
-    return bool(card["metrics"]["val"][metric] > current_value)
-
-
-def train_and_store(
-    config: TrainConfig,
-    *,
-    run_dir: str | Path,
-    store: ModelStore,
-    resume: bool = False,
-    promote: str = "auto",
-    on_epoch: Callable[[EpochReport], None] | None = None,
-    verbose: int = 1,
-    version: str | None = None,
-) -> tuple[str, dict[str, Any], bool]:
-    """Train, save a new version to the store, maybe promote it. Returns (version, card, promoted).
-
-    Nothing is written to the store until training and evaluation have succeeded.
-    """
-    if promote not in ("auto", "always", "never"):
-        raise CTScanError(f"promote must be auto, always or never, got {promote!r}")
-    trainer = Trainer(config, run_dir, on_epoch=on_epoch, verbose=verbose)
-    model, state, _ = trainer.run(resume=resume)
-    weights = pack_weights(model)
-    card = build_card(config=config, trainer=trainer, state=state, model=model, store_weights=weights)
-    version = store.save(config.model, weights=weights, card=card, version=version)
-    promoted = promote == "always" or (promote == "auto" and should_promote(store, config.model, card))
-    if promoted:
-        store.promote(config.model, version, reason="trained: val AUC better than production")
-    return version, card, promoted

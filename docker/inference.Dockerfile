@@ -24,7 +24,7 @@ FROM python:3.11-slim-bookworm AS runtime
 RUN groupadd --system --gid 10001 ctscan \
     && useradd --system --uid 10001 --gid ctscan --home-dir /home/ctscan --create-home \
        --shell /usr/sbin/nologin ctscan \
-    && mkdir -p /data/model-store /data/onnx-cache \
+    && mkdir -p /data/model-store \
     && chown -R ctscan:ctscan /data
 COPY --from=builder /opt/venv /opt/venv
 COPY docker/healthcheck.py /opt/ctscan/healthcheck.py
@@ -32,8 +32,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TF_CPP_MIN_LOG_LEVEL=2 \
-    CTSCAN_MODEL_STORE=/data/model-store \
-    INFERENCE_ONNX_CACHE_DIR=/data/onnx-cache
+    CTSCAN_MODEL_STORE=/data/model-store
 WORKDIR /home/ctscan
 USER 10001:10001
 EXPOSE 8000

@@ -31,7 +31,7 @@ FROM python:3.11-slim-bookworm AS runtime
 RUN groupadd --system --gid 10001 ctscan \
     && useradd --system --uid 10001 --gid ctscan --home-dir /home/ctscan --create-home \
        --shell /usr/sbin/nologin ctscan \
-    && mkdir -p /data/model-store /data/runs /data/datasets /data/trainer /data/onnx-cache \
+    && mkdir -p /data/model-store /data/runs /data/datasets /data/trainer \
     && chown -R ctscan:ctscan /data
 COPY --from=builder /opt/venv /opt/venv
 COPY docker/healthcheck.py docker/seed.py /opt/ctscan/
@@ -45,8 +45,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     CTSCAN_RUNS_DIR=/data/runs \
     CTSCAN_DATA_DIR=/data/datasets/ucsd-covid-ct \
     CTSCAN_RELEASE_DIR=/app/models \
-    CTSCAN_TRAINER_WORK_DIR=/data/trainer \
-    INFERENCE_ONNX_CACHE_DIR=/data/onnx-cache
+    CTSCAN_TRAINER_WORK_DIR=/data/trainer
 WORKDIR /home/ctscan
 USER 10001:10001
 HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 \

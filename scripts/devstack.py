@@ -18,6 +18,9 @@ Environment (all optional):
     DEVSTACK_TIMEOUT     seconds to wait for the services to become healthy (default 900)
     REDIS_URL            default redis://127.0.0.1:6379/0
     CTSCAN_MODEL_STORE   default <var>/model-store, seeded from models/ (CTSCAN_RELEASE_DIR)
+    CTSCAN_DATASETS_URL, CTSCAN_TRAINER_WORK_DIR, CTSCAN_BROKER_DIR
+                         default <var>/datasets, <var>/trainer, <var>/broker
+    CTSCAN_DATA_DIR      real CT slices for the smoke predictions (`make up` passes DATA)
     WEB_SECRET_KEY, WEB_ADMIN_PASSWORD, CTSCAN_ADMIN_TOKEN
                          generated into <var>/dev-secrets.env when not set (kept for reuse)
 """
@@ -387,7 +390,12 @@ def cmd_up(layout: Layout) -> int:
 
     layout.var_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
+    # Everything the stack keeps lives in its var folder (the services' own defaults are the
+    # per-user data folder, see ctscan/settings.py).
     env.setdefault("CTSCAN_MODEL_STORE", str(layout.var_dir / "model-store"))
+    env.setdefault("CTSCAN_DATASETS_URL", str(layout.var_dir / "datasets"))
+    env.setdefault("CTSCAN_TRAINER_WORK_DIR", str(layout.var_dir / "trainer"))
+    env.setdefault("CTSCAN_BROKER_DIR", str(layout.var_dir / "broker"))
     env["PYTHONUNBUFFERED"] = "1"
     env.update(dev_secrets(layout, env))
     env["INFERENCE_URL"] = layout.url(layout.inference_port)

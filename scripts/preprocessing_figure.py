@@ -56,7 +56,8 @@ def main() -> None:
     args = parser.parse_args()
     with (args.ctmd / "labels.csv").open(newline="") as handle:
         rows = sorted((r for r in csv.DictReader(handle) if r["study"] == "P001"), key=lambda r: int(r["slice_index"]))
-    paths = [args.ucsd / p for p in UCSD_EXAMPLES] + [args.ctmd / rows[len(rows) // 2]["path"], args.ctmd / rows[0]["path"]]
+    chest, abdomen = rows[len(rows) // 2], rows[0]
+    paths = [args.ucsd / p for p in UCSD_EXAMPLES] + [args.ctmd / chest["path"], args.ctmd / abdomen["path"]]
     before, after = [], []
     for path in paths:
         decoded = decode_image(path.read_bytes())

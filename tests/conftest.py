@@ -1,4 +1,11 @@
-"""Fixtures shared by every test package: the real data folder and a small model store."""
+"""Fixtures shared by every test package: the real data folder, a small model store, and the
+test tiers.
+
+Tiers: a test is `slow` when it trains a network, converts one to ONNX or starts a process
+(a service, a worker, the `ctscan` command, a browser); every other test runs in `make
+test-fast` (`pytest -m "not slow"`). Tests get the mark from the fixtures they use
+(SLOW_FIXTURES) or from an explicit `@pytest.mark.slow`.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,20 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"
+RELEASE_DIR = REPO_ROOT / "models"
+
+# Fixtures that train, convert or start processes: any test using one is in the slow tier.
+SLOW_FIXTURES = frozenset({
+    "tiny_model_store", "inference_service", "reloading_service", "web_service", "start_worker",
+    "published_dataset", "redis_server", "trainer_env", "jobs_client", "tiny_job", "ctscan_cli",
+    "page", "browser",
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def _data_dir() -> Path:
@@ -73,24 +94,50 @@ def artifacts_dir() -> Path:
 
 # Small input sizes keep the fixture models fast; InceptionV3 cannot go below 75 pixels.
 TINY_INPUT_SIZES = {"mobilenetv2": 64, "densenet121": 64, "inceptionv3": 75}
+TRAINED = "mobilenetv2"
 
 
 @pytest.fixture(scope="session")
 def tiny_model_store(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
-    """A local model store holding each architecture trained for one epoch on a tiny real
-    subset (4 images per class) at a small input size, promoted to production, plus an
-    ensemble threshold calibrated on the same small val subset. Plumbing tests use it; it is
-    not a useful classifier."""
+    """A local model store for plumbing tests, made through the real save path (weights,
+    card, checksums, verified ONNX copy), each version in production, plus an ensemble
+    threshold calibrated on a small val subset.
+
+    One network is trained (MobileNetV2, one epoch on 4 real images per class, `ctscan
+    train`'s own code); the other architectures are saved untrained, with cards whose val
+    metrics and threshold are measured on real val images. None is a useful classifier."""
+    import numpy as np
+
+    from ctscan.data import CTDataset, load_arrays
     from ctscan.evaluation import calibrate_ensemble
-    from ctscan.store import LocalModelStore
-    from ctscan.training import TrainConfig, train_and_store
+    from ctscan.metrics import choose_threshold, full_report
+    from ctscan.models import build_model
+    from ctscan.publishing import pick_verification_images, publish_version, train_and_store
+    from ctscan.store import open_store, pack_weights
+    from ctscan.training import TrainConfig, _subset, predict_probabilities
 
     root = tmp_path_factory.mktemp("tiny-store")
-    store = LocalModelStore(root / "store")
+    store = open_store(root / "store")
+    config = TrainConfig(model=TRAINED, data_dir=str(data_dir), init="none", input_size=TINY_INPUT_SIZES[TRAINED],
+                         epochs=1, batch_size=8, limit_per_class=4, augment=False)
+    train_and_store(config, run_dir=root / "runs" / TRAINED, store=store, promote="always", verbose=0)
+
+    dataset = CTDataset(data_dir)
+    val_samples = _subset(dataset.split("val"), 4, 42)
     for name, size in TINY_INPUT_SIZES.items():
-        config = TrainConfig(model=name, data_dir=str(data_dir), init="none", input_size=size,
-                             epochs=1, batch_size=8, limit_per_class=4, augment=False)
-        train_and_store(config, run_dir=root / "runs" / name, store=store, promote="always", verbose=0)
+        if name == TRAINED:
+            continue
+        model = build_model(name, init="none", input_size=size, compile_model=False)
+        val_x, val_y = load_arrays(val_samples, size)
+        probabilities = predict_probabilities(model, val_x)
+        threshold = choose_threshold(val_y, probabilities)
+        card = {"architecture": name, "input_size": size, "init": "none", "threshold": threshold,
+                "metrics": {"val": full_report(val_y, probabilities, threshold, resamples=50)},
+                "dataset": {"fingerprint": dataset.fingerprint(), "val_images": len(val_samples)},
+                "intended_use": "test fixture: untrained weights"}
+        version, _ = publish_version(store, name=name, model=model, weights=pack_weights(model), card=card,
+                                     verification_images=pick_verification_images(val_x, np.asarray(val_y)),
+                                     verified_on="val split (test fixture)")
+        store.promote(name, version, reason="test fixture")
     calibrate_ensemble(store=store, data_dir=str(data_dir), limit_per_class=4)
     return root / "store"
-

@@ -3,13 +3,17 @@ its own process group, readiness polled over HTTP, and a stop that never leaves 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -66,3 +70,27 @@ def stop_service_process(service: ServiceProcess, *, grace_s: float = 30) -> Non
         except subprocess.TimeoutExpired:
             os.killpg(service.process.pid, signal.SIGKILL)
             service.process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def serve_app_in_thread(app: Any) -> Iterator[str]:
+    """Serve an ASGI app (lifespan included) over real HTTP on a free port from this process;
+    yields its base URL. For apps a test builds itself (registered extensions)."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, name="test-server", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("the in-process server did not start")
+        time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -12,12 +12,12 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctscan import DISCLAIMER
+from ctscan.settings import InferenceSettings, get_inference_settings
 from ctscan.store import open_store
 from services.inference.errors import error_response, install_error_handlers
 from services.inference.metrics import InferenceMetrics
 from services.inference.registry import ModelRegistry
 from services.inference.routes import request_id_from, router
-from services.inference.settings import InferenceSettings, get_settings
 
 logger = logging.getLogger(__name__)
 # Multipart framing around the file; anything announced above limit + this is refused unread.
@@ -74,12 +74,12 @@ class RequestContext:
 
 
 def create_app(settings: InferenceSettings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    settings = settings or get_inference_settings()
     metrics = InferenceMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = open_store(settings.store_url())
+        store = open_store(settings.store.model_store)
         registry = ModelRegistry(settings=settings, store=store, metrics=metrics)
         app.state.registry = registry
         # Loading runs in the background so /healthz answers and /readyz reports progress.

@@ -6,9 +6,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from ctscan.settings import InferenceSettings
 from services.inference.metrics import InferenceMetrics
 from services.inference.registry import ModelRegistry
-from services.inference.settings import InferenceSettings
 
 
 def get_settings(request: Request) -> InferenceSettings:

@@ -12,40 +12,37 @@ import base64
 import contextlib
 import functools
 import time
-from typing import Any
+from typing import cast
 
 import numpy as np
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from ctscan import DISCLAIMER, DISPLAY_LABELS, NEGATIVE_LABEL, POSITIVE_LABEL
-from ctscan.evaluation import ENSEMBLE
+from ctscan.formats import InputFormat, describe_formats, sniff
 from ctscan.gradcam import overlay_png
-from ctscan.imaging import DecodedImage, decode_image, resize_for_model
+from ctscan.imaging import DecodedImage, resize_for_model
+from ctscan.models import ENSEMBLE
+from ctscan.schemas import Label, MemberPrediction, Prediction, Timings
 from services.inference.registry import ModelRegistry, ServedModel
 
 HEATMAP_GRID = 224  # members' heatmaps are averaged on a common grid before the overlay
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class UnrecognisedFileError(ValueError):
-    """The bytes are not PNG, JPEG or DICOM at all (HTTP 415, unlike a broken image: 422)."""
+    """The bytes are no input format at all (HTTP 415, unlike a broken image: 422)."""
 
 
-def sniff_format(data: bytes) -> str:
+def sniff_format(data: bytes) -> InputFormat:
     """Recognise the container from its magic bytes, before any decoding."""
-    if data.startswith(PNG_MAGIC):
-        return "PNG"
-    if data.startswith(JPEG_MAGIC):
-        return "JPEG"
-    if len(data) >= 132 and data[128:132] == b"DICM":
-        return "DICOM"
-    raise UnrecognisedFileError("the file is not a PNG, JPEG or DICOM image")
+    found = sniff(data)
+    if found is None:
+        raise UnrecognisedFileError(f"the file is not a {describe_formats()} image")
+    return found
 
 
-def _label(probability_covid: float, threshold: float) -> str:
-    return DISPLAY_LABELS[POSITIVE_LABEL if probability_covid >= threshold else NEGATIVE_LABEL]
+def _label(probability_covid: float, threshold: float) -> Label:
+    return cast(Label, DISPLAY_LABELS[POSITIVE_LABEL if probability_covid >= threshold else NEGATIVE_LABEL])
 
 
 def _confidence(probability_covid: float, threshold: float) -> float:
@@ -63,27 +60,27 @@ def _explain(entries: list[ServedModel], decoded: DecodedImage, inputs: list[np.
     return base64.b64encode(overlay_png(decoded.pixels, mean)).decode("ascii")
 
 
-def _decode_for(data: bytes, sizes: list[int], *, max_pixels: int, max_side: int
+def _decode_for(input_format: InputFormat, data: bytes, sizes: list[int], *, max_pixels: int, max_side: int
                 ) -> tuple[DecodedImage, list[np.ndarray]]:
     """Decode once and resize for each model (one thread-pool hop per request)."""
-    decoded = decode_image(data, max_pixels=max_pixels, max_side=max_side)
+    decoded = input_format.decode(data, max_pixels=max_pixels, max_side=max_side)
     return decoded, [resize_for_model(decoded.grey, size) for size in sizes]
 
 
 async def predict_upload(
     *, registry: ModelRegistry, data: bytes, model: str, explain: bool, request_id: str
-) -> dict[str, Any]:
+) -> Prediction:
     """Decode `data`, predict with `model` (a name or "ensemble") and build the API answer."""
     started = time.perf_counter()
     registry.check_model(model)  # a wrong model name is reported before anything about the file
-    sniff_format(data)
+    input_format = sniff_format(data)
     settings = registry.settings
     with registry.acquire(model) as (entries, ensemble), contextlib.ExitStack() as arrivals:
         # Announced before decoding, so batches under load wait for this request's pixels.
         on_the_way = [arrivals.enter_context(entry.batcher.expect()) for entry in entries]
         decoded, inputs = await asyncio.get_running_loop().run_in_executor(
             registry.decode_pool, functools.partial(
-                _decode_for, data, [entry.input_size for entry in entries],
+                _decode_for, input_format, data, [entry.input_size for entry in entries],
                 max_pixels=settings.max_pixels, max_side=settings.max_side))
         decoded_at = time.perf_counter()
         probabilities = await asyncio.gather(
@@ -92,38 +89,38 @@ async def predict_upload(
         heatmap = await run_in_threadpool(_explain, entries, decoded, inputs) if explain else None
         explained_at = time.perf_counter()
 
-    members: dict[str, Any] | None = None
+    members: dict[str, MemberPrediction] | None = None
     disagreement: bool | None = None
     if model == ENSEMBLE and ensemble is not None:
         probability_covid = float(np.mean(probabilities))
         threshold = ensemble.threshold
         members = {
-            entry.name: {"probability_covid": probability, "label": _label(probability, entry.threshold),
-                         "version": entry.version, "threshold": entry.threshold}
+            entry.name: MemberPrediction(probability_covid=probability, label=_label(probability, entry.threshold),
+                                         version=entry.version, threshold=entry.threshold)
             for entry, probability in zip(entries, probabilities, strict=True)}
-        disagreement = len({member["label"] for member in members.values()}) > 1
+        disagreement = len({member.label for member in members.values()}) > 1
         model_version = ",".join(f"{name}={version}" for name, version in ensemble.members.items())
     else:
         probability_covid = float(probabilities[0])
         threshold = entries[0].threshold
         model_version = entries[0].version
-    return {
-        "label": _label(probability_covid, threshold),
-        "probability_covid": probability_covid,
-        "confidence": _confidence(probability_covid, threshold),
-        "threshold": threshold,
-        "model": model,
-        "model_version": model_version,
-        "members": members,
-        "disagreement": disagreement,
-        "heatmap_png_base64": heatmap,
-        "request_id": request_id,
-        "timings_ms": {
-            "decode": (decoded_at - started) * 1000,
-            "inference": (inferred_at - decoded_at) * 1000,
-            "gradcam": (explained_at - inferred_at) * 1000 if explain else None,
-            "total": (time.perf_counter() - started) * 1000,
-        },
-        "source_format": decoded.source_format,
-        "disclaimer": DISCLAIMER,
-    }
+    return Prediction(
+        label=_label(probability_covid, threshold),
+        probability_covid=probability_covid,
+        confidence=_confidence(probability_covid, threshold),
+        threshold=threshold,
+        model=model,
+        model_version=model_version,
+        members=members,
+        disagreement=disagreement,
+        heatmap_png_base64=heatmap,
+        request_id=request_id,
+        timings_ms=Timings(
+            decode=(decoded_at - started) * 1000,
+            inference=(inferred_at - decoded_at) * 1000,
+            gradcam=(explained_at - inferred_at) * 1000 if explain else None,
+            total=(time.perf_counter() - started) * 1000,
+        ),
+        source_format=decoded.source_format,
+        disclaimer=DISCLAIMER,
+    )

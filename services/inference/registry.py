@@ -1,37 +1,50 @@
 """The models being served, their loading, warm-up and hot reload.
 
-Each served model is an immutable `ServedModel` (one version: Keras model for Grad-CAM, a
-verified fast predictor, its own batcher). Swapping a version replaces the entry in one
-assignment; requests hold the entry they started with, and a retired version's batcher
-closes only after its last request finished. A version that fails its checksum, weight
-restore, ONNX/TF smoke prediction or warm-up never replaces a working one.
+Each served model is an immutable `ServedModel` (one version: a fast predictor, its own
+batcher, and the Keras model for Grad-CAM). The fast predictor is the version's stored ONNX
+copy, made and checked against TensorFlow when the version was saved; here it is only loaded
+and smoke-tested (TensorFlow serves, with the reason shown in /models, when there is no
+usable copy). With a copy, start-up needs no TensorFlow: the Keras model is built right
+after readiness (or by the first explanation asked for before that).
+
+Swapping a version replaces the entry in one assignment; requests hold the entry they
+started with, and a retired version's batcher closes only after its last request finished.
+A version that fails its checksum, weight restore, smoke prediction or warm-up never
+replaces a working one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ctscan.data import CTDataset
-from ctscan.errors import CTScanError, DataError, ImageError
-from ctscan.evaluation import ENSEMBLE, ensemble_threshold
+from ctscan.errors import CTScanError
+from ctscan.evaluation import EnsembleNotCalibratedError, ensemble_record_for
 from ctscan.gradcam import HeatmapFunction, make_gradcam
-from ctscan.imaging import decode_image, resize_for_model
-from ctscan.onnx_runtime import FastPredictor, build_fast_predictor
-from ctscan.store import ModelStore, load_keras_model
+from ctscan.imaging import resize_for_model
+from ctscan.models import ENSEMBLE
+from ctscan.onnx_runtime import (
+    NO_COPY_REASON,
+    FastPredictor,
+    load_verification_images,
+    stored_onnx_predictor,
+    tensorflow_fallback,
+)
+from ctscan.records import ModelCard
+from ctscan.settings import InferenceSettings
+from ctscan.store import ModelStore, keras_model_from
 from services.inference.batching import DynamicBatcher
 from services.inference.metrics import InferenceMetrics
-from services.inference.settings import InferenceSettings
 
 logger = logging.getLogger(__name__)
 
@@ -44,21 +57,52 @@ class ModelNotReadyError(CTScanError):
     """The model is served but not loaded yet, or failed to load (HTTP 503)."""
 
 
+# Keras models are built, and Grad-CAM traced, one at a time: side by side on two cores they
+# took minutes instead of seconds (retracing, and the GIL shared with the requests).
+_BUILDING = threading.Lock()
+
+
+class Explainer:
+    """A version's Keras model and its Grad-CAM, built (and traced on `warm_pixels`) once, on
+    first use: by the loader right after readiness, or by an explanation asked for first."""
+
+    def __init__(self, build: Callable[[], Any], *, warm_pixels: np.ndarray | None) -> None:
+        self._build = build
+        self._warm_pixels = warm_pixels
+        self._heatmap: HeatmapFunction | None = None
+        self.model: Any = None
+
+    def ready(self) -> HeatmapFunction:
+        heatmap = self._heatmap
+        if heatmap is not None:
+            return heatmap
+        with _BUILDING:
+            if self._heatmap is None:
+                self.model = self._build()
+                heatmap = make_gradcam(self.model)
+                if self._warm_pixels is not None:
+                    heatmap(self._warm_pixels)
+                self._heatmap = heatmap
+            return self._heatmap
+
+
 @dataclass
 class ServedModel:
     name: str
     version: str
-    card: dict[str, Any]
+    card: ModelCard
     input_size: int
     threshold: float
-    keras_model: Any
     predictor: FastPredictor
     batcher: DynamicBatcher
-    gradcam: HeatmapFunction
+    explainer: Explainer
     loaded_at: float
     _in_flight: int = 0
     _retired: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def gradcam(self, pixels: np.ndarray) -> np.ndarray:
+        return self.explainer.ready()(pixels)
 
     def enter(self) -> None:
         with self._lock:
@@ -97,29 +141,12 @@ def _phantom(size: int = 256) -> np.ndarray:
     return np.repeat(grey.astype(np.uint8)[:, :, None], 3, axis=2)
 
 
-def load_verification_images(folder: Path, count: int) -> list[np.ndarray]:
-    """Up to `count` real CT slices (both classes, val split) for ONNX checks and smoke tests."""
-    paths: list[Path] = []
-    try:
-        dataset = CTDataset(folder)
-        by_label: dict[str, list[Path]] = {}
-        for sample in dataset.split("val"):
-            by_label.setdefault(sample.label, []).append(sample.path)
-        for index in range(count):
-            for label in sorted(by_label):
-                if index < len(by_label[label]) and len(paths) < count:
-                    paths.append(by_label[label][index])
-    except DataError:
-        if folder.is_dir():
-            paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:count]
-    images = []
-    for path in paths:
-        try:
-            images.append(decode_image(path.read_bytes()).grey)
-        except (ImageError, OSError) as exc:
-            logger.warning("verification image %s skipped: %s", path.name, exc)
+def smoke_images(settings: InferenceSettings) -> list[np.ndarray]:
+    """Real CT slices for smoke predictions and warm-up, else a synthetic one."""
+    folder = settings.verification_path()
+    images = load_verification_images(folder, settings.verification_images)
     if not images:
-        logger.warning("no real CT images found in %s; ONNX is verified on a synthetic slice", folder)
+        logger.warning("no real CT images found in %s; smoke predictions use a synthetic slice", folder)
         images = [_phantom()]
     return images
 
@@ -136,6 +163,7 @@ class ModelRegistry:
                                               thread_name_prefix="decode")
         self._models: dict[str, ServedModel] = {}
         self._ensemble: EnsembleInfo | None = None
+        self.ensemble_error: str | None = None  # why the ensemble is not servable
         self.errors: dict[str, str] = {}  # last load/reload failure by model
         self._refused: dict[str, str] = {}  # model -> version that failed; not retried
         self._swap_lock = threading.Lock()
@@ -177,7 +205,7 @@ class ModelRegistry:
         if missing:
             raise ModelNotReadyError(f"model {', '.join(missing)} is not loaded yet")
         if model == ENSEMBLE and (ensemble is None or set(ensemble.members) != set(names)):
-            raise ModelNotReadyError("the ensemble is not ready yet")
+            raise ModelNotReadyError(self.ensemble_error or "the ensemble is not ready yet")
         entries = [snapshot[name] for name in names]
         for entry in entries:
             entry.enter()
@@ -190,20 +218,33 @@ class ModelRegistry:
     # --- loading --------------------------------------------------------------------------
     def verification_images(self) -> list[np.ndarray]:
         if self._verification is None:
-            self._verification = load_verification_images(
-                self.settings.verification_path(), self.settings.verification_images)
+            self._verification = smoke_images(self.settings)
         return self._verification
 
-    def load_version(self, name: str, version: str) -> ServedModel:
-        """Load, verify (checksums, ONNX vs TF, smoke prediction) and warm up one version."""
-        model, card = load_keras_model(self.store, name, version)
-        size = int(card["input_size"])
+    def load_version(self, name: str, version: str, *, warm_explainer: bool = True) -> ServedModel:
+        """Load, verify (checksums, stored ONNX copy, smoke prediction) and warm up one version;
+        with `warm_explainer`, also build its Keras model (its weights must fit the
+        architecture) and warm Grad-CAM before returning."""
+        card, weights = self.store.verified_card(name, version)
+        size = card.input_size
         images = np.stack([resize_for_model(p, size) for p in self.verification_images()])
         settings = self.settings
-        predictor = build_fast_predictor(
-            model, images, use_onnx=settings.use_onnx, tolerance=settings.onnx_tolerance,
-            weights_sha256=card.get("weights_sha256"), cache_dir=settings.onnx_cache_dir,
-            threads=settings.onnx_threads or None, spinning=settings.onnx_spinning)
+        explainer = Explainer(functools.partial(keras_model_from, card, weights),
+                              warm_pixels=images[0] if settings.warmup_gradcam else None)
+        absent_reason = NO_COPY_REASON
+        try:
+            onnx_copy = self.store.onnx_copy(name, version) if settings.use_onnx else None
+        except CTScanError as exc:  # a corrupt copy: TensorFlow serves, and /models says why
+            onnx_copy, absent_reason = None, f"the stored ONNX copy was refused: {exc}"
+        fast = stored_onnx_predictor(
+            onnx_copy, images, weights_sha256=card.weights_sha256, use_onnx=settings.use_onnx,
+            tolerance=settings.onnx_tolerance, threads=settings.onnx_threads or None,
+            spinning=settings.onnx_spinning, absent_reason=absent_reason)
+        if isinstance(fast, FastPredictor):
+            predictor = fast
+        else:
+            explainer.ready()
+            predictor = tensorflow_fallback(explainer.model, onnx_copy, fast)
         probabilities = predictor.predict(images)
         if probabilities.shape != (len(images),) or not np.all(
                 np.isfinite(probabilities) & (probabilities >= 0) & (probabilities <= 1)):
@@ -214,18 +255,16 @@ class ModelRegistry:
         largest = settings.max_batch_size
         for batch_size in sorted({*range(1, min(largest, 32) + 1), largest}):
             predictor.predict(np.repeat(images[:1], batch_size, axis=0))
-        gradcam = make_gradcam(model)
-        if settings.warmup_gradcam:
-            gradcam(images[0])
+        if warm_explainer:
+            explainer.ready()
         batch_metric = self.metrics.batch_size.labels(model=name)
         batcher = DynamicBatcher(predictor.predict, name=f"{name}-{version}",
                                  max_batch_size=settings.max_batch_size,
                                  max_wait_s=settings.max_wait_ms / 1000.0,
                                  on_batch=batch_metric.observe)
         return ServedModel(name=name, version=version, card=card, input_size=size,
-                           threshold=float(card["threshold"]), keras_model=model,
-                           predictor=predictor, batcher=batcher, gradcam=gradcam,
-                           loaded_at=time.time())
+                           threshold=card.threshold, predictor=predictor, batcher=batcher,
+                           explainer=explainer, loaded_at=time.time())
 
     def _install(self, served: ServedModel) -> None:
         with self._swap_lock:
@@ -242,18 +281,26 @@ class ModelRegistry:
         logger.info("serving %s version %s on %s", served.name, served.version, served.predictor.backend)
 
     def _compute_ensemble(self, models: dict[str, ServedModel]) -> EnsembleInfo | None:
+        """The ensemble for the served members, or None with `ensemble_error` saying why: its
+        threshold is used only when it was calibrated for exactly these versions (a promotion
+        never changes the clinical decision rule silently)."""
         if len(self.configured) < 2 or any(name not in models for name in self.configured):
             return None
         members = {name: models[name].version for name in self.configured}
         try:
-            threshold, source = ensemble_threshold(self.store, members)
+            record = ensemble_record_for(self.store, members)
+        except EnsembleNotCalibratedError as exc:
+            self.ensemble_error = str(exc)
+            logger.warning("ensemble not servable: %s", exc)
+            return None
         except (CTScanError, OSError, ValueError, KeyError) as exc:
-            logger.warning("ensemble threshold unavailable (%s); using the members' mean", exc)
-            threshold = float(np.mean([models[n].threshold for n in self.configured]))
-            source = "mean-of-members"
-        return EnsembleInfo(members=members, threshold=threshold, threshold_source=source)
+            self.ensemble_error = f"the ensemble record cannot be read: {type(exc).__name__}: {exc}"
+            logger.warning("%s", self.ensemble_error)
+            return None
+        self.ensemble_error = None
+        return EnsembleInfo(members=members, threshold=float(record.threshold), threshold_source="val-calibrated")
 
-    def try_load(self, name: str, *, reason: str) -> bool:
+    def try_load(self, name: str, *, reason: str, warm_explainer: bool = True) -> bool:
         """Load the store's production version of `name` if it differs from the served one."""
         try:
             version = self.store.production(name)
@@ -269,7 +316,7 @@ class ModelRegistry:
             return False
         started = time.monotonic()
         try:
-            served = self.load_version(name, version)
+            served = self.load_version(name, version, warm_explainer=warm_explainer)
         except Exception as exc:
             message = f"version {version} refused: {type(exc).__name__}: {exc}"
             logger.error("%s %s (%s)", name, message, reason)
@@ -283,13 +330,29 @@ class ModelRegistry:
         return True
 
     def load_all(self) -> None:
+        """Load every configured model; readiness waits for their predictions to be warm.
+
+        The Keras models (for Grad-CAM) are built and warmed after that: TensorFlow's import
+        and Grad-CAM's first trace cost seconds per model on a CPU, and an ONNX copy needs
+        neither. An explanation asked for in those seconds builds its model itself. A new
+        version arriving later is loaded completely before it replaces the served one."""
         try:
             for name in self.configured:
                 if self._stop.is_set():
                     return
-                self.try_load(name, reason="startup")
+                self.try_load(name, reason="startup", warm_explainer=False)
         finally:
             self.loading_done.set()
+        for served in list(self._models.values()):
+            if self._stop.is_set():
+                return
+            started = time.monotonic()
+            try:
+                served.explainer.ready()
+                logger.info("%s %s: Grad-CAM ready in %.1fs", served.name, served.version, time.monotonic() - started)
+            except Exception:  # explanations will fail and say so; predictions are unaffected
+                logger.exception("%s %s: the Keras model for Grad-CAM could not be built", served.name,
+                                 served.version)
 
     def _set_error(self, name: str, message: str | None) -> None:
         # Copy on write: routes read `errors` from other threads without a lock.
@@ -330,7 +393,7 @@ class ModelRegistry:
     def stop(self) -> None:
         self._stop.set()
         for thread in self._threads:
-            thread.join(timeout=10)  # a conversion in progress is abandoned
+            thread.join(timeout=10)  # a load in progress is abandoned
         for served in self._models.values():
             served.retire()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)

@@ -8,22 +8,24 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
-from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ctscan.errors import ImageError
-from ctscan.evaluation import ENSEMBLE
-from services.inference.deps import MetricsDep, RegistryDep, SettingsDep
-from services.inference.errors import APIError, error_response, image_error
-from services.inference.prediction import UnrecognisedFileError, predict_upload
-from services.inference.registry import ModelNotReadyError, ModelNotServedError
-from services.inference.schemas import (
+from ctscan.formats import describe_formats
+from ctscan.models import ENSEMBLE, architecture_names
+from ctscan.schemas import (
+    EnsembleModelInfo,
     ErrorResponse,
     Health,
+    ModelInfo,
     ModelsResponse,
     Prediction,
     Readiness,
 )
+from services.inference.deps import MetricsDep, RegistryDep, SettingsDep
+from services.inference.errors import APIError, error_response, image_error
+from services.inference.prediction import UnrecognisedFileError, predict_upload
+from services.inference.registry import ModelNotReadyError, ModelNotServedError
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -34,7 +36,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in (
         (400, "Unknown model"), (413, "Upload or image dimensions too large"),
-        (415, "Not a PNG, JPEG or DICOM file"), (422, "Undecodable image or invalid request"),
+        (415, f"Not a {describe_formats()} file"), (422, "Undecodable image or invalid request"),
         (503, "Model not loaded yet"))
 }
 
@@ -45,9 +47,9 @@ def request_id_from(supplied: str) -> str:
 
 
 @router.get("/healthz", response_model=Health, tags=["operations"])
-async def healthz() -> dict[str, str]:
+async def healthz() -> Health:
     """Liveness: the process answers."""
-    return {"status": "ok"}
+    return Health(status="ok")
 
 
 @router.get("/readyz", response_model=Readiness, tags=["operations"],
@@ -61,33 +63,28 @@ async def readyz(registry: RegistryDep) -> Any:
         message = f"not ready: {', '.join(missing) or 'models'} {state}" + (f" ({details})" if details else "")
         return error_response(503, "not_ready", message)
     models = registry.models
-    return {"status": "ready", "models": {n: m.version for n, m in models.items()},
-            "backends": {n: m.predictor.backend for n, m in models.items()}}
+    return Readiness(status="ready", models={n: m.version for n, m in models.items()},
+                     backends={n: m.predictor.backend for n, m in models.items()})
 
 
 @router.get("/models", response_model=ModelsResponse, tags=["models"])
-async def list_models(registry: RegistryDep) -> dict[str, Any]:
+async def list_models(registry: RegistryDep) -> ModelsResponse:
     """The loaded models (version, input size, threshold, card metrics) and the ensemble."""
-    models = []
-    for name, served in registry.models.items():
-        models.append({
-            "name": name, "version": served.version, "input_size": served.input_size,
-            "threshold": served.threshold, "init": served.card.get("init"),
-            "metrics": served.card.get("metrics", {}),
-            "backend": served.predictor.backend,
-            "onnx_max_abs_difference": served.predictor.max_abs_difference,
-            "onnx_fallback_reason": served.predictor.fallback_reason,
-            "loaded_at": served.loaded_at, "reload_error": registry.errors.get(name),
-        })
+    models = [
+        ModelInfo(name=name, version=served.version, input_size=served.input_size, threshold=served.threshold,
+                  init=served.card.init, metrics=served.card.metrics, backend=served.predictor.backend,
+                  onnx_max_abs_difference=served.predictor.max_abs_difference,
+                  onnx_fallback_reason=served.predictor.fallback_reason, loaded_at=served.loaded_at,
+                  reload_error=registry.errors.get(name))
+        for name, served in registry.models.items()]
     ensemble = registry.ensemble
-    return {
-        "models": models,
-        "ensemble": None if ensemble is None else {
-            "members": ensemble.members, "threshold": ensemble.threshold,
-            "threshold_source": ensemble.threshold_source},
-        "missing": registry.missing(),
-        "errors": dict(registry.errors),
-    }
+    return ModelsResponse(
+        models=models,
+        ensemble=None if ensemble is None else EnsembleModelInfo(
+            members=ensemble.members, threshold=ensemble.threshold, threshold_source=ensemble.threshold_source),
+        missing=registry.missing(),
+        errors=dict(registry.errors),
+    )
 
 
 @router.get("/metrics", tags=["operations"], response_class=Response)
@@ -111,12 +108,12 @@ async def predict(
     request: Request,
     registry: RegistryDep,
     settings: SettingsDep,
-    file: Annotated[UploadFile, File(description="A CT slice: PNG, JPEG or DICOM")],
-    model: Annotated[str | None, Query(description="inceptionv3 | densenet121 | mobilenetv2 | ensemble")] = None,
+    file: Annotated[UploadFile, File(description=f"A CT slice: {describe_formats()}")],
+    model: Annotated[str | None, Query(description=" | ".join([*architecture_names(), ENSEMBLE]))] = None,
     explain: Annotated[bool | None, Query(description="Add a Grad-CAM heatmap")] = None,
     model_form: Annotated[str | None, Form(alias="model")] = None,
     explain_form: Annotated[bool | None, Form(alias="explain")] = None,
-) -> JSONResponse:
+) -> Prediction:
     """Classify one chest-CT slice as COVID or non-COVID (decision support, not a diagnosis)."""
     model_name = model or model_form or ENSEMBLE
     want_heatmap = bool(explain if explain is not None else explain_form)
@@ -134,4 +131,4 @@ async def predict(
         raise APIError(415, "unsupported_media_type", str(exc)) from None
     except ImageError as exc:
         raise image_error(exc) from None
-    return JSONResponse(answer)
+    return answer

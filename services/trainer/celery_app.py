@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from services.trainer.settings import TrainerSettings, get_trainer_settings
+from ctscan.settings import TrainerSettings, get_trainer_settings
 
 TASK_RUN_JOB = "ctscan.trainer.run_job"
 

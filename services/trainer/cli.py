@@ -1,5 +1,6 @@
 """`ctscan jobs submit|list|show|cancel`: the trainer's API on the command line.
 
+Plugged into the `ctscan` command through pyproject.toml's `ctscan.commands` entry points.
 The admin credential comes from CTSCAN_ADMIN_TOKEN (never from the command line, where
 other users could read it in the process list).
 """
@@ -8,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any
 
 from ctscan.errors import CTScanError
-from services.trainer.jobs import FINISHED_STATES
+from ctscan.job_records import FINISHED_STATES
+from ctscan.records import JobProgress, JobRecord
 
 
 def _hyperparameter(text: str) -> tuple[str, Any]:
@@ -26,6 +27,13 @@ def _hyperparameter(text: str) -> tuple[str, Any]:
     except json.JSONDecodeError:
         value = raw
     return name.replace("-", "_"), value
+
+
+def register(commands: Any) -> None:
+    """Add `ctscan jobs` to the `ctscan` command's sub-parsers."""
+    jobs = commands.add_parser("jobs", help="training jobs (trainer service)")
+    add_jobs_arguments(jobs)
+    jobs.set_defaults(func=run_jobs_command)
 
 
 def add_jobs_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,45 +59,54 @@ def add_jobs_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _token() -> str:
+    from pydantic import ValidationError
+
+    from ctscan.settings import describe_settings_error, get_admin_settings
     from services.trainer.api import AdminAuthError
 
-    token = os.environ.get("CTSCAN_ADMIN_TOKEN", "")
+    try:
+        token = get_admin_settings().token()
+    except ValidationError as exc:
+        raise AdminAuthError(describe_settings_error(exc)) from None
     if not token:
         raise AdminAuthError("set CTSCAN_ADMIN_TOKEN to queue or cancel jobs")
     return token
 
 
-def _progress_line(job_id: str, entry: dict[str, Any]) -> str:
-    return (f"{job_id} epoch {entry['epoch']}/{entry['total_epochs']} loss {entry['loss']:.4f} "
-            f"val_loss {entry['val_loss']:.4f} val_auc {entry['val_auc']:.4f} "
-            f"val_acc {entry['val_accuracy']:.4f} ({entry['seconds']:.0f}s)")
+def _progress_line(job_id: str, entry: JobProgress) -> str:
+    return (f"{job_id} epoch {entry.epoch}/{entry.total_epochs} loss {entry.loss:.4f} "
+            f"val_loss {entry.val_loss:.4f} val_auc {entry.val_auc:.4f} "
+            f"val_acc {entry.val_accuracy:.4f} ({entry.seconds:.0f}s)")
 
 
-def _follow(client: Any, job_id: str, poll_seconds: float = 2.0) -> dict[str, Any]:
+def _follow(client: Any, job_id: str, poll_seconds: float = 2.0) -> JobRecord:
     printed = 0
     last_state = None
     while True:
-        record = client.get(job_id)
-        if record["state"] != last_state:
-            print(f"{job_id} {record['state']}", file=sys.stderr, flush=True)
-            last_state = record["state"]
-        progress = record.get("progress") or []
+        record: JobRecord = client.get(job_id)
+        if record.state != last_state:
+            print(f"{job_id} {record.state}", file=sys.stderr, flush=True)
+            last_state = record.state
+        progress = record.progress
         printed = min(printed, len(progress))  # a resumed job drops epochs after its checkpoint
         for entry in progress[printed:]:
             print(_progress_line(job_id, entry), file=sys.stderr, flush=True)
         printed = len(progress)
-        if record["state"] in FINISHED_STATES:
+        if record.state in FINISHED_STATES:
             return record
         time.sleep(poll_seconds)
 
 
-def _summary(record: dict[str, Any]) -> str:
-    last = (record.get("progress") or [{}])[-1]
-    epoch = f"{last.get('epoch', 0)}/{record.get('epochs')}"
-    result = record.get("result_version") or "-"
-    promoted = "" if record.get("promoted") is None else ("production" if record["promoted"] else "candidate")
-    return (f"{record['id']}  {record['state']:9s}  {record['model']:12s}  "
-            f"{record['dataset']}@{record['dataset_version']}  epoch {epoch}  {result} {promoted}").rstrip()
+def _summary(record: JobRecord) -> str:
+    epoch = f"{record.progress[-1].epoch if record.progress else 0}/{record.epochs}"
+    result = record.result_version or "-"
+    promoted = "" if record.promoted is None else ("production" if record.promoted else "candidate")
+    return (f"{record.id}  {record.state:9s}  {record.model:12s}  "
+            f"{record.dataset}@{record.dataset_version}  epoch {epoch}  {result} {promoted}").rstrip()
+
+
+def _dump(record: JobRecord) -> dict[str, Any]:
+    return record.model_dump(mode="json", exclude={"signature"})
 
 
 def run_jobs_command(args: argparse.Namespace) -> int:
@@ -102,11 +119,11 @@ def run_jobs_command(args: argparse.Namespace) -> int:
                                init=args.init, epochs=args.epochs,
                                hyperparameters=dict(args.hyperparameters), admin_token=_token())
         if args.wait:
-            record = _follow(client, record["id"])
+            record = _follow(client, record.id)
     elif command == "list":
         records = client.list_jobs(limit=args.limit)
         if args.json:
-            print(json.dumps(records, indent=2))
+            print(json.dumps([_dump(record) for record in records], indent=2))
         else:
             for record in records:
                 print(_summary(record))
@@ -117,6 +134,6 @@ def run_jobs_command(args: argparse.Namespace) -> int:
         record = client.cancel(args.id, admin_token=_token())
     else:
         raise CTScanError(f"unknown jobs command {command!r}")
-    print(json.dumps(record, indent=2))
+    print(json.dumps(_dump(record), indent=2))
     # With --wait the exit status tells scripts how the job ended.
-    return 1 if getattr(args, "wait", False) and record["state"] != "succeeded" else 0
+    return 1 if getattr(args, "wait", False) and record.state != "succeeded" else 0

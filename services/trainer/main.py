@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
 import subprocess
 
+from pydantic import ValidationError
+
 from ctscan.errors import CTScanError
-from services.trainer.settings import get_trainer_settings
+from ctscan.job_records import JobRecords
+from ctscan.settings import describe_settings_error, get_trainer_settings
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +29,32 @@ def visible_gpus() -> list[str]:
     return [line for line in out.stdout.splitlines() if line.startswith("GPU")]
 
 
+def cli_serve(args: argparse.Namespace) -> None:
+    """`ctscan serve worker` (registered in pyproject.toml's `ctscan.services` entry points)."""
+    serve(concurrency=args.concurrency)
+
+
 def serve(concurrency: int = 1) -> None:
-    settings = get_trainer_settings()
-    if settings.admin_token_value() is None:
+    try:
+        settings = get_trainer_settings()
+    except ValidationError as exc:
+        raise CTScanError(f"the trainer refuses to start: {describe_settings_error(exc)}") from None
+    token = settings.admin.token()
+    if token is None:
         raise CTScanError("CTSCAN_ADMIN_TOKEN is not set (or is a placeholder); the trainer refuses "
                           "to start without the admin credential")
+    try:
+        # Submitters check their token against this before they queue (see ctscan.job_records).
+        JobRecords.for_store(settings.store.model_store).publish_verifier(token)
+    except CTScanError as exc:  # the store may be down now; jobs are still checked one by one
+        log.warning("could not publish the admin token's verifier: %s", exc)
     gpus = visible_gpus()
     if gpus:
         # Several jobs can share a GPU only if none grabs all of its memory up front.
         os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
     logging.basicConfig(level=logging.INFO)
     log.info("trainer worker: %s, concurrency %d, queue %s, store %s", "GPU: " + "; ".join(gpus) if gpus
-             else "CPU (no GPU found)", concurrency, settings.queue, settings.model_store)
+             else "CPU (no GPU found)", concurrency, settings.queue, settings.store.model_store)
     from services.trainer.celery_app import app
 
     # prefork: time limits and "worker lost" detection need child processes.

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ctscan.settings import get_trainer_settings
 from services.trainer.celery_app import TASK_RUN_JOB, app
 from services.trainer.jobs import run_job
-from services.trainer.settings import get_trainer_settings
 
 log = logging.getLogger(__name__)
 
@@ -26,5 +26,5 @@ def run_training_job(self: Any, job_id: str) -> dict[str, Any]:
             log.warning("job %s: could not publish progress to the result backend: %s", job_id, exc)
 
     record = run_job(job_id, settings=get_trainer_settings(), on_progress=report_progress)
-    return {"id": record["id"], "state": record["state"], "result_version": record.get("result_version"),
-            "promoted": record.get("promoted")}
+    return {"id": record.id, "state": record.state, "result_version": record.result_version,
+            "promoted": record.promoted}

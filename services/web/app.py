@@ -15,10 +15,11 @@ from flask_wtf.csrf import CSRFError, CSRFProtect  # type: ignore[import-untyped
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from ctscan import DISCLAIMER
+from ctscan.formats import accept_attribute
+from ctscan.settings import WebSettings, get_web_settings
 from ctscan.store import ModelStore
 from services.web.console import JobsClientLike, default_jobs_client, default_store
 from services.web.inference_client import InferenceClient
-from services.web.settings import WebSettings, get_web_settings
 
 log = logging.getLogger("ctscan.web")
 
@@ -68,7 +69,7 @@ class WebServices:
         return self._jobs_client
 
     def store(self) -> ModelStore:
-        return self.store_factory(self.settings.model_store)
+        return self.store_factory(self.settings.store.model_store)
 
 
 def services() -> WebServices:
@@ -113,7 +114,8 @@ def create_app(settings: WebSettings | None = None, *, inference: InferenceClien
 
     @app.context_processor
     def _globals() -> dict[str, Any]:
-        return {"disclaimer": DISCLAIMER, "max_upload_mb": settings.max_upload_mb}
+        return {"disclaimer": DISCLAIMER, "max_upload_mb": settings.max_upload_mb,
+                "accept_formats": accept_attribute()}
 
     @app.after_request
     def _security_headers(response: Response) -> Response:

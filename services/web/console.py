@@ -13,9 +13,9 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from ctscan.errors import CTScanError
+from ctscan.records import JobRecord, ModelCard
 from ctscan.store import ModelStore, open_store
 
-MODEL_NAMES = ("inceptionv3", "densenet121", "mobilenetv2")
 INIT_CHOICES = ("imagenet", "none")
 ACTIVE_STATES = ("queued", "running")
 METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "auc")
@@ -34,13 +34,13 @@ class JobsClientLike(Protocol):
     """The part of the trainer's JobsClient (contract 2) the console uses."""
 
     def submit(self, *, model: str, dataset: str, dataset_version: str, init: str, epochs: int,
-               hyperparameters: dict[str, Any], admin_token: str) -> dict[str, Any]: ...
+               hyperparameters: dict[str, Any], admin_token: str) -> JobRecord: ...
 
-    def list_jobs(self, limit: int = 50) -> list[dict[str, Any]]: ...
+    def list_jobs(self, limit: int = 50) -> list[JobRecord]: ...
 
-    def get(self, job_id: str) -> dict[str, Any]: ...
+    def get(self, job_id: str) -> JobRecord: ...
 
-    def cancel(self, job_id: str, *, admin_token: str) -> dict[str, Any]: ...
+    def cancel(self, job_id: str, *, admin_token: str) -> JobRecord: ...
 
 
 def default_jobs_client() -> JobsClientLike:
@@ -73,16 +73,15 @@ def published_dataset_versions(*, datasets_url: str, dataset: str) -> list[str]:
         return []
 
 
-def job_summary(job: dict[str, Any]) -> dict[str, Any]:
+def job_summary(job: JobRecord) -> dict[str, Any]:
     """A job record plus what the page shows: last epoch and the share of epochs done."""
-    progress = list(job.get("progress") or [])
-    last = progress[-1] if progress else None
-    total = int((last or {}).get("total_epochs") or job.get("epochs") or 0)
-    done = int((last or {}).get("epoch") or 0)
-    if job.get("state") == "succeeded" and total:
+    last = job.progress[-1] if job.progress else None
+    total = (last.total_epochs if last else 0) or job.epochs or 0
+    done = last.epoch if last else 0
+    if job.state == "succeeded" and total:
         done = total
-    return {**job, "last_epoch": last, "epochs_done": done, "epochs_total": total,
-            "active": job.get("state") in ACTIVE_STATES}
+    return {**job.model_dump(), "last_epoch": last.model_dump() if last else None, "epochs_done": done,
+            "epochs_total": total, "active": job.state in ACTIVE_STATES}
 
 
 def model_overview(store: ModelStore) -> list[dict[str, Any]]:
@@ -90,24 +89,25 @@ def model_overview(store: ModelStore) -> list[dict[str, Any]]:
     overview = []
     for name in store.list_models():
         record = store.production_record(name)
-        production = record.get("version")
+        production = record.version
         versions = []
         for version in reversed(store.list_versions(name)):
+            card: ModelCard | None
             try:
                 card = store.card(name, version)
             except CTScanError:
-                card = {}
-            val = (card.get("metrics") or {}).get("val") or {}
+                card = None
+            val = (card.metrics.get("val") if card else None) or {}
             versions.append({
                 "version": version,
                 "production": version == production,
                 "metrics": {key: val.get(key) for key in METRIC_KEYS},
-                "threshold": card.get("threshold"),
-                "init": card.get("init"),
-                "input_size": card.get("input_size"),
-                "epochs_run": card.get("epochs_run"),
-                "created_at": card.get("created_at"),
+                "threshold": card.threshold if card else None,
+                "init": card.init if card else None,
+                "input_size": card.input_size if card else None,
+                "epochs_run": card.epochs_run if card else None,
+                "created_at": card.created_at if card else None,
             })
         overview.append({"name": name, "production": production, "versions": versions,
-                         "can_roll_back": bool(record.get("history"))})
+                         "can_roll_back": bool(record.history)})
     return overview

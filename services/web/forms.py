@@ -22,21 +22,28 @@ from wtforms.validators import (  # type: ignore[import-untyped]
     Regexp,
 )
 
-from services.web.console import MODEL_NAMES
+from ctscan.models import ARCHITECTURES, architecture_names
 
-MODEL_LABELS = {
-    "ensemble": "Ensemble (all three models)",
-    "inceptionv3": "InceptionV3",
-    "densenet121": "DenseNet-121",
-    "mobilenetv2": "MobileNetV2",
-}
+_COUNTS = {2: "two", 3: "three", 4: "four", 5: "five"}
+
+
+def model_labels() -> dict[str, str]:
+    """"ensemble" and every architecture, as the page names them (from the registry)."""
+    count = len(ARCHITECTURES)
+    return {"ensemble": f"Ensemble (all {_COUNTS.get(count, str(count))} models)",
+            **{name: spec.label for name, spec in ARCHITECTURES.items()}}
+
+
 _SAFE_NAME = Regexp(r"^[A-Za-z0-9._-]+$", message="Use letters, digits, dots, dashes or underscores.")
 
 
 class PredictForm(FlaskForm):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.model.choices = [SelectChoice(n, label) for n, label in model_labels().items()]
+
     file = FileField("CT image", validators=[FileRequired("Please choose a CT image to upload.")])
-    model = SelectField("Model", choices=[SelectChoice(n, label) for n, label in MODEL_LABELS.items()],
-                        default="ensemble")
+    model = SelectField("Model", default="ensemble")
     explain = BooleanField("Show the Grad-CAM heatmap", default=True)
 
 
@@ -46,7 +53,12 @@ class LoginForm(FlaskForm):
 
 
 class QueueJobForm(FlaskForm):
-    model = SelectField("Model", choices=[SelectChoice(n, MODEL_LABELS[n]) for n in MODEL_NAMES])
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        labels = model_labels()
+        self.model.choices = [SelectChoice(n, labels[n]) for n in architecture_names()]
+
+    model = SelectField("Model")
     dataset = StringField("Dataset", validators=[DataRequired(), Length(max=100), _SAFE_NAME])
     dataset_version = StringField("Dataset version", validators=[DataRequired(), Length(max=100), _SAFE_NAME])
     init = SelectField("Initial weights", choices=[SelectChoice("imagenet", "ImageNet weights"),

@@ -1,7 +1,8 @@
 """HTTP client for the inference service (contract: GET /healthz, /readyz, /models; POST /predict).
 
-Every failure becomes an `InferenceError` subclass whose message is fit to show a clinician;
-routes never see a `requests` exception or a traceback.
+Answers are parsed with the service's own response models (`ctscan.schemas`). Every failure
+becomes an `InferenceError` subclass whose message is fit to show a clinician; routes never
+see a `requests` exception or a traceback.
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 import requests
+from pydantic import ValidationError
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
 from ctscan.errors import CTScanError
-
-MODEL_CHOICES = ("ensemble", "inceptionv3", "densenet121", "mobilenetv2")
+from ctscan.models import ENSEMBLE, architecture_names
+from ctscan.schemas import ModelsResponse, Prediction
 
 
 class InferenceError(CTScanError):
@@ -105,8 +107,8 @@ class InferenceClient:
         return InferenceError("The analysis service had a problem with this request. Please try again.")
 
     # --- contract ---------------------------------------------------------------------
-    def predict(self, *, data: bytes, filename: str, model: str = "ensemble", explain: bool = True) -> dict[str, Any]:
-        if model not in MODEL_CHOICES:
+    def predict(self, *, data: bytes, filename: str, model: str = ENSEMBLE, explain: bool = True) -> Prediction:
+        if model != ENSEMBLE and model not in architecture_names():
             raise InferenceRejectedError(f"Unknown model {model!r}.", status=400, code="unknown_model")
         response = self._request(
             "POST", "/predict", params={"model": model, "explain": "true" if explain else "false"},
@@ -118,15 +120,19 @@ class InferenceClient:
             result = response.json()
         except ValueError:
             raise InferenceError("The analysis service sent an answer that could not be read.") from None
-        if not isinstance(result, dict) or "label" not in result or "probability_covid" not in result:
-            raise InferenceError("The analysis service sent an incomplete answer.")
-        return result
+        try:
+            return Prediction.model_validate(result)
+        except ValidationError:
+            raise InferenceError("The analysis service sent an incomplete answer.") from None
 
-    def models(self) -> dict[str, Any]:
+    def models(self) -> ModelsResponse:
         response = self._request("GET", "/models", timeout=(self.timeout[0], 10.0))
         if response.status_code != 200:
             raise self._error_from(response)
-        return dict(response.json())
+        try:
+            return ModelsResponse.model_validate(response.json())
+        except (ValueError, ValidationError):
+            raise InferenceError("The analysis service sent an answer that could not be read.") from None
 
     def ready(self) -> bool:
         """True when /readyz answers 200; never raises (used for status badges and probes)."""

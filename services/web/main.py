@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 
 from pydantic import ValidationError
 
 from ctscan.errors import CTScanError
+from ctscan.settings import describe_settings_error, get_web_settings
 from services.web.app import create_app
-from services.web.settings import get_web_settings
+
+DEFAULT_PORT = 8080
 
 log = logging.getLogger("ctscan.web")
 
@@ -17,22 +20,18 @@ class WebConfigError(CTScanError):
     """The web service's configuration is missing or refused (one line, no traceback)."""
 
 
-def _describe(exc: ValidationError) -> str:
-    problems = []
-    for error in exc.errors():
-        name = str(error["loc"][0]) if error["loc"] else "settings"
-        message = error["msg"].removeprefix("Value error, ")
-        problems.append(message if message.startswith(name) else f"{name}: {message}")
-    return "; ".join(problems)
+def cli_serve(args: argparse.Namespace) -> None:
+    """`ctscan serve web` (registered in pyproject.toml's `ctscan.services` entry points)."""
+    serve(host=args.host, port=args.port or DEFAULT_PORT)
 
 
-def serve(host: str = "127.0.0.1", port: int = 8080) -> None:
+def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # Settings are read (and secrets checked) here, so a bad configuration stops the start.
     try:
         settings = get_web_settings()
     except ValidationError as exc:
-        raise WebConfigError(f"the web service refuses to start: {_describe(exc)}") from None
+        raise WebConfigError(f"the web service refuses to start: {describe_settings_error(exc)}") from None
     app = create_app(settings)
     try:
         from waitress import serve as waitress_serve  # type: ignore[import-untyped]

@@ -11,61 +11,55 @@ import io
 from dataclasses import dataclass
 
 from ctscan.errors import ImageError, UnsupportedImageError
-from ctscan.imaging import decode_image, is_dicom
+from ctscan.formats import InputFormat, describe_formats, sniff
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_JPEG_MAGIC = b"\xff\xd8\xff"
-ACCEPTED_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
-# Neutral names sent to the inference service instead of the user's file name.
-_NEUTRAL_NAMES = {"PNG": "upload.png", "JPEG": "upload.jpg", "DICOM": "upload.dcm"}
-UNSUPPORTED_MESSAGE = ("This file type is not supported. Please upload a single CT slice as a "
-                       "PNG, JPEG or DICOM (.dcm) file.")
+
+
+def unsupported_message() -> str:
+    return ("This file type is not supported. Please upload a single CT slice as a "
+            f"{describe_formats(for_people=True)} file.")
 
 
 @dataclass(frozen=True)
 class Upload:
     data: bytes
-    source_format: str  # "PNG", "JPEG" or "DICOM"
+    input_format: InputFormat
+
+    @property
+    def source_format(self) -> str:
+        return self.input_format.name
 
     @property
     def neutral_filename(self) -> str:
-        return _NEUTRAL_NAMES[self.source_format]
-
-
-def sniff_format(data: bytes) -> str | None:
-    """The format the bytes really are (never trusting the name or the browser's MIME type)."""
-    if data.startswith(_PNG_MAGIC):
-        return "PNG"
-    if data.startswith(_JPEG_MAGIC):
-        return "JPEG"
-    if is_dicom(data):
-        return "DICOM"
-    return None
+        # Sent to the inference service instead of the user's file name.
+        return f"upload{self.input_format.extensions[0]}"
 
 
 def check_upload(*, data: bytes) -> Upload:
-    """Raise UnsupportedImageError (with a message for people) unless `data` is PNG/JPEG/DICOM."""
+    """Raise UnsupportedImageError (with a message for people) unless `data` is an accepted
+    format, judged by its bytes (never by the name or the browser's MIME type)."""
     if not data:
         raise UnsupportedImageError("The file is empty. Please choose a CT image to upload.")
-    source_format = sniff_format(data)
-    if source_format is None:
-        raise UnsupportedImageError(UNSUPPORTED_MESSAGE)
-    return Upload(data=data, source_format=source_format)
+    input_format = sniff(data)
+    if input_format is None:
+        raise UnsupportedImageError(unsupported_message())
+    return Upload(data=data, input_format=input_format)
 
 
 def preview_data_url(upload: Upload) -> str | None:
     """A data: URL to show the upload beside its heatmap, without storing it anywhere.
 
-    PNG and JPEG are shown as sent. Browsers cannot draw DICOM, so its pixels are rendered
-    (lung window, no header tags) to a PNG; None when even that fails.
+    PNG and JPEG are shown as sent. Browsers cannot draw DICOM (and other formats), so its
+    pixels are rendered (lung window, no header tags) to a PNG; None when even that fails.
     """
-    if upload.source_format in ("PNG", "JPEG"):
-        mime = "image/png" if upload.source_format == "PNG" else "image/jpeg"
+    if upload.input_format.browser_displayable:
+        mime = upload.input_format.media_type
         return f"data:{mime};base64,{base64.b64encode(upload.data).decode('ascii')}"
     try:
         from PIL import Image
 
-        decoded = decode_image(upload.data)
+        decoded = upload.input_format.decode(upload.data)
         buffer = io.BytesIO()
         Image.fromarray(decoded.pixels).save(buffer, format="PNG")
     except (ImageError, OSError, ValueError):

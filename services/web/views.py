@@ -27,6 +27,7 @@ from flask import (
 )
 
 from ctscan.errors import CTScanError, StoreError, UnsupportedImageError
+from ctscan.records import EnsembleRecord
 from services.web.app import services
 from services.web.console import (
     QUEUE_ERRORS,
@@ -36,12 +37,12 @@ from services.web.console import (
     published_dataset_versions,
 )
 from services.web.forms import (
-    MODEL_LABELS,
     ActionForm,
     LoginForm,
     PredictForm,
     PromoteForm,
     QueueJobForm,
+    model_labels,
 )
 from services.web.inference_client import InferenceError
 from services.web.uploads import check_upload, png_data_url, preview_data_url
@@ -61,7 +62,7 @@ def render_index(*, form: PredictForm | None = None, result: dict[str, Any] | No
     # formdata=None: this also renders the "too large" page, where the body must not be read.
     form = form or PredictForm(formdata=None)
     return render_template("index.html", form=form, result=result, error=error,
-                           model_labels=MODEL_LABELS), status
+                           model_labels=model_labels()), status
 
 
 @clinic.get("/")
@@ -96,10 +97,9 @@ def predict() -> RouteResult:
     round_trip_ms = (time.perf_counter() - started) * 1000
     # Only identifiers and timings are logged; never the image, its name or DICOM tags.
     log.info("prediction request_id=%s model=%s version=%s format=%s round_trip_ms=%.0f",
-             answer.get("request_id"), answer.get("model"), answer.get("model_version"),
-             upload.source_format, round_trip_ms)
-    result = {**answer, "preview_url": preview_data_url(upload),
-              "heatmap_url": png_data_url(answer.get("heatmap_png_base64")),
+             answer.request_id, answer.model, answer.model_version, upload.source_format, round_trip_ms)
+    result = {**answer.model_dump(), "preview_url": preview_data_url(upload),
+              "heatmap_url": png_data_url(answer.heatmap_png_base64),
               "round_trip_ms": round_trip_ms, "source_format": upload.source_format,
               "explain_requested": bool(form.explain.data)}
     return render_index(form=form, result=result)
@@ -182,7 +182,7 @@ def _jobs_view() -> tuple[list[dict[str, Any]], str | None]:
     return [job_summary(job) for job in jobs], None
 
 
-def _models_view() -> tuple[list[dict[str, Any]], dict[str, Any] | None, str | None]:
+def _models_view() -> tuple[list[dict[str, Any]], EnsembleRecord | None, str | None]:
     try:
         store = services().store()
         return model_overview(store), store.ensemble_record(), None
@@ -198,7 +198,7 @@ def _models_view() -> tuple[list[dict[str, Any]], dict[str, Any] | None, str | N
 @admin_required
 def console() -> RouteResult:
     settings = services().settings
-    dataset_versions = published_dataset_versions(datasets_url=settings.datasets_url,
+    dataset_versions = published_dataset_versions(datasets_url=settings.store.datasets_url,
                                                   dataset=settings.default_dataset)
     default_version = settings.default_dataset_version or (dataset_versions[-1] if dataset_versions else "")
     queue_form = QueueJobForm(formdata=None, dataset=settings.default_dataset, dataset_version=default_version)
@@ -208,7 +208,7 @@ def console() -> RouteResult:
         "admin.html", queue_form=queue_form, action_form=ActionForm(), jobs=jobs, jobs_error=jobs_error,
         dataset_versions=dataset_versions,
         models=models, ensemble=ensemble, models_error=models_error,
-        can_queue=settings.trainer_admin_token is not None,
+        can_queue=settings.admin.token() is not None,
     )
 
 
@@ -221,8 +221,7 @@ def jobs_table() -> RouteResult:
 
 
 def _trainer_token() -> str | None:
-    token = services().settings.trainer_admin_token
-    return token.get_secret_value() if token is not None else None
+    return services().settings.admin.token()
 
 
 @admin.post("/jobs")
@@ -252,7 +251,7 @@ def queue_job() -> RouteResult:
         log.warning("queueing a job failed: %s", type(exc).__name__)
         flash("The job was not queued: the training queue cannot be reached right now.", "error")
     else:
-        flash(f"Queued job {job.get('id')} ({form.model.data}, {form.epochs.data} epochs).", "success")
+        flash(f"Queued job {job.id} ({form.model.data}, {form.epochs.data} epochs).", "success")
     return redirect(url_for("admin.console"))
 
 
@@ -271,7 +270,7 @@ def cancel_job(job_id: str) -> RouteResult:
         log.warning("cancelling a job failed: %s", type(exc).__name__)
         flash("The job was not cancelled: the training queue cannot be reached right now.", "error")
     else:
-        flash(f"Job {job_id} is {job.get('state', 'cancelled')}.", "success")
+        flash(f"Job {job_id} is {job.state}.", "success")
     return redirect(url_for("admin.console"))
 
 

@@ -13,6 +13,16 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def saved_versions(store_dir: Path, name: str, count: int) -> list[str]:
+    """`count` versions of `name` written through the store (their weights are never loaded)."""
+    from ctscan.store import open_store
+
+    store = open_store(store_dir)
+    return [store.save(name, weights=f"weights {index}".encode(), version=f"2026010{index + 1}T000000Z-000{index}",
+                       card={"architecture": name, "input_size": 32, "init": "none", "threshold": 0.5,
+                             "metrics": {"val": {"auc": 0.6 + index / 10}}}) for index in range(count)]
+
+
 def ctscan(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "ctscan.cli", *args], capture_output=True, text=True, timeout=timeout,
@@ -20,6 +30,7 @@ def ctscan(*args: str, env: dict[str, str] | None = None, timeout: int = 600) ->
     )
 
 
+@pytest.mark.slow
 def test_train_one_epoch_then_evaluate_on_test(data_dir: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     trained = ctscan("train", "--model", "mobilenetv2", "--init", "none", "--epochs", "1",
@@ -47,13 +58,15 @@ def test_train_one_epoch_then_evaluate_on_test(data_dir: Path, tmp_path: Path) -
     assert (tmp_path / "plots" / "confusion_mobilenetv2.png").is_file()
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_after_its_last_finished_epoch(data_dir: Path, tmp_path: Path) -> None:
-    from ctscan.store import LocalModelStore
-    from ctscan.training import EpochReport, TrainConfig, Trainer, TrainingCancelled, train_and_store
+    from ctscan.publishing import train_and_store
+    from ctscan.store import open_store
+    from ctscan.training import EpochReport, TrainConfig, Trainer, TrainingCancelled
 
     config = TrainConfig(model="mobilenetv2", data_dir=str(data_dir), init="none", input_size=32,
                          epochs=2, batch_size=8, limit_per_class=4)
-    store = LocalModelStore(tmp_path / "store")
+    store = open_store(tmp_path / "store")
 
     def stop_after_first_epoch(report: EpochReport) -> None:
         raise TrainingCancelled(f"stopped after epoch {report.epoch}")
@@ -67,7 +80,7 @@ def test_an_interrupted_run_resumes_after_its_last_finished_epoch(data_dir: Path
     _, card, _ = train_and_store(config, run_dir=tmp_path / "run", store=store, resume=True, verbose=0,
                                  on_epoch=lambda report: seen.append(report.epoch))
     assert seen == [2]  # epoch 1 was not trained again
-    assert [h["epoch"] for h in card["history"]] == [1, 2]
+    assert [h["epoch"] for h in card.history or []] == [1, 2]
     assert len(store.list_versions("mobilenetv2")) == 1
 
 
@@ -78,6 +91,7 @@ def _one_line_error(result: subprocess.CompletedProcess[str], fragment: str) -> 
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # four CLI processes
 def test_wrong_input_ends_with_one_clear_line(data_dir: Path, tmp_path: Path) -> None:
     store = tmp_path / "store"
     base = ["train", "--init", "none", "--epochs", "1", "--input-size", "32", "--limit-per-class", "2",
@@ -94,16 +108,14 @@ def test_wrong_input_ends_with_one_clear_line(data_dir: Path, tmp_path: Path) ->
     assert not store.exists() or not any(store.iterdir())
 
 
+@pytest.mark.slow  # a CLI process that loads data
 def test_a_failed_run_leaves_the_store_untouched(data_dir: Path, tmp_path: Path) -> None:
     import shutil
 
     from ctscan.data import CTDataset
 
     store = tmp_path / "store"
-    ok = ctscan("train", "--model", "mobilenetv2", "--init", "none", "--epochs", "1", "--input-size", "32",
-                "--limit-per-class", "2", "--data", str(data_dir), "--store", str(store),
-                "--run-dir", str(tmp_path / "run1"))
-    assert ok.returncode == 0, ok.stderr[-2000:]
+    saved_versions(store, "mobilenetv2", 1)
     before = sorted(p.relative_to(store).as_posix() for p in store.rglob("*"))
     snapshot = {p: p.read_bytes() for p in store.rglob("*") if p.is_file()}
 
@@ -126,16 +138,15 @@ def test_a_failed_run_leaves_the_store_untouched(data_dir: Path, tmp_path: Path)
     assert all(p.read_bytes() == data for p, data in snapshot.items())
 
 
-def test_models_list_promote_and_rollback(data_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.slow  # six CLI processes
+def test_models_list_promote_and_rollback(tmp_path: Path) -> None:
     store = tmp_path / "store"
-    for run in ("a", "b"):
-        result = ctscan("train", "--model", "mobilenetv2", "--init", "none", "--epochs", "1", "--input-size", "32",
-                        "--limit-per-class", "2", "--data", str(data_dir), "--store", str(store),
-                        "--run-dir", str(tmp_path / run), "--promote", "always")
-        assert result.returncode == 0, result.stderr[-2000:]
+    for version in saved_versions(store, "mobilenetv2", 2):
+        assert ctscan("models", "promote", "mobilenetv2", version, "--store", str(store)).returncode == 0
     listing = json.loads(ctscan("models", "list", "--store", str(store)).stdout)
     versions = [v["version"] for v in listing["mobilenetv2"]]
     assert len(versions) == 2 and listing["mobilenetv2"][1]["production"] is True
+    assert listing["mobilenetv2"][1]["val"] == {"auc": 0.7} and listing["mobilenetv2"][1]["onnx"] is False
     rolled = ctscan("models", "rollback", "mobilenetv2", "--store", str(store))
     assert rolled.returncode == 0 and versions[0] in rolled.stdout
     promoted = ctscan("models", "promote", "mobilenetv2", versions[1], "--store", str(store))

@@ -10,8 +10,9 @@ import pytest
 
 from ctscan.errors import ChecksumError, StoreError, VersionExistsError
 from ctscan.models import build_model
+from ctscan.records import EnsembleRecord
 from ctscan.release import seed_store
-from ctscan.store import LocalModelStore, load_keras_model, pack_weights
+from ctscan.store import load_keras_model, open_store, pack_weights
 
 
 @pytest.fixture(scope="module")
@@ -25,19 +26,19 @@ def card() -> dict[str, object]:
 
 
 def test_saved_weights_restore_in_float16_precision(tmp_path: Path, small_model) -> None:  # type: ignore[no-untyped-def]
-    store = LocalModelStore(tmp_path)
+    store = open_store(tmp_path)
     weights = pack_weights(small_model)
     version = store.save("mobilenetv2", weights=weights, card=card())
     restored, stored_card = load_keras_model(store, "mobilenetv2", version)
     pixels = np.random.default_rng(0).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
     np.testing.assert_allclose(np.asarray(restored(pixels)), np.asarray(small_model(pixels)), atol=2e-3)
-    assert stored_card["version"] == version and len(stored_card["weights_sha256"]) == 64
+    assert stored_card.version == version and len(stored_card.weights_sha256 or "") == 64
     # float16 storage: about half the float32 size
     assert len(weights) < 0.6 * 4 * small_model.count_params()
 
 
 def test_versions_are_never_overwritten(tmp_path: Path, small_model) -> None:  # type: ignore[no-untyped-def]
-    store = LocalModelStore(tmp_path)
+    store = open_store(tmp_path)
     version = store.save("mobilenetv2", weights=pack_weights(small_model), card=card())
     before = (tmp_path / "mobilenetv2" / version / "weights.npz").read_bytes()
     with pytest.raises(VersionExistsError):
@@ -46,7 +47,7 @@ def test_versions_are_never_overwritten(tmp_path: Path, small_model) -> None:  #
 
 
 def test_tampered_weights_are_refused(tmp_path: Path, small_model) -> None:  # type: ignore[no-untyped-def]
-    store = LocalModelStore(tmp_path)
+    store = open_store(tmp_path)
     version = store.save("mobilenetv2", weights=pack_weights(small_model), card=card())
     path = tmp_path / "mobilenetv2" / version / "weights.npz"
     data = bytearray(path.read_bytes())
@@ -57,7 +58,7 @@ def test_tampered_weights_are_refused(tmp_path: Path, small_model) -> None:  # t
 
 
 def test_promote_and_rollback(tmp_path: Path, small_model) -> None:  # type: ignore[no-untyped-def]
-    store = LocalModelStore(tmp_path)
+    store = open_store(tmp_path)
     first = store.save("mobilenetv2", weights=pack_weights(small_model), card=card(), version="v1")
     second = store.save("mobilenetv2", weights=pack_weights(small_model), card=card(), version="v2")
     assert store.production("mobilenetv2") is None
@@ -73,14 +74,14 @@ def test_promote_and_rollback(tmp_path: Path, small_model) -> None:  # type: ign
 
 
 def test_seeding_copies_the_release_and_keeps_existing_production(tmp_path: Path, small_model) -> None:  # type: ignore[no-untyped-def]
-    release = LocalModelStore(tmp_path / "release")
+    release = open_store(tmp_path / "release")
     version = release.save("mobilenetv2", weights=pack_weights(small_model), card=card(), version="r1")
     release.promote("mobilenetv2", version)
-    release.save_ensemble_record({"members": {"mobilenetv2": "r1"}, "threshold": 0.4})
-    target = LocalModelStore(tmp_path / "store")
+    release.save_ensemble_record(EnsembleRecord(members={"mobilenetv2": "r1"}, threshold=0.4))
+    target = open_store(tmp_path / "store")
     result = seed_store(tmp_path / "release", target)
     assert result["copied"] == ["mobilenetv2/r1"] and target.production("mobilenetv2") == "r1"
-    assert target.ensemble_record() == {"members": {"mobilenetv2": "r1"}, "threshold": 0.4}
+    assert target.ensemble_record() == EnsembleRecord(members={"mobilenetv2": "r1"}, threshold=0.4)
     # a second seed changes nothing
     again = seed_store(tmp_path / "release", target)
     assert again["copied"] == [] and again["kept"] == ["mobilenetv2/r1"]
@@ -89,7 +90,7 @@ def test_seeding_copies_the_release_and_keeps_existing_production(tmp_path: Path
 
 def test_weights_load_into_a_model_built_after_others_in_the_same_process(tmp_path: Path) -> None:
     # InceptionV3's unnamed layers get process-wide counters; loading must not depend on them.
-    store = LocalModelStore(tmp_path)
+    store = open_store(tmp_path)
     first = build_model("inceptionv3", init="none", input_size=75, compile_model=False)
     version = store.save("inceptionv3", weights=pack_weights(first),
                          card={**card(), "architecture": "inceptionv3", "input_size": 75})
@@ -100,7 +101,7 @@ def test_weights_load_into_a_model_built_after_others_in_the_same_process(tmp_pa
 
 
 def test_weights_of_another_architecture_are_refused(tmp_path: Path, small_model) -> None:  # type: ignore[no-untyped-def]
-    store = LocalModelStore(tmp_path)
+    store = open_store(tmp_path)
     version = store.save("densenet121", weights=pack_weights(small_model),
                          card={**card(), "architecture": "densenet121"})
     with pytest.raises(StoreError, match="do not fit"):

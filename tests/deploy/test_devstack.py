@@ -81,6 +81,7 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(START_TIMEOUT_S + 300)
 def test_make_up_serves_a_real_ct_image_and_stops_cleanly(
     tmp_path: Path, real_ct_images: dict[str, Path], request: pytest.FixtureRequest
@@ -97,7 +98,6 @@ def test_make_up_serves_a_real_ct_image_and_stops_cleanly(
         # Nothing answers on this port, so devstack starts (and later stops) its own redis-server.
         "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "DEVSTACK_TIMEOUT": str(START_TIMEOUT_S),
-        "INFERENCE_ONNX_CACHE_DIR": str(tmp_path / "onnx-cache"),
         "CTSCAN_TRAINER_WORK_DIR": str(tmp_path / "trainer"),
         "CTSCAN_DATASETS_URL": str(tmp_path / "datasets"),
     })

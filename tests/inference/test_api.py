@@ -45,9 +45,9 @@ def test_health_and_readiness(inference_service: RunningService) -> None:
 
 
 def test_models_lists_versions_thresholds_and_card_metrics(inference_service: RunningService) -> None:
-    from ctscan.store import LocalModelStore
+    from ctscan.store import open_store
 
-    store = LocalModelStore(inference_service.store_dir)
+    store = open_store(inference_service.store_dir)
     body = inference_service.get("/models").json()
     listed = {entry["name"]: entry for entry in body["models"]}
     assert set(listed) == set(MODELS)
@@ -55,21 +55,27 @@ def test_models_lists_versions_thresholds_and_card_metrics(inference_service: Ru
         version = store.production(name)
         card = store.card(name, version)
         assert entry["version"] == version
-        assert entry["input_size"] == card["input_size"]
-        assert entry["threshold"] == pytest.approx(card["threshold"])
+        assert entry["input_size"] == card.input_size
+        assert entry["threshold"] == pytest.approx(card.threshold)
         assert entry["init"] == "none"
-        assert entry["metrics"]["val"]["auc"] == pytest.approx(card["metrics"]["val"]["auc"])
+        assert entry["metrics"]["val"]["auc"] == pytest.approx(card.metrics["val"]["auc"])
         assert entry["backend"] in ("onnxruntime", "tensorflow")
     ensemble = body["ensemble"]
     assert ensemble["members"] == {name: store.production(name) for name in MODELS}
     assert ensemble["threshold_source"] == "val-calibrated"
-    assert ensemble["threshold"] == pytest.approx(store.ensemble_record()["threshold"])
+    record = store.ensemble_record()
+    assert record is not None and ensemble["threshold"] == pytest.approx(record.threshold)
 
 
-def test_onnx_copies_are_verified_and_used(inference_service: RunningService) -> None:
+def test_stored_onnx_copies_are_used(inference_service: RunningService) -> None:
+    from ctscan.store import open_store
+
+    store = open_store(inference_service.store_dir)
     for entry in inference_service.get("/models").json()["models"]:
         assert entry["backend"] == "onnxruntime", entry["onnx_fallback_reason"]
-        assert entry["onnx_max_abs_difference"] <= 1e-4
+        # The difference measured when the copy was made, as its manifest records it.
+        copy = store.onnx_copy(entry["name"], entry["version"])
+        assert copy is not None and entry["onnx_max_abs_difference"] == copy[1].max_abs_difference <= 1e-4
 
 
 @pytest.mark.parametrize("model", MODELS)

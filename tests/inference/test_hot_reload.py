@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctscan.store import CARD_FILE, WEIGHTS_FILE, LocalModelStore
+from ctscan.store import CARD_FILE, WEIGHTS_FILE, ModelStore, open_store
 from inference.conftest import RunningService, copy_store, start_service, stop_service
 
 MODEL = "mobilenetv2"
@@ -20,7 +20,7 @@ RELOAD_TIMEOUT_S = 180
 
 
 @pytest.fixture(scope="module")
-def reloading_service(tiny_model_store: Path, data_dir: Path, onnx_cache_dir: Path,
+def reloading_service(tiny_model_store: Path, data_dir: Path,
                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
     """Only MobileNetV2 (fast to reload), polling the store every half second."""
     root = tmp_path_factory.mktemp("hot-reload")
@@ -28,7 +28,6 @@ def reloading_service(tiny_model_store: Path, data_dir: Path, onnx_cache_dir: Pa
     service = start_service(store_dir=store, log_path=root / "service.log", env={
         "INFERENCE_MODELS": MODEL,
         "INFERENCE_RELOAD_POLL_SECONDS": "0.5",
-        "INFERENCE_ONNX_CACHE_DIR": str(onnx_cache_dir),
         "INFERENCE_VERIFICATION_DIR": str(data_dir),
     })
     yield service
@@ -59,7 +58,7 @@ def _scaled_weights(weights: bytes, factor: float) -> bytes:
     return buffer.getvalue()
 
 
-def _publish(store: LocalModelStore, weights: bytes, *, card_from: str) -> str:
+def _publish(store: ModelStore, weights: bytes, *, card_from: str) -> str:
     """Save `weights` as a new version with the card of version `card_from`."""
     import json
 
@@ -72,7 +71,7 @@ def _publish(store: LocalModelStore, weights: bytes, *, card_from: str) -> str:
 
 def test_new_version_is_loaded_and_swapped_without_failing_requests(
         reloading_service: RunningService, real_ct_images: dict[str, Path]) -> None:
-    store = LocalModelStore(reloading_service.store_dir)
+    store = open_store(reloading_service.store_dir)
     old_version = store.production(MODEL)
     image = next(iter(sorted(real_ct_images.values()))).read_bytes()
     before = reloading_service.predict(image, params={"model": MODEL}).json()
@@ -105,7 +104,7 @@ def test_new_version_is_loaded_and_swapped_without_failing_requests(
 
 def test_corrupt_version_is_refused_and_the_working_one_keeps_serving(
         reloading_service: RunningService, real_ct_images: dict[str, Path]) -> None:
-    store = LocalModelStore(reloading_service.store_dir)
+    store = open_store(reloading_service.store_dir)
     working = _served_entry(reloading_service)["version"]
     image = next(iter(sorted(real_ct_images.values()))).read_bytes()
 

@@ -9,10 +9,11 @@ import pytest
 import requests
 from pydantic import ValidationError
 
+from ctscan.settings import InferenceSettings
 from inference.conftest import start_service, stop_service
-from services.inference.settings import InferenceSettings
 
 
+@pytest.mark.slow
 def test_empty_store_is_not_ready_and_predict_is_503(tmp_path: Path) -> None:
     service = start_service(store_dir=tmp_path / "empty-store", log_path=tmp_path / "service.log",
                             env={"INFERENCE_RELOAD_POLL_SECONDS": "0", "INFERENCE_VERIFICATION_DIR": str(tmp_path)},

@@ -184,10 +184,9 @@ def trainer_env(s3_endpoint: str, redis_server: RedisServer,
 
 
 def _reset_caches() -> None:
-    from ctscan import s3store
-    from services.trainer import settings
+    from ctscan import s3store, settings
 
-    settings.get_trainer_settings.cache_clear()
+    settings.clear_caches()
     s3store._client.cache_clear()
     if "services.trainer.celery_app" in sys.modules:  # the app reads settings at import
         importlib.reload(sys.modules["services.trainer.celery_app"])
@@ -282,15 +281,17 @@ def jobs_client(trainer_env: dict[str, str]) -> Any:
 
 
 def submit_tiny_job(client: Any, dataset: tuple[str, str], *, epochs: int, **hyperparameters: Any) -> dict[str, Any]:
-    return dict(client.submit(model="mobilenetv2", dataset=dataset[0], dataset_version=dataset[1], init="none",
-                              epochs=epochs, hyperparameters={**TINY_HYPERPARAMETERS, **hyperparameters},
-                              admin_token=ADMIN_TOKEN))
+    """The record as JSON, as `ctscan jobs` prints it."""
+    record = client.submit(model="mobilenetv2", dataset=dataset[0], dataset_version=dataset[1], init="none",
+                           epochs=epochs, hyperparameters={**TINY_HYPERPARAMETERS, **hyperparameters},
+                           admin_token=ADMIN_TOKEN)
+    return dict(record.model_dump(mode="json"))
 
 
 def wait_for_state(client: Any, job_id: str, states: set[str], *, timeout: float = 240) -> dict[str, Any]:
-    record: dict[str, Any] = wait_for(lambda: (r := client.get(job_id))["state"] in states and r,
-                                      timeout=timeout, what=f"job {job_id} to reach {states}", interval=0.5)
-    return record
+    record = wait_for(lambda: (r := client.get(job_id)).state in states and r,
+                      timeout=timeout, what=f"job {job_id} to reach {states}", interval=0.5)
+    return dict(record.model_dump(mode="json"))
 
 
 # Helpers handed to tests as fixtures (test modules do not import each other).

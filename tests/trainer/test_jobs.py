@@ -46,7 +46,7 @@ def test_job_runs_from_submission_to_a_promoted_model(
     store = _store(trainer_env)
     assert record["result_version"] == record["id"] in store.list_versions("mobilenetv2")
     card = store.card("mobilenetv2", record["result_version"])
-    assert card["job"]["dataset_version"] == published_dataset[1] and card["input_size"] == 32
+    assert (card.job or {})["dataset_version"] == published_dataset[1] and card.input_size == 32
     # First model of this store: nothing to beat, so it becomes production.
     assert record["promoted"] is True and store.production("mobilenetv2") == record["result_version"]
 
@@ -54,7 +54,7 @@ def test_job_runs_from_submission_to_a_promoted_model(
     listed = ctscan_cli("jobs", "list", "--json")
     assert record["id"] in [r["id"] for r in json.loads(listed.stdout)]
     model, loaded_card = load_keras_model(store, "mobilenetv2")
-    assert loaded_card["version"] == record["id"]
+    assert loaded_card.version == record["id"]
     from ctscan.data import LABELS, Sample
 
     image = real_ct_images[next(iter(real_ct_images))]
@@ -88,9 +88,9 @@ def test_cancelled_job_stops_within_an_epoch_and_keeps_its_record(
         trainer_env: dict[str, str]) -> None:
     start_worker()
     job = tiny_job(40)
-    running = wait_until(lambda: (r := jobs_client.get(job["id"]))["progress"] and r, timeout=240,
+    running = wait_until(lambda: (r := jobs_client.get(job["id"])).progress and r, timeout=240,
                        what="the first epoch", interval=0.3)
-    epochs_at_cancel = len(running["progress"])
+    epochs_at_cancel = len(running.progress)
     jobs_client.cancel(job["id"], admin_token=admin_token)
     record = wait_job(job["id"], {"cancelled", "failed", "succeeded"}, timeout=120)
     assert record["state"] == "cancelled" and record["error"] == "cancelled by an admin"
@@ -98,7 +98,7 @@ def test_cancelled_job_stops_within_an_epoch_and_keeps_its_record(
     assert record["finished_at"] and record["result_version"] is None
     assert job["id"] not in _store(trainer_env).list_versions("mobilenetv2")
     # Cancelling again is harmless and the record stays as it was.
-    assert jobs_client.cancel(job["id"], admin_token=admin_token)["state"] == "cancelled"
+    assert jobs_client.cancel(job["id"], admin_token=admin_token).state == "cancelled"
 
 
 def test_job_resumes_from_its_checkpoint_after_the_worker_is_killed(
@@ -109,12 +109,12 @@ def test_job_resumes_from_its_checkpoint_after_the_worker_is_killed(
     # 5 s keeps the test short (production uses more than the job time limit).
     first = start_worker(CTSCAN_TRAINER_VISIBILITY_TIMEOUT="5")
     job = tiny_job(5, input_size=48)
-    wait_until(lambda: jobs_client.get(job["id"])["progress"], timeout=240, what="the first checkpoint",
+    wait_until(lambda: jobs_client.get(job["id"]).progress, timeout=240, what="the first checkpoint",
              interval=0.2)
     first.kill()  # SIGKILL to the whole worker: no chance to clean up
     at_kill = jobs_client.get(job["id"])
-    assert at_kill["state"] == "running", "the job finished before the worker could be killed"
-    checkpointed = len(at_kill["progress"])
+    assert at_kill.state == "running", "the job finished before the worker could be killed"
+    checkpointed = len(at_kill.progress)
 
     second = start_worker(CTSCAN_TRAINER_VISIBILITY_TIMEOUT="5")
     record = wait_job(job["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
@@ -132,7 +132,7 @@ def test_redis_restart_loses_no_job_record(
         wait_job: Callable[..., dict[str, Any]], jobs_client: Any, redis_server: Any) -> None:
     start_worker()
     before = tiny_job(3)
-    wait_until(lambda: jobs_client.get(before["id"])["progress"], timeout=240, what="the first epoch",
+    wait_until(lambda: jobs_client.get(before["id"]).progress, timeout=240, what="the first epoch",
              interval=0.3)
     redis_server.stop()  # no persistence: everything in Redis is gone
     time.sleep(1)
@@ -143,7 +143,7 @@ def test_redis_restart_loses_no_job_record(
     # History is intact and the service keeps working after the restart.
     after = tiny_job(1)
     assert wait_job(after["id"], {"succeeded", "failed", "cancelled"}, timeout=240)["state"] == "succeeded"
-    listed = {r["id"]: r["state"] for r in jobs_client.list_jobs()}
+    listed = {r.id: r.state for r in jobs_client.list_jobs()}
     assert listed[before["id"]] == "succeeded" and listed[after["id"]] == "succeeded"
 
 
@@ -158,7 +158,7 @@ def test_unreachable_s3_fails_the_job_clearly_and_promotes_nothing(
     store = _store(trainer_env)
     production_before = store.production("mobilenetv2")
     job = tiny_job(30)
-    wait_until(lambda: jobs_client.get(job["id"])["progress"], timeout=240, what="the first epoch",
+    wait_until(lambda: jobs_client.get(job["id"]).progress, timeout=240, what="the first epoch",
              interval=0.3)
     proxy.cut()
 
@@ -169,4 +169,28 @@ def test_unreachable_s3_fails_the_job_clearly_and_promotes_nothing(
     assert job["id"] not in store.list_versions("mobilenetv2")
     assert store.production("mobilenetv2") == production_before
     # The repaired record is durable: it reads the same without the result backend.
-    assert jobs_client.records.get(job["id"])["state"] == "failed"
+    assert jobs_client.records.get(job["id"]).state == "failed"
+
+
+def test_a_worker_runs_only_jobs_signed_with_its_own_admin_token(
+        start_worker: Callable[..., Any], jobs_client: Any, published_dataset: tuple[str, str],
+        wait_job: Callable[..., dict[str, Any]], trainer_env: dict[str, str], admin_token: str) -> None:
+    from ctscan.job_records import new_job_id, now, sign
+    from ctscan.records import JobRecord
+    from services.trainer.celery_app import TASK_RUN_JOB, app
+
+    start_worker()
+    # The worker published a verifier of its token: a client holding another one is refused at once...
+    assert jobs_client.records.token_accepted(admin_token) is True
+    assert jobs_client.records.token_accepted("another-admin-token") is False
+    # ...and a job that reaches the queue without the right signature (written straight to the
+    # store and the broker, as someone with access to both but not the token could) is not run.
+    forged = JobRecord(id=new_job_id(), state="queued", model="mobilenetv2", dataset=published_dataset[0],
+                       dataset_version=published_dataset[1], init="none", epochs=1,
+                       hyperparameters={"input_size": 32}, created_at=now())
+    forged.signature = sign(forged, "another-admin-token")
+    jobs_client.records.create(forged)
+    app.send_task(TASK_RUN_JOB, args=[forged.id], task_id=forged.id, queue=trainer_env["CTSCAN_TRAINER_QUEUE"])
+    record = wait_job(forged.id, {"failed", "succeeded", "cancelled"}, timeout=120)
+    assert record["state"] == "failed" and record["error"].startswith("admin token rejected")
+    assert record["progress"] == [] and forged.id not in _store(trainer_env).list_versions("mobilenetv2")

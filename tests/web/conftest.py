@@ -3,7 +3,8 @@
 The real inference service (`ctscan serve inference` on the tiny model store) answers the
 happy paths. `contract_server` is a small HTTP server speaking the inference contract that
 can be told to be slow, broken or refusing: the real service cannot be made to do that on
-demand, and those are the paths the web page must survive.
+demand, and those are the paths the web page must survive. Its answers are built from the
+service's own response models (`ctscan.schemas`), so they cannot drift from the real ones.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import pytest
 from harness import ServiceProcess, free_port, start_service_process, stop_service_process
 
 from ctscan import DISCLAIMER
+from ctscan.schemas import MemberPrediction, Prediction, Timings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CTSCAN = str(REPO_ROOT / ".venv" / "bin" / "ctscan")
@@ -62,18 +64,19 @@ def _prediction(model: str) -> dict[str, Any]:
     members = None
     if model == "ensemble":
         members = {
-            "inceptionv3": {"probability_covid": 0.81, "label": "COVID", "version": "v-inc"},
-            "densenet121": {"probability_covid": 0.74, "label": "COVID", "version": "v-dense"},
-            "mobilenetv2": {"probability_covid": 0.32, "label": "non-COVID", "version": "v-mob"},
+            "inceptionv3": MemberPrediction(probability_covid=0.81, label="COVID", version="v-inc", threshold=0.6),
+            "densenet121": MemberPrediction(probability_covid=0.74, label="COVID", version="v-dense", threshold=0.6),
+            "mobilenetv2": MemberPrediction(probability_covid=0.32, label="non-COVID", version="v-mob",
+                                            threshold=0.6),
         }
-    return {
-        "label": "COVID", "probability_covid": 0.623, "confidence": 0.623, "threshold": 0.5,
-        "model": model, "model_version": "ensemble-v1" if members else "v-single",
-        "members": members, "disagreement": bool(members), "heatmap_png_base64":
-        base64.b64encode(tiny_png()).decode(), "request_id": "req-123",
-        "timings_ms": {"decode": 3.0, "inference": 40.0, "gradcam": 55.0, "total": 101.0},
-        "source_format": "PNG", "disclaimer": DISCLAIMER,
-    }
+    answer = Prediction(
+        label="COVID", probability_covid=0.623, confidence=0.623, threshold=0.5,
+        model=model, model_version="ensemble-v1" if members else "v-single",
+        members=members, disagreement=bool(members), heatmap_png_base64=base64.b64encode(tiny_png()).decode(),
+        request_id="req-123", timings_ms=Timings(decode=3.0, inference=40.0, gradcam=55.0, total=101.0),
+        source_format="PNG", disclaimer=DISCLAIMER,
+    )
+    return answer.model_dump(mode="json")
 
 
 @pytest.fixture()
@@ -127,28 +130,33 @@ def contract_server() -> Iterator[ContractServer]:
 # --- settings and app -----------------------------------------------------------------------
 @pytest.fixture()
 def make_settings(tmp_path: Path) -> Callable[..., Any]:
-    from services.web.settings import WebSettings
+    """The web service's settings; `model_store`, `datasets_url` and `admin_token` go to the
+    shared sections it holds."""
+    from ctscan.settings import AdminSettings, StoreSettings, WebSettings
 
-    def build(**overrides: Any) -> WebSettings:
+    def build(*, model_store: str | None = None, datasets_url: str | None = None,
+              admin_token: str | None = TRAINER_TOKEN, **overrides: Any) -> WebSettings:
+        store = StoreSettings.from_values(_env_file=None, model_store=model_store or str(tmp_path / "store"),
+                                          datasets_url=datasets_url or str(tmp_path / "datasets"))
         values: dict[str, Any] = {
             "secret_key": SECRET_KEY, "admin_password": ADMIN_PASSWORD,
-            "trainer_admin_token": TRAINER_TOKEN, "inference_url": f"http://127.0.0.1:{free_port()}",
-            "model_store": str(tmp_path / "store"), "inference_read_timeout_s": 5.0,
+            "inference_url": f"http://127.0.0.1:{free_port()}", "inference_read_timeout_s": 5.0,
             "inference_retries": 1, "max_upload_mb": 1.0,
+            "store": store, "admin": AdminSettings.from_values(_env_file=None, admin_token=admin_token),
         }
         values.update(overrides)
-        return WebSettings(**{"_env_file": None, **values})
+        return WebSettings.from_values(_env_file=None, **values)
 
     return build
 
 
 def trainer_settings_for(**env: str) -> Any:
-    """The trainer's own settings class, from these variables only (no .env, no process env
-    leaking a developer's queue or store into the tests)."""
-    from services.trainer.settings import TrainerSettings
+    """The trainer's settings (with its shared sections) from these variables only (no .env;
+    given values win over a process environment that other suites may have set)."""
+    from ctscan.settings import AdminSettings, StoreSettings, TrainerSettings
 
-    values: dict[str, Any] = {"_env_file": None, **env}
-    return TrainerSettings(**values)
+    values: dict[str, Any] = {"_env_file": None, "CTSCAN_ADMIN_TOKEN": None, **env}
+    return TrainerSettings.from_values(**values, store=StoreSettings(**values), admin=AdminSettings(**values))
 
 
 # --- the real services ------------------------------------------------------------------------
@@ -172,7 +180,7 @@ def inference_service(tiny_model_store: Path, data_dir: Path,
     workdir = tmp_path_factory.mktemp("inference")
     env = _base_env() | {
         "CTSCAN_MODEL_STORE": str(tiny_model_store), "CTSCAN_DATA_DIR": str(data_dir),
-        "INFERENCE_ONNX_CACHE_DIR": str(workdir / "onnx"), "INFERENCE_RELOAD_POLL_SECONDS": "0",
+        "INFERENCE_RELOAD_POLL_SECONDS": "0",
     }
     service = start_service_process([CTSCAN, "serve", "inference"], env=env, log_path=workdir / "inference.log",
                                     ready_path="/readyz", timeout_s=300)

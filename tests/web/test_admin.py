@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from ctscan.store import LocalModelStore
+from ctscan.records import JobProgress
+from ctscan.store import ModelStore, open_store
 from services.web.app import create_app
 from services.web.console import ConsoleUnavailableError
 
@@ -19,9 +20,9 @@ from .conftest import ADMIN_PASSWORD, TRAINER_TOKEN, csrf_token, trainer_setting
 
 
 @pytest.fixture()
-def store(tmp_path: Path) -> LocalModelStore:
+def store(tmp_path: Path) -> ModelStore:
     """Two real (tiny) versions of one model, the older in production."""
-    store = LocalModelStore(tmp_path / "store")
+    store = open_store(tmp_path / "store")
     for index, auc in enumerate((0.71, 0.83)):
         store.save("mobilenetv2", weights=b"weights-%d" % index, version=f"2026010{index + 1}T000000Z-aaaa",
                    card={"architecture": "mobilenetv2", "input_size": 64, "init": "none", "epochs_run": 3,
@@ -33,10 +34,10 @@ def store(tmp_path: Path) -> LocalModelStore:
 
 
 @pytest.fixture()
-def trainer_settings(store: LocalModelStore, published_datasets: tuple[str, str, str], trainer_queue: str,
+def trainer_settings(store: ModelStore, published_datasets: tuple[str, str, str], trainer_queue: str,
                      tmp_path: Path) -> Any:
     return trainer_settings_for(
-        CTSCAN_MODEL_STORE=str(store.root), CTSCAN_DATASETS_URL=published_datasets[0],
+        CTSCAN_MODEL_STORE=store.url, CTSCAN_DATASETS_URL=published_datasets[0],
         CTSCAN_ADMIN_TOKEN=TRAINER_TOKEN, CTSCAN_TRAINER_QUEUE=trainer_queue,
         CTSCAN_TRAINER_WORK_DIR=str(tmp_path / "work"))
 
@@ -45,14 +46,17 @@ def trainer_settings(store: LocalModelStore, published_datasets: tuple[str, str,
 def jobs_client(trainer_settings: Any) -> Any:
     from services.trainer.api import JobsClient
 
-    return JobsClient.from_settings(trainer_settings)
+    client = JobsClient.from_settings(trainer_settings)
+    # What a trainer worker holding TRAINER_TOKEN publishes when it starts.
+    client.records.publish_verifier(TRAINER_TOKEN)
+    return client
 
 
 @pytest.fixture()
-def make_app(make_settings: Callable[..., Any], store: LocalModelStore, jobs_client: Any,
+def make_app(make_settings: Callable[..., Any], store: ModelStore, jobs_client: Any,
              published_datasets: tuple[str, str, str]) -> Callable[..., Any]:
     def build(**overrides: Any) -> Any:
-        settings = make_settings(model_store=str(store.root), default_dataset=published_datasets[1],
+        settings = make_settings(model_store=store.url, default_dataset=published_datasets[1],
                                  default_dataset_version=published_datasets[2], **overrides)
         return create_app(settings, jobs_client_factory=lambda: jobs_client)
 
@@ -88,7 +92,7 @@ def test_console_redirects_to_login_without_a_session(client: FlaskClient) -> No
     assert client.get("/admin/jobs/table").status_code == 401
 
 
-def test_actions_without_login_are_refused(client: FlaskClient, store: LocalModelStore,
+def test_actions_without_login_are_refused(client: FlaskClient, store: ModelStore,
                                            jobs_client: Any) -> None:
     token = csrf_token(client.get("/admin/login").get_data(as_text=True))
     assert client.post("/admin/jobs", data=queue_form(token)).status_code == 401
@@ -141,10 +145,10 @@ def test_login_never_redirects_off_site(client: FlaskClient) -> None:
     assert response.headers["Location"] == "/admin"
 
 
-def test_queue_form_offers_the_published_dataset_versions(make_settings: Callable[..., Any], store: LocalModelStore,
+def test_queue_form_offers_the_published_dataset_versions(make_settings: Callable[..., Any], store: ModelStore,
                                                          jobs_client: Any,
                                                          published_datasets: tuple[str, str, str]) -> None:
-    settings = make_settings(model_store=str(store.root), datasets_url=published_datasets[0])
+    settings = make_settings(model_store=store.url, datasets_url=published_datasets[0])
     client = create_app(settings, jobs_client_factory=lambda: jobs_client).test_client()
     login(client)
     html = client.get("/admin").get_data(as_text=True)
@@ -160,11 +164,11 @@ def test_queue_job_goes_to_the_trainer(client: FlaskClient, jobs_client: Any) ->
     jobs = jobs_client.list_jobs()
     assert len(jobs) == 1
     job = jobs[0]
-    assert (job["model"], job["dataset"], job["dataset_version"], job["init"], job["epochs"]) == \
+    assert (job.model, job.dataset, job.dataset_version, job.init, job.epochs) == \
         ("mobilenetv2", "ucsd-covid-ct", "web-test", "none", 3)
-    assert job["hyperparameters"] == {"batch_size": 8, "learning_rate": 0.001}
-    assert f"Queued job {job['id']}" in html
-    assert job["id"] in html and "badge-queued" in html
+    assert job.hyperparameters == {"batch_size": 8, "learning_rate": 0.001}
+    assert f"Queued job {job.id}" in html
+    assert job.id in html and "badge-queued" in html
 
 
 def test_queue_job_with_wrong_csrf_token_is_refused(client: FlaskClient, jobs_client: Any) -> None:
@@ -187,7 +191,7 @@ def test_queue_job_form_errors_are_explained(client: FlaskClient, jobs_client: A
 
 
 def test_queueing_needs_the_trainer_token(make_app: Callable[..., Any], jobs_client: Any) -> None:
-    client = make_app(trainer_admin_token=None).test_client()
+    client = make_app(admin_token=None).test_client()
     login(client)
     page = client.get("/admin").get_data(as_text=True)
     assert "Queueing is disabled" in page
@@ -197,7 +201,8 @@ def test_queueing_needs_the_trainer_token(make_app: Callable[..., Any], jobs_cli
 
 
 def test_a_wrong_trainer_token_is_reported(make_app: Callable[..., Any], jobs_client: Any) -> None:
-    client = make_app(trainer_admin_token="a-different-token-123").test_client()
+    # The web holds another token than the trainer's workers (a deployment mistake).
+    client = make_app(admin_token="a-different-token-123").test_client()
     login(client)
     html = client.post("/admin/jobs", data=queue_form(console_token(client)),
                        follow_redirects=True).get_data(as_text=True)
@@ -209,12 +214,11 @@ def test_progress_is_shown_and_polled(client: FlaskClient, jobs_client: Any) -> 
     client.post("/admin/jobs", data=queue_form(console_token(client), epochs="5"))
     job = jobs_client.list_jobs()[0]
     # What a worker writes after two epochs (the trainer's own record store).
-    job.update(state="running", progress=[
-        {"epoch": 1, "total_epochs": 5, "loss": 0.69, "val_loss": 0.68, "val_auc": 0.61, "val_accuracy": 0.58,
-         "seconds": 9},
-        {"epoch": 2, "total_epochs": 5, "loss": 0.55, "val_loss": 0.6, "val_auc": 0.744, "val_accuracy": 0.66,
-         "seconds": 9},
-    ])
+    job.state = "running"
+    job.progress = [
+        JobProgress(epoch=1, total_epochs=5, loss=0.69, val_loss=0.68, val_auc=0.61, val_accuracy=0.58, seconds=9),
+        JobProgress(epoch=2, total_epochs=5, loss=0.55, val_loss=0.6, val_auc=0.744, val_accuracy=0.66, seconds=9),
+    ]
     jobs_client.records.save(job)
     fragment = client.get("/admin/jobs/table").get_data(as_text=True)
     assert 'data-active="true"' in fragment
@@ -225,11 +229,11 @@ def test_progress_is_shown_and_polled(client: FlaskClient, jobs_client: Any) -> 
 def test_cancel_a_queued_job(client: FlaskClient, jobs_client: Any) -> None:
     login(client)
     client.post("/admin/jobs", data=queue_form(console_token(client)))
-    job_id = jobs_client.list_jobs()[0]["id"]
+    job_id = jobs_client.list_jobs()[0].id
     html = client.post(f"/admin/jobs/{job_id}/cancel", data={"csrf_token": console_token(client)},
                        follow_redirects=True).get_data(as_text=True)
     assert f"Job {job_id} is cancelled" in html
-    assert jobs_client.get(job_id)["state"] == "cancelled"
+    assert jobs_client.get(job_id).state == "cancelled"
     assert "badge-cancelled" in html
 
 
@@ -241,11 +245,11 @@ def test_cancel_an_unknown_job_is_explained(client: FlaskClient) -> None:
 
 
 def test_console_still_loads_when_the_trainer_is_unavailable(make_settings: Callable[..., Any],
-                                                             store: LocalModelStore) -> None:
+                                                             store: ModelStore) -> None:
     def unavailable() -> Any:
         raise ConsoleUnavailableError("The training service is not installed here.")
 
-    app = create_app(make_settings(model_store=str(store.root)), jobs_client_factory=unavailable)
+    app = create_app(make_settings(model_store=store.url), jobs_client_factory=unavailable)
     client = app.test_client()
     login(client)
     html = client.get("/admin").get_data(as_text=True)
@@ -265,7 +269,7 @@ def test_models_are_listed_with_metrics(client: FlaskClient) -> None:
     assert re.search(r"20260101T000000Z-aaaa</code> <span class=\"badge badge-succeeded\">production", section)
 
 
-def test_promote_then_roll_back(client: FlaskClient, store: LocalModelStore) -> None:
+def test_promote_then_roll_back(client: FlaskClient, store: ModelStore) -> None:
     login(client)
     token = console_token(client)
     html = client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": token,
@@ -282,7 +286,7 @@ def test_promote_then_roll_back(client: FlaskClient, store: LocalModelStore) -> 
     assert "Rollback refused: model mobilenetv2 has no earlier production version" in html
 
 
-def test_promote_unknown_version_is_refused(client: FlaskClient, store: LocalModelStore) -> None:
+def test_promote_unknown_version_is_refused(client: FlaskClient, store: ModelStore) -> None:
     login(client)
     html = client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": console_token(client),
                                                                    "version": "20990101T000000Z-zzzz"},
@@ -291,7 +295,7 @@ def test_promote_unknown_version_is_refused(client: FlaskClient, store: LocalMod
     assert store.production("mobilenetv2") == "20260101T000000Z-aaaa"
 
 
-def test_promote_without_csrf_token_is_refused(client: FlaskClient, store: LocalModelStore) -> None:
+def test_promote_without_csrf_token_is_refused(client: FlaskClient, store: ModelStore) -> None:
     login(client)
     response = client.post("/admin/models/mobilenetv2/promote", data={"version": "20260102T000000Z-aaaa"})
     assert response.status_code == 400

@@ -135,6 +135,7 @@ def test_unsupported_file_message_in_the_browser(page: Any, web_service: Service
 def test_admin_logs_in_and_queues_a_job(page: Any, web_service: Service, tiny_model_store: Path,
                                         published_datasets: tuple[str, str, str], trainer_queue: str,
                                         artifacts_dir: Path) -> None:
+    from ctscan.records import JobProgress
     from services.trainer.api import JobsClient
 
     page.goto(web_service.url + "/admin")
@@ -164,13 +165,13 @@ def test_admin_logs_in_and_queues_a_job(page: Any, web_service: Service, tiny_mo
         CTSCAN_MODEL_STORE=str(tiny_model_store), CTSCAN_DATASETS_URL=published_datasets[0],
         CTSCAN_ADMIN_TOKEN=TRAINER_TOKEN, CTSCAN_TRAINER_QUEUE=trainer_queue))
     job = trainer.get(job_id)
-    assert (job["model"], job["init"], job["epochs"], job["dataset_version"]) == ("mobilenetv2", "none", 2,
-                                                                                  published_datasets[2])
+    assert (job.model, job.init, job.epochs, job.dataset_version) == ("mobilenetv2", "none", 2,
+                                                                      published_datasets[2])
 
     row.get_by_role("button", name="Cancel").click()
     page.wait_for_selector(".alert-success")
     assert f"Job {job_id} is cancelled" in page.inner_text(".alert-success")
-    assert trainer.get(job_id)["state"] == "cancelled"
+    assert trainer.get(job_id).state == "cancelled"
 
     # Live progress: a second job, whose worker reports an epoch, updates without a reload.
     page.fill("#job-epochs", "4")
@@ -179,8 +180,9 @@ def test_admin_logs_in_and_queues_a_job(page: Any, web_service: Service, tiny_mo
     second_id = page.inner_text(".alert-success").split()[2]
     assert second_id != job_id
     record = trainer.get(second_id)
-    record.update(state="running", progress=[{"epoch": 1, "total_epochs": 4, "loss": 0.61, "val_loss": 0.66,
-                                               "val_auc": 0.705, "val_accuracy": 0.6, "seconds": 12}])
+    record.state = "running"
+    record.progress = [JobProgress(epoch=1, total_epochs=4, loss=0.61, val_loss=0.66, val_auc=0.705,
+                                   val_accuracy=0.6, seconds=12)]
     trainer.records.save(record)  # what the worker writes after its first epoch
     page.wait_for_selector(f'tr[data-job-id="{second_id}"] .badge-running', timeout=30_000)
     assert "1/4" in page.inner_text(f'tr[data-job-id="{second_id}"]')

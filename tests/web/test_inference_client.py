@@ -20,7 +20,7 @@ from .conftest import ContractServer, free_port, tiny_png
 def test_predict_sends_model_and_explain(contract_server: ContractServer) -> None:
     client = InferenceClient(contract_server.url, read_timeout_s=5, retries=0)
     answer = client.predict(data=tiny_png(), filename="upload.png", model="densenet121", explain=False)
-    assert answer["model"] == "densenet121"
+    assert answer.model == "densenet121"
     assert contract_server.requests_seen[0]["query"] == {"model": "densenet121", "explain": "false"}
 
 

@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from services.web.settings import WebSettings
+from ctscan.settings import WebSettings
 
 from .conftest import ADMIN_PASSWORD, CTSCAN, REPO_ROOT, SECRET_KEY, _base_env
 
 
 def settings_from(**values: Any) -> WebSettings:
     # Keyword values and the process environment only: a developer's .env must not leak in.
-    return WebSettings(**{"_env_file": None, **values})
+    return WebSettings.from_values(_env_file=None, **values)
 
 
 @pytest.mark.parametrize("secret", ["", "   ", "changeme", "CHANGE-ME", "secret", "<your-secret>", "short"])
@@ -49,9 +49,10 @@ def test_settings_read_from_environment(monkeypatch: pytest.MonkeyPatch) -> None
     settings = settings_from()
     assert settings.inference_url == "http://inference.internal:8000"
     assert settings.max_upload_bytes == 5 * 1024 * 1024
-    assert settings.trainer_admin_token is None  # optional: the console then cannot queue
+    assert settings.admin.token() is None  # optional: the console then cannot queue
 
 
+@pytest.mark.slow  # starts the service's process
 def test_serve_web_refuses_to_start_with_placeholder_secret(tmp_path: Path) -> None:
     env = _base_env() | {"WEB_SECRET_KEY": "changeme", "WEB_ADMIN_PASSWORD": ADMIN_PASSWORD}
     completed = subprocess.run([CTSCAN, "serve", "web", "--port", "1"], check=False, env=env, cwd=tmp_path,

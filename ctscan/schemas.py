@@ -1,10 +1,18 @@
-"""Response bodies of the inference API (they also document it in /openapi.json)."""
+"""The inference API's answers: the contract between the inference service, its clients and
+the web page.
+
+The service declares them as `response_model`s (so they document /openapi.json and every
+answer is validated on the way out), the web service's client parses answers with them, and
+the web tests' stand-in server builds its answers from them, so none of them can drift.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
+
+Label = Literal["COVID", "non-COVID"]
 
 
 class ErrorDetail(BaseModel):
@@ -28,7 +36,7 @@ class Readiness(BaseModel):
 
 class MemberPrediction(BaseModel):
     probability_covid: float
-    label: Literal["COVID", "non-COVID"]
+    label: Label
     version: str
     threshold: float
 
@@ -41,7 +49,10 @@ class Timings(BaseModel):
 
 
 class Prediction(BaseModel):
-    label: Literal["COVID", "non-COVID"]
+    # Answers from a newer service may carry more fields; a client keeps what it knows.
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    label: Label
     probability_covid: float
     confidence: float
     threshold: float
@@ -52,7 +63,7 @@ class Prediction(BaseModel):
     heatmap_png_base64: str | None
     request_id: str
     timings_ms: Timings
-    source_format: Literal["PNG", "JPEG", "DICOM"]
+    source_format: str  # one of ctscan.formats.format_names(): PNG, JPEG, DICOM
     disclaimer: str
 
 

@@ -1,0 +1,176 @@
+"""Training jobs in the store: their records, checkpoints and the admin credential's check.
+
+    <model store>/.jobs/<job id>/job.json     `ctscan.records.JobRecord`, the source of truth
+    <model store>/.jobs/<job id>/cancel       a cancel request (written by anyone but the worker)
+    <model store>/.jobs/.admin-verifier.json  salted scrypt hash of the workers' admin token
+    <model store>/.runs/<job id>/...          the run's last checkpoint (`Checkpoints`)
+
+Dot-names are hidden from model listings. While a job runs only its worker writes the record;
+a cancel request is a separate object so the two writers never overwrite each other.
+
+The admin token is checked where the work is done: a submitter signs the job's request with
+the token it holds (`sign`), and a worker runs only jobs signed with its own token
+(`signature_matches`). Workers publish a verifier of their token when they start, so a
+submitter learns at once, not when the job fails, that its token is not theirs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+from ctscan.errors import CTScanError
+from ctscan.objects import ObjectStore, open_objects
+from ctscan.records import JobRecord
+from ctscan.store import parse_record
+
+JOBS_FOLDER = ".jobs"
+RUNS_FOLDER = ".runs"
+RECORD_FILE = "job.json"
+CANCEL_FILE = "cancel"
+VERIFIER_FILE = ".admin-verifier.json"
+FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class JobNotFoundError(CTScanError):
+    """No job with this ID in the store."""
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def new_job_id() -> str:
+    """Sortable by creation time; also used as the version of the model the job trains."""
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(4)
+
+
+# --- the admin token ------------------------------------------------------------------------------
+def sign(record: JobRecord, token: str) -> str:
+    """HMAC-SHA256 of what the job asks for, keyed with the submitter's admin token."""
+    message = json.dumps(record.request_fields(), sort_keys=True, separators=(",", ":")).encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
+
+
+def signature_matches(record: JobRecord, token: str) -> bool:
+    return bool(record.signature) and hmac.compare_digest(record.signature or "", sign(record, token))
+
+
+def _token_hash(token: str, salt: bytes) -> str:
+    # scrypt: a store reader must not be able to try many tokens per second against it.
+    return hashlib.scrypt(token.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32).hex()
+
+
+class JobRecords:
+    """Job records under `<model store>/.jobs/`."""
+
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects
+
+    @classmethod
+    def for_store(cls, model_store_url: str) -> JobRecords:
+        return cls(open_objects(model_store_url).child(JOBS_FOLDER))
+
+    def create(self, record: JobRecord) -> None:
+        record.updated_at = now()
+        self.objects.put_new(f"{record.id}/{RECORD_FILE}", record.to_json())
+
+    def save(self, record: JobRecord) -> None:
+        record.updated_at = now()
+        self.objects.put(f"{record.id}/{RECORD_FILE}", record.to_json())
+
+    def find(self, job_id: str) -> JobRecord | None:
+        if not job_id or "/" in job_id or job_id.startswith("."):
+            return None
+        data = self.objects.get(f"{job_id}/{RECORD_FILE}")
+        return parse_record(JobRecord, data, f"{self.objects.url}/{job_id}/{RECORD_FILE}") if data else None
+
+    def get(self, job_id: str) -> JobRecord:
+        record = self.find(job_id)
+        if record is None:
+            raise JobNotFoundError(f"no job {job_id!r} in {self.objects.url}")
+        return record
+
+    def recent(self, limit: int = 50) -> list[JobRecord]:
+        """Newest first (IDs sort by creation time)."""
+        records = []
+        job_ids = [name for name in self.objects.names() if not name.startswith(".")]
+        for job_id in sorted(job_ids, reverse=True)[:max(limit, 0)]:
+            record = self.find(job_id)
+            if record is not None:
+                records.append(record)
+        return records
+
+    def request_cancel(self, job_id: str) -> None:
+        self.objects.put(f"{job_id}/{CANCEL_FILE}", now().encode())
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.objects.exists(f"{job_id}/{CANCEL_FILE}")
+
+    # --- the workers' admin token, published as a verifier ----------------------------------
+    def publish_verifier(self, token: str) -> None:
+        """Written by a worker when it starts (replacing an earlier worker's)."""
+        if self.token_accepted(token):
+            return  # the same token: keep the file (and its salt) as it is
+        salt = secrets.token_bytes(16)
+        self.objects.put(VERIFIER_FILE, json.dumps({"salt": salt.hex(), "scrypt": _token_hash(token, salt),
+                                                    "published_at": now()}).encode())
+
+    def token_accepted(self, token: str) -> bool | None:
+        """Whether the workers hold `token`; None when no worker has published a verifier."""
+        data = self.objects.get(VERIFIER_FILE)
+        if data is None:
+            return None
+        try:
+            verifier = json.loads(data)
+            expected, salt = str(verifier["scrypt"]), bytes.fromhex(verifier["salt"])
+        except (ValueError, KeyError, TypeError):
+            return None  # unreadable: the worker's own check still applies
+        return hmac.compare_digest(expected, _token_hash(token, salt))
+
+
+class Checkpoints:
+    """A run folder mirrored to `<store>/.runs/<job id>/epoch-NNNN/` after every epoch.
+
+    `latest.json` is written only after an epoch's files are all up, so a crash during an
+    upload leaves the previous complete checkpoint in charge.
+    """
+
+    def __init__(self, objects: ObjectStore, run_dir: Path, files: tuple[str, ...]) -> None:
+        self.objects = objects
+        self.run_dir = run_dir
+        self.files = files  # in upload order; the last names the epoch
+
+    @classmethod
+    def for_job(cls, model_store_url: str, job_id: str, run_dir: Path, files: tuple[str, ...]) -> Checkpoints:
+        return cls(open_objects(model_store_url).child(f"{RUNS_FOLDER}/{job_id}"), run_dir, files)
+
+    def save(self, epoch: int) -> None:
+        folder = f"epoch-{epoch:04d}"
+        for name in self.files:
+            self.objects.put(f"{folder}/{name}", (self.run_dir / name).read_bytes())
+        self.objects.put("latest.json", json.dumps({"epoch": epoch, "folder": folder}).encode())
+        stale = [key for key in self.objects.walk() if key.startswith("epoch-") and not key.startswith(folder + "/")]
+        if stale:
+            self.objects.delete(stale)
+
+    def restore(self) -> int | None:
+        """Replace the local run folder by the last checkpoint; its epoch, or None."""
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        latest = self.objects.get("latest.json")
+        if latest is None:
+            return None
+        pointer = json.loads(latest)
+        for name in self.files:
+            self.objects.download_file(f"{pointer['folder']}/{name}", self.run_dir / name)
+        return int(pointer["epoch"])
+
+    def discard(self) -> None:
+        keys = list(self.objects.walk())
+        if keys:
+            self.objects.delete(keys)

@@ -1,0 +1,62 @@
+"""The one promotion policy, as `ctscan train` and the trainer's jobs both apply it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ctscan.errors import CTScanError
+from ctscan.publishing import promote_if_better, should_promote
+from ctscan.store import ModelStore, open_store
+
+
+def _save(store: ModelStore, version: str, auc: float | None, f1: float = 0.5) -> str:
+    val = {"f1": f1} if auc is None else {"auc": auc, "f1": f1}
+    return store.save("mobilenetv2", weights=version.encode(), version=version,
+                      card={"architecture": "mobilenetv2", "input_size": 32, "threshold": 0.5,
+                            "metrics": {"val": val}})
+
+
+def test_auto_promotes_the_first_version_and_then_only_better_ones(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    first = _save(store, "v1", 0.70)
+    assert promote_if_better(store, "mobilenetv2", first, store.card("mobilenetv2", first)) is True
+    pointer = store.production_record("mobilenetv2")
+    assert pointer.version == first and pointer.reason == "trained: val auc better than production"
+
+    worse = _save(store, "v2", 0.65)
+    assert promote_if_better(store, "mobilenetv2", worse, store.card("mobilenetv2", worse)) is False
+    assert store.production("mobilenetv2") == first
+    better = _save(store, "v3", 0.75, f1=0.1)
+    assert not should_promote(store, "mobilenetv2", store.card("mobilenetv2", better), metric="f1")
+    assert promote_if_better(store, "mobilenetv2", better, store.card("mobilenetv2", better),
+                             source="trained by job v3") is True
+    assert store.production_record("mobilenetv2").history == [first]
+    assert store.production_record("mobilenetv2").reason.startswith("trained by job v3")
+    # A redelivered job finds its version in production already: still promoted, nothing rewritten.
+    updated_at = store.production_record("mobilenetv2").updated_at
+    assert promote_if_better(store, "mobilenetv2", better, store.card("mobilenetv2", better)) is True
+    assert store.production_record("mobilenetv2").updated_at == updated_at
+
+
+def test_always_never_and_unknown_policies(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    good, bad = _save(store, "v1", 0.9), _save(store, "v2", 0.1)
+    assert promote_if_better(store, "mobilenetv2", good, store.card("mobilenetv2", good), policy="never") is False
+    assert store.production("mobilenetv2") is None
+    promote_if_better(store, "mobilenetv2", good, store.card("mobilenetv2", good))
+    assert promote_if_better(store, "mobilenetv2", bad, store.card("mobilenetv2", bad), policy="always") is True
+    assert store.production("mobilenetv2") == bad
+    with pytest.raises(CTScanError, match="auto, always or never"):
+        promote_if_better(store, "mobilenetv2", good, store.card("mobilenetv2", good), policy="sometimes")
+    with pytest.raises(CTScanError, match="promotion metric"):
+        promote_if_better(store, "mobilenetv2", good, store.card("mobilenetv2", good), metric="loss")
+
+
+def test_a_production_card_without_the_metric_is_replaced(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    old = _save(store, "v1", None)
+    store.promote("mobilenetv2", old)
+    new = _save(store, "v2", 0.5)
+    assert should_promote(store, "mobilenetv2", store.card("mobilenetv2", new)) is True
