@@ -34,6 +34,9 @@ BACKEND_TF = "tensorflow"
 NO_COPY_REASON = "this version has no ONNX copy (make one with `ctscan models export-onnx`)"
 
 Predict = Callable[[np.ndarray], np.ndarray]
+# (N, S, S, 3) pixels -> (N,) probabilities and the (N, D) pooled features the input gate
+# measures (None from a copy made before copies carried them).
+PredictBoth = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]]
 
 
 class OnnxConversionError(ModelError):
@@ -48,23 +51,48 @@ class FastPredictor:
     backend: str  # BACKEND_ONNX or BACKEND_TF
     max_abs_difference: float | None  # ONNX vs TensorFlow when the copy was made
     fallback_reason: str | None  # why ONNX is not used, when it is not
+    both: PredictBoth | None = None  # probabilities and gate features from one forward pass
+
+
+def _with_features(model: keras.Model) -> keras.Model:
+    """The model with a second output, the backbone's pooled features (the input gate's
+    measure), when it has that layer."""
+    import keras
+
+    from ctscan.gate import FEATURE_LAYER
+
+    try:
+        features = model.get_layer(FEATURE_LAYER).output
+    except ValueError:
+        return model
+    return keras.Model(model.inputs, [model.output, features], name=model.name)
 
 
 def keras_predictor(model: keras.Model) -> Predict:
     """A compiled TensorFlow graph of the model for any batch size (no Keras predict loop)."""
+    both = keras_both(model)
+    return lambda batch: both(batch)[0]
+
+
+def keras_both(model: keras.Model) -> PredictBoth:
+    """Probabilities and gate features from one compiled TensorFlow graph."""
     import tensorflow as tf
 
     size = int(model.input_shape[1])
     signature = [tf.TensorSpec((None, size, size, 3), tf.float32, name=INPUT_NAME)]
+    wrapped = _with_features(model)
 
     @tf.function(input_signature=signature, reduce_retracing=True)
     def forward(pixels: Any) -> Any:
-        return model(pixels, training=False)
+        return wrapped(pixels, training=False)
 
-    def predict(batch: np.ndarray) -> np.ndarray:
-        return np.asarray(forward(batch.astype(np.float32, copy=False))).reshape(-1)
+    def both(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        outputs = forward(batch.astype(np.float32, copy=False))
+        if isinstance(outputs, list | tuple):
+            return np.asarray(outputs[0]).reshape(-1), np.asarray(outputs[1])
+        return np.asarray(outputs).reshape(-1), None
 
-    return predict
+    return both
 
 
 def converter_version() -> str:
@@ -74,7 +102,8 @@ def converter_version() -> str:
 
 
 def convert_to_onnx(model: keras.Model, *, opset: int = ONNX_OPSET) -> bytes:
-    """Keras model -> serialized ONNX (dynamic batch size) with tf2onnx."""
+    """Keras model -> serialized ONNX (dynamic batch size) with tf2onnx; outputs: the
+    probability, then the pooled features the input gate measures."""
     import tensorflow as tf
 
     size = int(model.input_shape[1])
@@ -82,7 +111,7 @@ def convert_to_onnx(model: keras.Model, *, opset: int = ONNX_OPSET) -> bytes:
     try:
         import tf2onnx
 
-        proto, _ = tf2onnx.convert.from_keras(model, input_signature=signature, opset=opset)
+        proto, _ = tf2onnx.convert.from_keras(_with_features(model), input_signature=signature, opset=opset)
     except Exception as exc:
         raise OnnxConversionError(f"tf2onnx could not convert {model.name}: "
                                   f"{type(exc).__name__}: {str(exc)[:200]}") from None
@@ -92,6 +121,13 @@ def convert_to_onnx(model: keras.Model, *, opset: int = ONNX_OPSET) -> bytes:
 def onnx_predictor(onnx_bytes: bytes, *, threads: int | None = None, spinning: bool = True) -> Predict:
     """An ONNX Runtime session on the CPU. `spinning=False` stops its idle threads from
     busy-waiting, which in a server would take the cores from decoding and HTTP."""
+    both = onnx_both(onnx_bytes, threads=threads, spinning=spinning)
+    return lambda batch: both(batch)[0]
+
+
+def onnx_both(onnx_bytes: bytes, *, threads: int | None = None, spinning: bool = True) -> PredictBoth:
+    """Probabilities and gate features from one ONNX Runtime run (features None for a copy
+    with one output)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -109,11 +145,11 @@ def onnx_predictor(onnx_bytes: bytes, *, threads: int | None = None, spinning: b
         raise OnnxConversionError(f"ONNX Runtime refused the model: {str(exc)[:200]}") from None
     input_name = session.get_inputs()[0].name
 
-    def predict(batch: np.ndarray) -> np.ndarray:
+    def both(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         outputs = session.run(None, {input_name: batch.astype(np.float32, copy=False)})
-        return np.asarray(outputs[0]).reshape(-1)
+        return np.asarray(outputs[0]).reshape(-1), np.asarray(outputs[1]) if len(outputs) > 1 else None
 
-    return predict
+    return both
 
 
 def max_difference(reference: Predict | np.ndarray, candidate: Predict, images: np.ndarray) -> float:
@@ -206,21 +242,26 @@ def stored_onnx_predictor(
         return reason or absent_reason
     onnx_bytes, manifest = onnx_copy
     try:
-        candidate = onnx_predictor(onnx_bytes, threads=threads, spinning=spinning)
+        both = onnx_both(onnx_bytes, threads=threads, spinning=spinning)
+
+        def candidate(batch: np.ndarray) -> np.ndarray:
+            return both(batch)[0]
+
         problem = smoke_test(candidate, smoke_images, tolerance=tolerance)
     except OnnxConversionError as exc:
         problem = str(exc)
     except Exception as exc:  # a broken copy can make the runtime raise anything
         problem = f"the ONNX copy failed its smoke test: {type(exc).__name__}: {str(exc)[:200]}"
     return problem if problem is not None else FastPredictor(candidate, BACKEND_ONNX, manifest.max_abs_difference,
-                                                             None)
+                                                             None, both)
 
 
 def tensorflow_fallback(model: keras.Model, onnx_copy: tuple[bytes, OnnxManifest] | None,
                         reason: str) -> FastPredictor:
     logger.warning("%s: serving with TensorFlow: %s", model.name, reason)
     difference = onnx_copy[1].max_abs_difference if onnx_copy is not None else None
-    return FastPredictor(keras_predictor(model), BACKEND_TF, difference, reason)
+    both = keras_both(model)
+    return FastPredictor(lambda batch: both(batch)[0], BACKEND_TF, difference, reason, both)
 
 
 def _onnx_refusal(onnx_copy: tuple[bytes, OnnxManifest] | None, *, weights_sha256: str | None, use_onnx: bool,

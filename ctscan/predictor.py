@@ -243,8 +243,8 @@ class Predictor:
 
     def classify_study(self, decoded: Sequence[DecodedImage], *, model: str = ENSEMBLE,
                        explain_top: int = 3) -> StudyResult:
-        ordered = order_series(decoded)
-        results = self.classify([s.decoded for s in ordered], model=model)
+        ordered = order_series([d.dicom for d in decoded])
+        results = self.classify([decoded[s.upload_index] for s in ordered], model=model)
         members = self._members(model)
         rule = self.ensemble if model == ENSEMBLE else None
         threshold = rule.threshold if rule else members[0].threshold
@@ -252,7 +252,7 @@ class Predictor:
         ranked = sorted((i for i, r in enumerate(results) if r.decision.classified),
                         key=lambda i: -(results[i].decision.probability_covid or 0.0))
         for index in ranked[:explain_top]:
-            prepared = [get_preprocessor(m.preprocessing)(ordered[index].decoded) for m in members]
+            prepared = [get_preprocessor(m.preprocessing)(decoded[ordered[index].upload_index]) for m in members]
             results[index].heatmap_png = self.explain(members, prepared)
         return StudyResult(decision=decision, slices=results, positions_mm=[s.position_mm for s in ordered], k=k,
                            upload_order=[s.upload_index for s in ordered])

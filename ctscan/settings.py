@@ -138,6 +138,10 @@ class InferenceSettings(Section):
     # Comma-separated in the environment: INFERENCE_MODELS=mobilenetv2,densenet121
     models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(_architecture_names()))
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
+    # Whole studies (POST /predict/study): all files together, or one ZIP as expanded.
+    max_study_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
+    max_study_slices: int = Field(default=1000, ge=1, le=5000)
+    max_zip_ratio: int = Field(default=100, ge=2)  # expansion ratio beyond which a ZIP entry is a bomb
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=64)
     max_side: int = Field(default=DEFAULT_MAX_SIDE, ge=8)
     # Dynamic batching: a batch closes at max_batch_size or max_wait_ms after its first request.

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctscan.errors import CTScanError, ImageError, ImageTooLargeError
-from ctscan.imaging import DecodedImage
+from ctscan.imaging import DicomSliceInfo
 
 MIN_TOP_K = 3
 TOP_K_SHARE = 0.10
@@ -112,20 +112,19 @@ def unpack_zip(data: bytes, limits: StudyLimits) -> list[bytes]:
 @dataclass(frozen=True)
 class OrderedSlice:
     upload_index: int  # position in the upload (after unpacking)
-    decoded: DecodedImage
     position_mm: float | None  # along the body axis, relative to the first slice
 
 
-def order_series(decoded: Sequence[DecodedImage]) -> list[OrderedSlice]:
-    """Check that the slices are one series of one patient, and order them along the body axis."""
-    if not decoded:
+def order_series(infos: Sequence[DicomSliceInfo | None]) -> list[OrderedSlice]:
+    """Check that the slices (their DICOM facts; None for a PNG/JPEG) are one series of one
+    patient, and order them along the body axis."""
+    if not infos:
         raise StudyError("the study holds no slices")
-    infos = [d.dicom for d in decoded]
     dicom = [info is not None for info in infos]
     if any(dicom) and not all(dicom):
         raise StudyError("the study mixes DICOM slices with PNG/JPEG images; send one kind")
     if not all(dicom):  # screenshots: no header, the upload's order is the only order there is
-        return [OrderedSlice(index, d, None) for index, d in enumerate(decoded)]
+        return [OrderedSlice(index, None) for index in range(len(infos))]
     dicom_infos = [info for info in infos if info is not None]
     patients = {info.patient_digest for info in dicom_infos}
     if len(patients) > 1:
@@ -136,15 +135,14 @@ def order_series(decoded: Sequence[DecodedImage]) -> list[OrderedSlice]:
     for key in ("position", "slice_location", "instance_number"):
         values = [getattr(info, key) for info in dicom_infos]
         if all(v is not None for v in values):
-            order = sorted(range(len(decoded)), key=lambda i: (values[i], i))
+            order = sorted(range(len(infos)), key=lambda i: (values[i], i))
             break
     else:
-        order = list(range(len(decoded)))
+        order = list(range(len(infos)))
     positions = [dicom_infos[i].position if dicom_infos[i].position is not None
                  else dicom_infos[i].slice_location for i in order]
     origin = positions[0]
-    return [OrderedSlice(index, decoded[index],
-                         None if origin is None or p is None else round(float(p) - float(origin), 2))
+    return [OrderedSlice(index, None if origin is None or p is None else round(float(p) - float(origin), 2))
             for index, p in zip(order, positions, strict=True)]
 
 

@@ -71,6 +71,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW's decoupled weight decay; 0 = Adam
     source_variants: int = 1  # copies of each training slice changed before preprocessing; 1 = none
     swa_epochs: int = 0  # average the weights of the last N epochs (then BatchNorm re-estimated); 0 = off
+    input_gate: bool = True  # fit the out-of-distribution gate (smoke runs on a few images switch it off)
 
     def validate(self) -> None:
         get_spec(self.model)
@@ -435,9 +436,11 @@ def build_card(
     val_probabilities = calibration.apply(val_scores)
     threshold = choose_threshold(val_y, val_probabilities, config.threshold_rule)
     band = choose_band(val_y, val_probabilities, threshold)
-    features = feature_extractor(model)
-    originals = trainer.train_x[:, 0] if trainer.train_x.ndim == 5 else trainer.train_x  # without source variants
-    gate = fit_gate(features(originals.astype(np.float32)), features(val_x.astype(np.float32)))
+    gate = None
+    if config.input_gate:
+        features = feature_extractor(model)
+        originals = trainer.train_x[:, 0] if trainer.train_x.ndim == 5 else trainer.train_x  # without variants
+        gate = fit_gate(features(originals.astype(np.float32)), features(val_x.astype(np.float32)))
     card: dict[str, Any] = {
         "architecture": config.model,
         "input_size": trainer.input_size,
@@ -460,7 +463,7 @@ def build_card(
                         "before": calibration_metrics(val_y, val_scores),
                         "after": calibration_metrics(val_y, val_probabilities)},
         "uncertainty": {**band, "fitted_on": "val"},
-        "gate": gate.to_dict(),
+        "gate": gate.to_dict() if gate is not None else None,
         "metrics": {"val": full_report(val_y, val_probabilities, threshold)},
         "history": state.history,
         "training_seconds": round(state.training_seconds, 1),

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains the shipped release (models/) from random initialisation on the official UCSD train
 # split with the recipe of README "Training recipe": lung-v1 preprocessing, domain-randomising
-# augmentation, a long cosine schedule with stochastic weight averaging; epochs, calibration,
+# augmentation and a long cosine schedule; the epoch (val AUC), calibration,
 # thresholds and the indeterminate band are chosen on val, test is reported once. Resumable:
 # rerun after an interruption and each model continues from its last epoch checkpoint.
 #   CTSCAN_DATA_DIR=../shared/data/ucsd-covid-ct scripts/train_release.sh
@@ -12,19 +12,19 @@ RUNS=${RELEASE_RUNS:-var/release-runs}
 STORE=${RELEASE_STORE:-models}
 SIZE=${RELEASE_INPUT_SIZE:-128}
 train() {
-  local model=$1 epochs=$2 swa=$3
+  local model=$1 epochs=$2
   if [ -f "$RUNS/$model/.stored" ]; then echo "$model already in the release"; return; fi
   local resume=()
   [ -f "$RUNS/$model/state.json" ] && resume=(--resume)
   .venv/bin/ctscan train --model "$model" --init none --input-size "$SIZE" --epochs "$epochs" \
     --patience "$epochs" --batch-size 16 --learning-rate 1e-3 --data "$DATA" \
-    --preprocessing lung-v1 --augmentation domain --swa-epochs "$swa" \
+    --preprocessing lung-v1 --augmentation domain \
     --report-test --run-dir "$RUNS/$model" --store "$STORE" --promote always "${resume[@]}" \
     | tee "$RUNS/$model.summary.json"
   touch "$RUNS/$model/.stored"
 }
 mkdir -p "$RUNS"
-train mobilenetv2 "${MOBILENET_EPOCHS:-150}" "${MOBILENET_SWA:-40}"
-train densenet121 "${DENSENET_EPOCHS:-100}" "${DENSENET_SWA:-30}"
-train inceptionv3 "${INCEPTION_EPOCHS:-100}" "${INCEPTION_SWA:-30}"
+train mobilenetv2 "${MOBILENET_EPOCHS:-150}"
+train densenet121 "${DENSENET_EPOCHS:-100}"
+train inceptionv3 "${INCEPTION_EPOCHS:-100}"
 .venv/bin/ctscan models calibrate-ensemble --store "$STORE" --data "$DATA"

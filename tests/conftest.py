@@ -119,7 +119,8 @@ def tiny_model_store(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -
     root = tmp_path_factory.mktemp("tiny-store")
     store = open_store(root / "store")
     config = TrainConfig(model=TRAINED, data_dir=str(data_dir), init="none", input_size=TINY_INPUT_SIZES[TRAINED],
-                         epochs=1, batch_size=8, limit_per_class=4, augment=False)
+                         epochs=1, batch_size=8, limit_per_class=4, augment=False,
+                         input_gate=False)  # a gate fitted on 4 images per class would refuse anything
     train_and_store(config, run_dir=root / "runs" / TRAINED, store=store, promote="always", verbose=0)
 
     dataset = CTDataset(data_dir)
@@ -132,6 +133,7 @@ def tiny_model_store(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -
         probabilities = predict_probabilities(model, val_x)
         threshold = choose_threshold(val_y, probabilities)
         card = {"architecture": name, "input_size": size, "init": "none", "threshold": threshold,
+                "preprocessing": {"name": config.preprocessing},
                 "metrics": {"val": full_report(val_y, probabilities, threshold, resamples=50)},
                 "dataset": {"fingerprint": dataset.fingerprint(), "val_images": len(val_samples)},
                 "intended_use": "test fixture: untrained weights"}

@@ -25,12 +25,13 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 BatchPredict = Callable[[np.ndarray], np.ndarray]
+Result = float | tuple[float, ...]  # an image's output: a probability, or a row (probability, distance)
 
 
 @dataclass
 class _Pending:
     pixels: np.ndarray
-    future: Future[float]
+    future: Future[Result]
 
 
 _WAKE = object()  # queued when an announced request leaves, so a waiting batch rechecks
@@ -47,13 +48,13 @@ class Arrival:
         self._batcher = batcher
         self._pending = True
 
-    def submit(self, pixels: np.ndarray) -> Future[float]:
+    def submit(self, pixels: np.ndarray) -> Future[Result]:
         if not self._pending:
             raise RuntimeError("this arrival was already submitted or cancelled")
         self._pending = False
         return self._batcher._put(pixels, announced=True)
 
-    async def predict(self, pixels: np.ndarray) -> float:
+    async def predict(self, pixels: np.ndarray) -> Result:
         return await asyncio.wrap_future(self.submit(pixels))
 
     def cancel(self) -> None:
@@ -103,12 +104,12 @@ class DynamicBatcher:
             self._incoming += 1
         return Arrival(self)
 
-    def submit(self, pixels: np.ndarray) -> Future[float]:
+    def submit(self, pixels: np.ndarray) -> Future[Result]:
         """Queue one (S, S, 3) image; the future resolves to its probability."""
         return self._put(pixels, announced=False)
 
-    def _put(self, pixels: np.ndarray, *, announced: bool) -> Future[float]:
-        future: Future[float] = Future()
+    def _put(self, pixels: np.ndarray, *, announced: bool) -> Future[Result]:
+        future: Future[Result] = Future()
         with self._lock:
             if announced:
                 self._incoming -= 1
@@ -176,5 +177,6 @@ class DynamicBatcher:
                 continue
             if self._on_batch is not None:
                 self._on_batch(len(live))
-            for pending, probability in zip(live, probabilities, strict=True):
-                pending.future.set_result(float(probability))
+            for pending, row in zip(live, probabilities, strict=True):
+                # One output per image (a probability), or a row of them (a tuple).
+                pending.future.set_result(float(row) if np.ndim(row) == 0 else tuple(float(v) for v in row))

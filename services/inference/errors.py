@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ctscan.errors import ImageTooLargeError, UnsupportedImageError
+from ctscan.errors import ImageTooLargeError, UnsupportedImageError, UnsupportedTransferSyntaxError
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +30,12 @@ def error_response(status_code: int, code: str, message: str,
 
 
 def image_error(exc: Exception) -> APIError:
-    """Decoding failures -> 413 (too many pixels) or 422 (broken / unsupported content)."""
+    """Decoding failures -> 413 (too many pixels), 415 (a DICOM compression that cannot be
+    decoded here) or 422 (broken / unsupported content)."""
     if isinstance(exc, ImageTooLargeError):
         return APIError(413, "image_too_large", str(exc))
+    if isinstance(exc, UnsupportedTransferSyntaxError):
+        return APIError(415, "unsupported_transfer_syntax", str(exc))
     if isinstance(exc, UnsupportedImageError):
         return APIError(422, "undecodable_image", str(exc))
     return APIError(422, "undecodable_image", "the image cannot be decoded")

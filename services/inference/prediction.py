@@ -1,8 +1,11 @@
-"""One prediction: decode an upload, run the model (or the ensemble), optionally explain it.
+"""One prediction: decode an upload, screen it, run the model (or the ensemble), decide.
 
 Plain domain code with keyword-only arguments; the routes turn its exceptions into HTTP
-errors. Nothing from a DICOM header is read beyond pixel-related tags, and nothing of the
-upload is logged or kept.
+errors. The rules (lung screening, input gate, calibration, indeterminate band, ensemble
+agreement) are the core's (`ctscan.predictor`, `ctscan.decision`), shared with
+`ctscan predict`; here they run on the service's batched, ONNX outputs. Nothing from a
+DICOM header is read beyond what the answer needs, and nothing of the upload is logged or
+kept.
 """
 
 from __future__ import annotations
@@ -11,20 +14,25 @@ import asyncio
 import base64
 import contextlib
 import functools
+import math
 import time
+from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from ctscan import DISCLAIMER, DISPLAY_LABELS, NEGATIVE_LABEL, POSITIVE_LABEL
+from ctscan import DISCLAIMER
+from ctscan.decision import LEGACY_LABELS, OUTCOME_TEXT, Decision
 from ctscan.formats import InputFormat, describe_formats, sniff
 from ctscan.gradcam import overlay_png
-from ctscan.imaging import DecodedImage, resize_for_model
+from ctscan.imaging import DecodedImage
 from ctscan.models import ENSEMBLE
-from ctscan.schemas import Label, MemberPrediction, Prediction, Timings
-from services.inference.registry import ModelRegistry, ServedModel
+from ctscan.predictor import EnsembleRule, MemberOutput, input_refusal, slice_decision
+from ctscan.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
+from ctscan.schemas import Label, LungFindings, MemberPrediction, Prediction, Timings
+from services.inference.registry import EnsembleInfo, ModelRegistry, ServedModel
 
 HEATMAP_GRID = 224  # members' heatmaps are averaged on a common grid before the overlay
 
@@ -41,36 +49,115 @@ def sniff_format(data: bytes) -> InputFormat:
     return found
 
 
-def _label(probability_covid: float, threshold: float) -> Label:
-    return cast(Label, DISPLAY_LABELS[POSITIVE_LABEL if probability_covid >= threshold else NEGATIVE_LABEL])
+@dataclass
+class Screened:
+    """A decoded slice, screened, and prepared as each model expects it."""
+
+    decoded: DecodedImage
+    screen: PreparedSlice  # lung-v1: the lung signals whatever the models' preprocessing
+    refusal: Decision | None
+    prepared: list[PreparedSlice]  # per model (empty when refused)
+    inputs: list[np.ndarray]
 
 
-def _confidence(probability_covid: float, threshold: float) -> float:
-    return probability_covid if probability_covid >= threshold else 1.0 - probability_covid
+def screen_slice(decoded: DecodedImage, entries: list[ServedModel]) -> Screened:
+    """Screen for lungs and modality, then preprocess once per preprocessing the models use."""
+    screen = prepare(decoded, LUNG_V1)
+    refusal = input_refusal(decoded, screen)
+    if refusal is not None:
+        return Screened(decoded, screen, refusal, [], [])
+    by_name: dict[str, PreparedSlice] = {LUNG_V1: screen}
+    prepared = []
+    for entry in entries:
+        if entry.preprocessing not in by_name:
+            by_name[entry.preprocessing] = get_preprocessor(entry.preprocessing)(decoded)
+        prepared.append(by_name[entry.preprocessing])
+    inputs = [item.model_input(entry.input_size) for item, entry in zip(prepared, entries, strict=True)]
+    return Screened(decoded, screen, None, prepared, inputs)
 
 
-def _on_grid(heatmap: np.ndarray) -> np.ndarray:
-    image = Image.fromarray(heatmap.astype(np.float32), mode="F")
-    return np.asarray(image.resize((HEATMAP_GRID, HEATMAP_GRID), Image.Resampling.BILINEAR))
+def _decode_and_screen(input_format: InputFormat, data: bytes, entries: list[ServedModel], *, max_pixels: int,
+                       max_side: int) -> Screened:
+    """Decode once, screen and preprocess for each model (one thread-pool hop per request)."""
+    return screen_slice(input_format.decode(data, max_pixels=max_pixels, max_side=max_side), entries)
 
 
-def _explain(entries: list[ServedModel], decoded: DecodedImage, inputs: list[np.ndarray]) -> str:
-    heatmaps = [_on_grid(entry.gradcam(pixels)) for entry, pixels in zip(entries, inputs, strict=True)]
-    mean = np.mean(heatmaps, axis=0)
-    return base64.b64encode(overlay_png(decoded.pixels, mean)).decode("ascii")
+def member_output(entry: ServedModel, row: float | tuple[float, ...]) -> MemberOutput:
+    """The batcher's row (raw probability, gate distance) as the core's MemberOutput."""
+    raw, distance = (row, math.nan) if isinstance(row, float) else (row[0], row[1])
+    probability = float(entry.calibration.apply(raw))
+    gated = entry.gate is not None and not math.isnan(distance)
+    return MemberOutput(entry.name, entry.version, probability, entry.threshold,
+                        float(distance) if gated else None, entry.gate.threshold if gated and entry.gate else None,
+                        entry.band)
 
 
-def _decode_for(input_format: InputFormat, data: bytes, sizes: list[int], *, max_pixels: int, max_side: int
-                ) -> tuple[DecodedImage, list[np.ndarray]]:
-    """Decode once and resize for each model (one thread-pool hop per request)."""
-    decoded = input_format.decode(data, max_pixels=max_pixels, max_side=max_side)
-    return decoded, [resize_for_model(decoded.grey, size) for size in sizes]
+def ensemble_rule(ensemble: EnsembleInfo | None) -> EnsembleRule | None:
+    if ensemble is None:
+        return None
+    return EnsembleRule(members=ensemble.members, threshold=ensemble.threshold, calibration=ensemble.calibration,
+                        band=ensemble.band)
+
+
+def explain_png(entries: list[ServedModel], prepared: list[PreparedSlice], inputs: list[np.ndarray]) -> str:
+    """Members' Grad-CAM heatmaps, averaged, over the slice as the first model saw it (only
+    members that saw the same frame: heatmaps of a crop and of a whole slice do not add)."""
+    heatmaps = []
+    for entry, pixels, seen in zip(entries, inputs, prepared, strict=True):
+        if seen is not prepared[0]:
+            continue
+        heat = Image.fromarray(entry.gradcam(pixels).astype(np.float32), mode="F")
+        heatmaps.append(np.asarray(heat.resize((HEATMAP_GRID, HEATMAP_GRID), Image.Resampling.BILINEAR)))
+    base = prepared[0].grey
+    return base64.b64encode(overlay_png(np.repeat(base[:, :, None], 3, axis=2), np.mean(heatmaps, axis=0))).decode()
+
+
+def _label(side: str | None) -> Label | None:
+    return cast(Label, LEGACY_LABELS[side]) if side in LEGACY_LABELS else None
+
+
+def build_answer(*, decision: Decision, outputs: list[MemberOutput], model: str, model_version: str,
+                 screened: Screened, entries: list[ServedModel], heatmap: str | None, request_id: str,
+                 timings: Timings, band: float | None) -> Prediction:
+    members: dict[str, MemberPrediction] | None = None
+    disagreement: bool | None = None
+    if model == ENSEMBLE and outputs:
+        members = {o.name: MemberPrediction(
+            probability_covid=o.probability, label="COVID" if o.probability >= o.threshold else "non-COVID",
+            version=o.version, threshold=o.threshold, gate_distance=o.gate_distance, gate_threshold=o.gate_threshold)
+            for o in outputs}
+        disagreement = len({m.label for m in members.values()}) > 1
+    probability = decision.probability_covid
+    label = _label(decision.label_side)
+    confidence = None if probability is None else (probability if label == "COVID" else 1.0 - probability)
+    findings = screened.screen.findings
+    return Prediction(
+        outcome=decision.outcome,  # type: ignore[arg-type]
+        outcome_text=OUTCOME_TEXT[decision.outcome],
+        probability_covid=probability,
+        threshold=decision.threshold,
+        indeterminate_band=band if decision.classified else None,
+        reasons=decision.reasons,
+        label=label,
+        confidence=confidence,
+        calibrated=bool(entries) and all(e.calibration.method != "identity" for e in entries),
+        model=model,
+        model_version=model_version,
+        members=members,
+        disagreement=disagreement,
+        lung_findings=LungFindings(**findings.as_dict()) if findings is not None else None,
+        heatmap_png_base64=heatmap,
+        request_id=request_id,
+        timings_ms=timings,
+        source_format=screened.decoded.source_format,
+        disclaimer=DISCLAIMER,
+    )
 
 
 async def predict_upload(
     *, registry: ModelRegistry, data: bytes, model: str, explain: bool, request_id: str
 ) -> Prediction:
-    """Decode `data`, predict with `model` (a name or "ensemble") and build the API answer."""
+    """Decode `data`, screen it, predict with `model` (a name or "ensemble"), build the answer."""
     started = time.perf_counter()
     registry.check_model(model)  # a wrong model name is reported before anything about the file
     input_format = sniff_format(data)
@@ -78,49 +165,37 @@ async def predict_upload(
     with registry.acquire(model) as (entries, ensemble), contextlib.ExitStack() as arrivals:
         # Announced before decoding, so batches under load wait for this request's pixels.
         on_the_way = [arrivals.enter_context(entry.batcher.expect()) for entry in entries]
-        decoded, inputs = await asyncio.get_running_loop().run_in_executor(
+        screened = await asyncio.get_running_loop().run_in_executor(
             registry.decode_pool, functools.partial(
-                _decode_for, input_format, data, [entry.input_size for entry in entries],
+                _decode_and_screen, input_format, data, entries,
                 max_pixels=settings.max_pixels, max_side=settings.max_side))
         decoded_at = time.perf_counter()
-        probabilities = await asyncio.gather(
-            *(arrival.predict(pixels) for arrival, pixels in zip(on_the_way, inputs, strict=True)))
+        rule = ensemble_rule(ensemble) if model == ENSEMBLE else None
+        outputs: list[MemberOutput] = []
+        if screened.refusal is not None:
+            decision = screened.refusal  # nothing is classified; the arrivals withdraw on exit
+        else:
+            rows = await asyncio.gather(
+                *(arrival.predict(pixels) for arrival, pixels in zip(on_the_way, screened.inputs, strict=True)))
+            outputs = [member_output(entry, row) for entry, row in zip(entries, rows, strict=True)]
+            decision = slice_decision(outputs, ensemble=rule)
         inferred_at = time.perf_counter()
-        heatmap = await run_in_threadpool(_explain, entries, decoded, inputs) if explain else None
+        heatmap = None
+        if explain and decision.classified:
+            heatmap = await run_in_threadpool(explain_png, entries, screened.prepared, screened.inputs)
         explained_at = time.perf_counter()
 
-    members: dict[str, MemberPrediction] | None = None
-    disagreement: bool | None = None
     if model == ENSEMBLE and ensemble is not None:
-        probability_covid = float(np.mean(probabilities))
-        threshold = ensemble.threshold
-        members = {
-            entry.name: MemberPrediction(probability_covid=probability, label=_label(probability, entry.threshold),
-                                         version=entry.version, threshold=entry.threshold)
-            for entry, probability in zip(entries, probabilities, strict=True)}
-        disagreement = len({member.label for member in members.values()}) > 1
         model_version = ",".join(f"{name}={version}" for name, version in ensemble.members.items())
+        band = ensemble.band
     else:
-        probability_covid = float(probabilities[0])
-        threshold = entries[0].threshold
-        model_version = entries[0].version
-    return Prediction(
-        label=_label(probability_covid, threshold),
-        probability_covid=probability_covid,
-        confidence=_confidence(probability_covid, threshold),
-        threshold=threshold,
-        model=model,
-        model_version=model_version,
-        members=members,
-        disagreement=disagreement,
-        heatmap_png_base64=heatmap,
-        request_id=request_id,
-        timings_ms=Timings(
-            decode=(decoded_at - started) * 1000,
-            inference=(inferred_at - decoded_at) * 1000,
-            gradcam=(explained_at - inferred_at) * 1000 if explain else None,
-            total=(time.perf_counter() - started) * 1000,
-        ),
-        source_format=decoded.source_format,
-        disclaimer=DISCLAIMER,
+        model_version, band = entries[0].version, entries[0].band
+    timings = Timings(
+        decode=(decoded_at - started) * 1000,
+        inference=(inferred_at - decoded_at) * 1000,
+        gradcam=(explained_at - inferred_at) * 1000 if explain else None,
+        total=(time.perf_counter() - started) * 1000,
     )
+    return build_answer(decision=decision, outputs=outputs, model=model, model_version=model_version,
+                        screened=screened, entries=entries, heatmap=heatmap, request_id=request_id,
+                        timings=timings, band=band)

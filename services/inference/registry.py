@@ -28,8 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from ctscan.calibration import IDENTITY, Calibration
+from ctscan.decision import DEFAULT_BAND
 from ctscan.errors import CTScanError
-from ctscan.evaluation import EnsembleNotCalibratedError, ensemble_record_for
+from ctscan.evaluation import EnsembleNotCalibratedError, card_band, ensemble_record_for
+from ctscan.gate import FeatureGate
 from ctscan.gradcam import HeatmapFunction, make_gradcam
 from ctscan.imaging import resize_for_model
 from ctscan.models import ENSEMBLE
@@ -40,6 +43,7 @@ from ctscan.onnx_runtime import (
     stored_onnx_predictor,
     tensorflow_fallback,
 )
+from ctscan.preprocessing import LEGACY, card_preprocessing
 from ctscan.records import ModelCard
 from ctscan.settings import InferenceSettings
 from ctscan.store import ModelStore, keras_model_from
@@ -94,9 +98,13 @@ class ServedModel:
     input_size: int
     threshold: float
     predictor: FastPredictor
-    batcher: DynamicBatcher
+    batcher: DynamicBatcher  # each image -> (raw probability, gate distance or NaN)
     explainer: Explainer
     loaded_at: float
+    preprocessing: str = LEGACY
+    calibration: Calibration = IDENTITY
+    gate: FeatureGate | None = None
+    band: float = DEFAULT_BAND
     _in_flight: int = 0
     _retired: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -129,6 +137,25 @@ class EnsembleInfo:
     members: dict[str, str]  # name -> version
     threshold: float
     threshold_source: str
+    calibration: Calibration = IDENTITY
+    band: float = DEFAULT_BAND
+    calibrated_at: str | None = None
+
+
+def _raw_and_distance(predictor: FastPredictor, gate: FeatureGate | None) -> Callable[[np.ndarray], np.ndarray]:
+    """One forward pass per batch -> (N, 2): each image's raw probability and its distance to
+    the training data in feature space (NaN when the version has no gate)."""
+
+    def outputs(batch: np.ndarray) -> np.ndarray:
+        if predictor.both is None or gate is None:
+            probabilities, features = predictor.predict(batch), None
+        else:
+            probabilities, features = predictor.both(batch)
+        distances = gate.distance(features) if gate is not None and features is not None \
+            else np.full(len(probabilities), np.nan)
+        return np.stack([probabilities, distances], axis=1)
+
+    return outputs
 
 
 def _phantom(size: int = 256) -> np.ndarray:
@@ -240,6 +267,11 @@ class ModelRegistry:
             onnx_copy, images, weights_sha256=card.weights_sha256, use_onnx=settings.use_onnx,
             tolerance=settings.onnx_tolerance, threads=settings.onnx_threads or None,
             spinning=settings.onnx_spinning, absent_reason=absent_reason)
+        gate = FeatureGate.from_dict(card.gate) if card.gate else None
+        if isinstance(fast, FastPredictor) and gate is not None and fast.both is not None \
+                and fast.both(images[:1])[1] is None:
+            fast = ("the ONNX copy was made before copies carried the input gate's features; TensorFlow "
+                    "serves this version (a version saved now gets a copy with them)")
         if isinstance(fast, FastPredictor):
             predictor = fast
         else:
@@ -258,13 +290,14 @@ class ModelRegistry:
         if warm_explainer:
             explainer.ready()
         batch_metric = self.metrics.batch_size.labels(model=name)
-        batcher = DynamicBatcher(predictor.predict, name=f"{name}-{version}",
+        batcher = DynamicBatcher(_raw_and_distance(predictor, gate), name=f"{name}-{version}",
                                  max_batch_size=settings.max_batch_size,
                                  max_wait_s=settings.max_wait_ms / 1000.0,
                                  on_batch=batch_metric.observe)
         return ServedModel(name=name, version=version, card=card, input_size=size,
                            threshold=card.threshold, predictor=predictor, batcher=batcher,
-                           explainer=explainer, loaded_at=time.time())
+                           explainer=explainer, loaded_at=time.time(), preprocessing=card_preprocessing(card),
+                           calibration=Calibration.from_dict(card.calibration), gate=gate, band=card_band(card))
 
     def _install(self, served: ServedModel) -> None:
         with self._swap_lock:
@@ -298,7 +331,9 @@ class ModelRegistry:
             logger.warning("%s", self.ensemble_error)
             return None
         self.ensemble_error = None
-        return EnsembleInfo(members=members, threshold=float(record.threshold), threshold_source="val-calibrated")
+        return EnsembleInfo(members=members, threshold=float(record.threshold), threshold_source="val-calibrated",
+                            calibration=Calibration.from_dict(record.calibration), band=card_band(record),
+                            calibrated_at=record.created_at)
 
     def try_load(self, name: str, *, reason: str, warm_explainer: bool = True) -> bool:
         """Load the store's production version of `name` if it differs from the served one."""

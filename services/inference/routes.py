@@ -21,11 +21,14 @@ from ctscan.schemas import (
     ModelsResponse,
     Prediction,
     Readiness,
+    StudyPrediction,
 )
+from ctscan.study import ArchiveError, StudyError, StudyLimits
 from services.inference.deps import MetricsDep, RegistryDep, SettingsDep
 from services.inference.errors import APIError, error_response, image_error
 from services.inference.prediction import UnrecognisedFileError, predict_upload
 from services.inference.registry import ModelNotReadyError, ModelNotServedError
+from services.inference.study import SliceError, predict_study, study_blobs
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -75,13 +78,18 @@ async def list_models(registry: RegistryDep) -> ModelsResponse:
                   init=served.card.init, metrics=served.card.metrics, backend=served.predictor.backend,
                   onnx_max_abs_difference=served.predictor.max_abs_difference,
                   onnx_fallback_reason=served.predictor.fallback_reason, loaded_at=served.loaded_at,
-                  reload_error=registry.errors.get(name))
+                  reload_error=registry.errors.get(name), preprocessing=served.preprocessing,
+                  calibration=served.calibration.method if served.calibration.method != "identity" else None,
+                  indeterminate_band=served.band, input_gate=served.gate is not None)
         for name, served in registry.models.items()]
     ensemble = registry.ensemble
     return ModelsResponse(
         models=models,
         ensemble=None if ensemble is None else EnsembleModelInfo(
-            members=ensemble.members, threshold=ensemble.threshold, threshold_source=ensemble.threshold_source),
+            members=ensemble.members, threshold=ensemble.threshold, threshold_source=ensemble.threshold_source,
+            indeterminate_band=ensemble.band, calibrated_at=ensemble.calibrated_at,
+            calibration=ensemble.calibration.method if ensemble.calibration.method != "identity" else None),
+        ensemble_error=registry.ensemble_error if ensemble is None else None,
         missing=registry.missing(),
         errors=dict(registry.errors),
     )
@@ -98,7 +106,7 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
     while chunk := await upload.read(_READ_CHUNK):
         total += len(chunk)
         if total > limit:
-            raise APIError(413, "upload_too_large", f"the file exceeds the {limit} byte upload limit")
+            raise APIError(413, "upload_too_large", f"the upload exceeds the {limit} byte limit")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -132,3 +140,53 @@ async def predict(
     except ImageError as exc:
         raise image_error(exc) from None
     return answer
+
+
+@router.post("/predict/study", response_model=StudyPrediction, responses=ERRORS, tags=["predict"])
+async def predict_study_route(
+    request: Request,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    file: Annotated[list[UploadFile], File(description="The slices of one series (several `file` parts, "
+                                                       "DICOM/PNG/JPEG), or one ZIP of the series")],
+    model: Annotated[str | None, Query(description=" | ".join([*architecture_names(), ENSEMBLE]))] = None,
+    explain: Annotated[bool | None, Query(description="Grad-CAM heatmaps of the most suspicious slices")] = None,
+    model_form: Annotated[str | None, Form(alias="model")] = None,
+    explain_form: Annotated[bool | None, Form(alias="explain")] = None,
+) -> StudyPrediction:
+    """Classify a whole study: every slice (ordered along the body; slices without lungs are
+    skipped with the reason) and one verdict for the study (decision support, not a diagnosis)."""
+    model_name = model or model_form or ENSEMBLE
+    explain_value = explain if explain is not None else explain_form
+    want_heatmaps = True if explain_value is None else bool(explain_value)
+    request.state.model = model_name if model_name in registry.servable_names() else "invalid"
+    parts, remaining = [], settings.max_study_bytes
+    for upload in file:
+        try:
+            data = await _read_limited(upload, remaining)
+        except APIError:
+            raise APIError(413, "upload_too_large", f"the study's files exceed the {settings.max_study_bytes} byte "
+                                                    "limit (INFERENCE_MAX_STUDY_BYTES)") from None
+        remaining -= len(data)
+        parts.append(data)
+    limits = StudyLimits(max_slices=settings.max_study_slices, max_total_bytes=settings.max_study_bytes,
+                         max_ratio=settings.max_zip_ratio)
+    try:
+        blobs = study_blobs(parts, limits)
+        return await predict_study(registry=registry, blobs=blobs, model=model_name, explain=want_heatmaps,
+                                   request_id=request.state.request_id, limits=limits)
+    except ModelNotServedError as exc:
+        raise APIError(400, "unknown_model", str(exc)) from None
+    except ModelNotReadyError as exc:
+        raise APIError(503, "not_ready", str(exc)) from None
+    except UnrecognisedFileError as exc:
+        raise APIError(415, "unsupported_media_type", str(exc)) from None
+    except StudyError as exc:
+        raise APIError(422, "invalid_study", str(exc)) from None
+    except ArchiveError as exc:
+        raise APIError(422, "invalid_archive", str(exc)) from None
+    except SliceError as exc:  # the status of its cause, the message naming the slice
+        cause = image_error(exc.cause)
+        raise APIError(cause.status_code, cause.code, str(exc)) from None
+    except ImageError as exc:
+        raise image_error(exc) from None

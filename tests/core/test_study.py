@@ -28,8 +28,9 @@ def test_a_series_zip_unpacks_and_orders_from_abdomen_to_neck(ctmd_dir: Path, ct
                 | {"DICOMDIR": b"index", "series/": b""})
     files = unpack_zip(data, StudyLimits())
     assert len(files) == len(rows)
-    ordered = order_series([decode_image(f) for f in files])
-    locations = [s.decoded.dicom.slice_location for s in ordered]
+    decoded = [decode_image(f) for f in files]
+    ordered = order_series([d.dicom for d in decoded])
+    locations = [decoded[s.upload_index].dicom.slice_location for s in ordered]
     assert locations == sorted(float(r["slice_location"]) for r in rows)
     assert ordered[0].position_mm == 0.0 and ordered[-1].position_mm > 100
 
@@ -38,7 +39,7 @@ def test_slices_of_two_patients_are_refused(ctmd_dir: Path, ctmd_slices: dict) -
     slices = [decode_image((ctmd_dir / r["path"]).read_bytes())
               for r in (ctmd_slices["P001"][30], ctmd_slices["normal001"][30])]
     with pytest.raises(StudyError, match="different patients|different series"):
-        order_series(slices)
+        order_series([s.dicom for s in slices])
 
 
 @pytest.mark.parametrize("name", ["../evil.dcm", "/etc/passwd", "a/../../b.dcm", "C:/windows/x.dcm"])

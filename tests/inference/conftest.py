@@ -29,6 +29,11 @@ class RunningService(ServiceProcess):
         return requests.post(self.url + "/predict", files={"file": (filename, content, content_type)},
                              params=params, data=data, timeout=120)
 
+    def predict_study(self, files: list[bytes], *, params: dict[str, str] | None = None,
+                      timeout: float = 600) -> requests.Response:
+        parts = [("file", (f"part{i}", content, "application/octet-stream")) for i, content in enumerate(files)]
+        return requests.post(self.url + "/predict/study", files=parts, params=params, timeout=timeout)
+
 
 def start_service(*, store_dir: Path, log_path: Path, env: dict[str, str], wait_ready: bool = True) -> RunningService:
     full_env = {**os.environ, "CTSCAN_MODEL_STORE": str(store_dir), "TF_CPP_MIN_LOG_LEVEL": "2",
@@ -60,6 +65,8 @@ def inference_service(tiny_model_store: Path, data_dir: Path,
         "INFERENCE_RELOAD_POLL_SECONDS": "0",
         "INFERENCE_VERIFICATION_DIR": str(data_dir),
         "INFERENCE_MAX_BATCH_SIZE": "8",
+        "INFERENCE_MAX_STUDY_BYTES": str(64 * 1024 * 1024),
+        "INFERENCE_MAX_STUDY_SLICES": "300",
     })
     yield service
     stop_service(service)

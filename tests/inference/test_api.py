@@ -23,13 +23,23 @@ def _first(real_ct_images: dict[str, Path], suffix: str) -> Path:
 
 
 def _check_prediction(body: dict, *, model: str, source_format: str) -> None:
-    assert body["model"] == model
-    assert body["label"] in ("COVID", "non-COVID")
+    """A classified slice (real UCSD chest slices: lungs visible) in API version 2."""
+    assert body["model"] == model and body["api_version"] == 2
+    assert body["outcome"] in ("covid", "non_covid", "indeterminate"), body["reasons"]
     assert 0.0 <= body["probability_covid"] <= 1.0
-    expected_label = "COVID" if body["probability_covid"] >= body["threshold"] else "non-COVID"
-    assert body["label"] == expected_label
-    expected_confidence = body["probability_covid"] if expected_label == "COVID" else 1 - body["probability_covid"]
+    side = "covid" if body["probability_covid"] >= body["threshold"] else "non_covid"
+    assert body["label"] == {"covid": "COVID", "non_covid": "non-COVID"}[side]
+    band = body["indeterminate_band"]
+    close = abs(body["probability_covid"] - body["threshold"]) < band
+    if body["outcome"] != "indeterminate":
+        assert body["outcome"] == side and not close and body["reasons"] == []
+    else:  # close to the threshold, or the ensemble's models disagree; the reasons say which
+        assert close or body["disagreement"]
+        assert body["reasons"] and body["outcome_text"].startswith("Indeterminate")
+    # Deprecated v1 field, kept for old clients: p or 1 - p by the label, not a chance of being right.
+    expected_confidence = body["probability_covid"] if side == "covid" else 1 - body["probability_covid"]
     assert body["confidence"] == pytest.approx(expected_confidence)
+    assert body["lung_findings"]["lung_fraction"] > 0.06
     assert body["disclaimer"] == DISCLAIMER
     assert body["source_format"] == source_format
     assert body["request_id"]
@@ -98,8 +108,16 @@ def test_ensemble_is_the_default_and_reports_members(inference_service: RunningS
     body = inference_service.predict(path.read_bytes()).json()
     _check_prediction(body, model="ensemble", source_format="PNG")
     assert set(body["members"]) == set(MODELS)
+    # The ensemble: the members' calibrated probabilities, averaged and calibrated again, as fitted on val.
+    from ctscan.calibration import Calibration
+    from ctscan.store import open_store
+
+    record = open_store(inference_service.store_dir).ensemble_record()
+    assert record is not None
     member_probabilities = [m["probability_covid"] for m in body["members"].values()]
-    assert body["probability_covid"] == pytest.approx(float(np.mean(member_probabilities)), abs=1e-6)
+    expected = float(Calibration.from_dict(record.calibration).apply(float(np.mean(member_probabilities))))
+    assert body["probability_covid"] == pytest.approx(expected, abs=1e-6)
+    assert body["threshold"] == pytest.approx(record.threshold)
     assert body["disagreement"] == (len({m["label"] for m in body["members"].values()}) > 1)
     assert body["model_version"] == ",".join(f"{n}={m['version']}" for n, m in body["members"].items())
     # Each member's answer matches the same model asked alone (batching changes nothing).
@@ -116,17 +134,19 @@ def test_model_can_be_given_as_form_field(inference_service: RunningService,
 
 
 @pytest.mark.parametrize("model", ["mobilenetv2", "ensemble"])
-def test_gradcam_heatmap_has_the_image_aspect(inference_service: RunningService,
+def test_gradcam_heatmap_is_drawn_over_what_the_model_saw(inference_service: RunningService,
                                               real_ct_images: dict[str, Path], model: str) -> None:
     path = _first(real_ct_images, "png")
-    original = decode_image(path.read_bytes()).pixels
+    from ctscan.preprocessing import LUNG_V1, prepare
+
+    seen = prepare(decode_image(path.read_bytes()), LUNG_V1).grey  # the lung crop the models saw
     response = inference_service.predict(path.read_bytes(), params={"model": model, "explain": "true"})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["timings_ms"]["gradcam"] is not None
     heatmap = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png_base64"])))
     assert heatmap.format == "PNG" and heatmap.mode == "RGB"
-    assert heatmap.width / heatmap.height == pytest.approx(original.shape[1] / original.shape[0], rel=0.02)
+    assert heatmap.width / heatmap.height == pytest.approx(seen.shape[1] / seen.shape[0], rel=0.02)
     # An overlay, not the bare slice: colour appears where a greyscale CT has none.
     pixels = np.asarray(heatmap, dtype=np.int16)
     assert np.abs(pixels[..., 0] - pixels[..., 2]).max() > 20

@@ -58,12 +58,13 @@ def _scaled_weights(weights: bytes, factor: float) -> bytes:
     return buffer.getvalue()
 
 
-def _publish(store: ModelStore, weights: bytes, *, card_from: str) -> str:
-    """Save `weights` as a new version with the card of version `card_from`."""
+def _publish(store: ModelStore, weights: bytes, *, card_from: str, raw: bool = False) -> str:
+    """Save `weights` as a new version with the card of version `card_from` (with `raw`,
+    without its calibration: the answers are the network's own probabilities)."""
     import json
 
     card = json.loads(store.load_files(MODEL, card_from)[CARD_FILE])
-    for field in ("name", "version", "weights_sha256"):
+    for field in ("name", "version", "weights_sha256", *(("calibration",) if raw else ())):
         card.pop(field, None)
     version = store.save(MODEL, weights=weights, card=card)
     return version
@@ -72,14 +73,22 @@ def _publish(store: ModelStore, weights: bytes, *, card_from: str) -> str:
 def test_new_version_is_loaded_and_swapped_without_failing_requests(
         reloading_service: RunningService, real_ct_images: dict[str, Path]) -> None:
     store = open_store(reloading_service.store_dir)
-    old_version = store.production(MODEL)
+    trained = store.production(MODEL)
     image = next(iter(sorted(real_ct_images.values()))).read_bytes()
-    before = reloading_service.predict(image, params={"model": MODEL}).json()
-    assert before["model_version"] == old_version
     assert reloading_service.predict(image).status_code == 400  # one model: no ensemble offered
+    # Uncalibrated copies of the same network, so that a shifted output bias shows 1:1 in the
+    # answers (a calibration fitted on four images per class can flatten it).
+    weights = store.load_files(MODEL, trained)[WEIGHTS_FILE]
+    old_version = _publish(store, weights, card_from=trained, raw=True)
+    store.promote(MODEL, old_version, reason="test hot reload: baseline")
+    deadline = time.monotonic() + RELOAD_TIMEOUT_S
+    while reloading_service.predict(image, params={"model": MODEL}).json()["model_version"] != old_version:
+        assert time.monotonic() < deadline, "the baseline version was not loaded in time"
+        time.sleep(0.5)
+    before = reloading_service.predict(image, params={"model": MODEL}).json()
+    assert before["model_version"] == old_version and before["calibrated"] is False
 
-    weights = store.load_files(MODEL, old_version)[WEIGHTS_FILE]
-    new_version = _publish(store, _scaled_weights(weights, 3.0), card_from=old_version)
+    new_version = _publish(store, _scaled_weights(weights, 3.0), card_from=trained, raw=True)
     store.promote(MODEL, new_version, reason="test hot reload")
 
     # Keep requests flowing during the swap: none may fail, each answers from one version.

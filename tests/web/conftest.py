@@ -55,12 +55,25 @@ def tiny_png() -> bytes:
 @dataclass
 class ContractServer:
     url: str
-    mode: str = "ok"  # ok | slow | error500 | reject415 | reject413 | notready | garbage
+    mode: str = "ok"  # ok | refused | slow | error500 | reject415 | reject413 | notready | garbage
     delay_s: float = 0.0
     requests_seen: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _prediction(model: str) -> dict[str, Any]:
+def _prediction(model: str, mode: str = "ok") -> dict[str, Any]:
+    """An answer of the real schema (`ctscan.schemas.Prediction`, API v2). mode ok: the
+    ensemble's models disagree (indeterminate) or one model says COVID-19; refused: the
+    input is not a chest CT (nothing classified)."""
+    from ctscan.decision import OUTCOME_TEXT
+
+    timings = Timings(decode=3.0, inference=40.0, gradcam=55.0, total=101.0)
+    if mode == "refused":
+        return Prediction(
+            outcome="not_chest_ct", outcome_text=OUTCOME_TEXT["not_chest_ct"], probability_covid=None,
+            threshold=None, reasons=["the image lies far from the chest CT slices the models were trained on"],
+            label=None, model=model, model_version="ensemble-v1" if model == "ensemble" else "v-single",
+            members=None, disagreement=None, heatmap_png_base64=None, request_id="req-456", timings_ms=timings,
+            source_format="PNG", disclaimer=DISCLAIMER).model_dump(mode="json")
     members = None
     if model == "ensemble":
         members = {
@@ -69,12 +82,13 @@ def _prediction(model: str) -> dict[str, Any]:
             "mobilenetv2": MemberPrediction(probability_covid=0.32, label="non-COVID", version="v-mob",
                                             threshold=0.6),
         }
+    outcome = "indeterminate" if members else "covid"
     answer = Prediction(
-        label="COVID", probability_covid=0.623, confidence=0.623, threshold=0.5,
-        model=model, model_version="ensemble-v1" if members else "v-single",
+        outcome=outcome, outcome_text=OUTCOME_TEXT[outcome], probability_covid=0.623, threshold=0.5,
+        indeterminate_band=0.1, reasons=["the ensemble's models disagree"] if members else [], label="COVID",
+        confidence=0.623, calibrated=True, model=model, model_version="ensemble-v1" if members else "v-single",
         members=members, disagreement=bool(members), heatmap_png_base64=base64.b64encode(tiny_png()).decode(),
-        request_id="req-123", timings_ms=Timings(decode=3.0, inference=40.0, gradcam=55.0, total=101.0),
-        source_format="PNG", disclaimer=DISCLAIMER,
+        request_id="req-123", timings_ms=timings, source_format="PNG", disclaimer=DISCLAIMER,
     )
     return answer.model_dump(mode="json")
 
@@ -115,7 +129,7 @@ def contract_server() -> Iterator[ContractServer]:
             elif state.mode == "garbage":
                 self._send(200, None, raw=b"<html>proxy error</html>")
             else:
-                self._send(200, _prediction(query.get("model", "ensemble")))
+                self._send(200, _prediction(query.get("model", "ensemble"), state.mode))
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True

@@ -64,8 +64,11 @@ def test_result_shows_label_members_versions_timing_images(make_settings: Callab
     response = post_image(client, image, filename="Doe_John_1970.png")
     html = response.get_data(as_text=True)
     assert response.status_code == 200
-    assert "Findings suggest COVID-19" in html
-    assert "62.3%" in html  # confidence and probability
+    # The models disagree: no call is made, and the page says so in plain words.
+    assert "Indeterminate: review by a radiologist" in html and "the ensemble&#39;s models disagree" in html
+    assert 'id="probability">62%' in html and 'id="threshold">50%' in html and 'id="band">40–60%' in html
+    assert "Confidence" not in html  # the confusing v1 number is gone from the page
+    assert "calibrated on the validation data" in html
     for version in ("v-inc", "v-dense", "v-mob"):
         assert version in html
     # Each bar takes its model's own label: two members and the ensemble say COVID, one not.
@@ -88,6 +91,21 @@ def test_single_model_without_heatmap(make_settings: Callable[..., Any], contrac
     assert contract_server.requests_seen[0]["query"] == {"model": "mobilenetv2", "explain": "false"}
     assert "MobileNetV2" in html and "v-single" in html
     assert "The models disagree" not in html
+    assert "Findings consistent with COVID-19 pneumonia" in html
+
+
+def test_a_refused_image_shows_why_and_no_numbers(make_settings: Callable[..., Any],
+                                                  contract_server: ContractServer) -> None:
+    contract_server.mode = "refused"
+    client = client_for(make_settings(inference_url=contract_server.url))
+    response = post_image(client, tiny_png())
+    html = response.get_data(as_text=True)
+    assert response.status_code == 200
+    assert "Not analysed: this does not look like an axial chest CT slice" in html
+    assert "far from the chest CT slices" in html
+    assert 'id="probability"' not in html and 'id="models-table"' not in html
+    assert "No heatmap: the slice was not classified" in html
+    assert DISCLAIMER in html
 
 
 def test_real_dicom_is_forwarded_and_previewed_without_header(
@@ -239,7 +257,9 @@ def test_real_inference_service_answers_a_real_ct_image(make_settings: Callable[
     image = real_ct_images["covid_png"] if "covid_png" in real_ct_images else next(iter(real_ct_images.values()))
     response = post_image(client, image.read_bytes(), filename=image.name)
     html = response.get_data(as_text=True)
+    from ctscan.decision import OUTCOME_TEXT
+
     assert response.status_code == 200, html[-2000:]
-    assert ("Findings suggest COVID-19" in html) or ("No COVID-19 pattern found" in html)
+    assert any(text in html for text in OUTCOME_TEXT.values())
     assert 'id="heatmap-image"' in html
     assert DISCLAIMER in html
