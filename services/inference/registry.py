@@ -24,7 +24,7 @@ import numpy as np
 
 from ctscan.data import CTDataset
 from ctscan.errors import CTScanError, DataError, ImageError
-from ctscan.evaluation import ENSEMBLE, ensemble_threshold
+from ctscan.evaluation import ENSEMBLE, ensemble_record_for
 from ctscan.gradcam import HeatmapFunction, make_gradcam
 from ctscan.imaging import decode_image, resize_for_model
 from ctscan.onnx_runtime import FastPredictor, build_fast_predictor
@@ -246,7 +246,9 @@ class ModelRegistry:
             return None
         members = {name: models[name].version for name in self.configured}
         try:
-            threshold, source = ensemble_threshold(self.store, members)
+            # The val-calibrated threshold when it was fitted for exactly these versions; the
+            # core raises (a CTScanError) otherwise, and the members' mean stands in below.
+            threshold, source = float(ensemble_record_for(self.store, members)["threshold"]), "val-calibrated"
         except (CTScanError, OSError, ValueError, KeyError) as exc:
             logger.warning("ensemble threshold unavailable (%s); using the members' mean", exc)
             threshold = float(np.mean([models[n].threshold for n in self.configured]))
