@@ -197,6 +197,7 @@ def run_job(
         else:
             card = _train(record, records=records, store=store, checkpoints=checkpoints,
                           settings=settings, on_progress=on_progress)
+        gate = promotion_gate(store, record["model"], job_id, card, settings.promotion_metric)
         promoted = _maybe_promote(store, record["model"], job_id, card, settings.promotion_metric)
     except _Cancelled:
         return _finish(records, record, "cancelled", error="cancelled by an admin")
@@ -205,7 +206,7 @@ def run_job(
         raise
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    record.update(result_version=job_id, promoted=promoted,
+    record.update(result_version=job_id, promoted=promoted, promotion=gate,
                   metrics={k: card["metrics"]["val"].get(k) for k in ("auc", "accuracy", "f1", "threshold")})
     finished = _finish(records, record, "succeeded")
     try:
@@ -291,6 +292,22 @@ def _train(
                    "resumed_from_epoch": resumed_from, "wall_seconds": round(time.monotonic() - started, 1)}
     store.save(record["model"], weights=weights, card=card, version=job_id)
     return dict(store.card(record["model"], job_id))
+
+
+def promotion_gate(store: Any, name: str, version: str, card: dict[str, Any], metric: str) -> dict[str, Any]:
+    """The numbers the promotion gate compares (val `metric` of this run and of the production
+    version before it), kept in the job record so the console can say why a run was not promoted."""
+    production = store.production(name)
+    if production == version:  # redelivered after it was promoted: nothing was compared this time
+        production = None
+    production_value = None
+    if production is not None:
+        try:
+            production_value = store.card(name, production)["metrics"]["val"][metric]
+        except (KeyError, TypeError, CTScanError):
+            production_value = None
+    return {"metric": metric, "split": "val", "candidate": ((card.get("metrics") or {}).get("val") or {}).get(metric),
+            "production_version": production, "production": production_value}
 
 
 def _maybe_promote(store: Any, name: str, version: str, card: dict[str, Any], metric: str) -> bool:

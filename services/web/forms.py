@@ -30,6 +30,8 @@ MODEL_LABELS = {
     "densenet121": "DenseNet-121",
     "mobilenetv2": "MobileNetV2",
 }
+# Small enough for a few minutes per epoch on two CPU cores (InceptionV3 needs at least 75).
+DEFAULT_INPUT_SIZE = 64
 _SAFE_NAME = Regexp(r"^[A-Za-z0-9._-]+$", message="Use letters, digits, dots, dashes or underscores.")
 
 
@@ -46,12 +48,17 @@ class LoginForm(FlaskForm):
 
 
 class QueueJobForm(FlaskForm):
-    model = SelectField("Model", choices=[SelectChoice(n, MODEL_LABELS[n]) for n in MODEL_NAMES])
+    # Defaults that finish on a CPU-only machine without internet: MobileNetV2 (the fastest),
+    # random initialisation (ImageNet weights need a download) and a small input size.
+    model = SelectField("Model", choices=[SelectChoice(n, MODEL_LABELS[n]) for n in MODEL_NAMES],
+                        default="mobilenetv2")
     dataset = StringField("Dataset", validators=[DataRequired(), Length(max=100), _SAFE_NAME])
     dataset_version = StringField("Dataset version", validators=[DataRequired(), Length(max=100), _SAFE_NAME])
     init = SelectField("Initial weights", choices=[SelectChoice("imagenet", "ImageNet weights"),
-                                                   SelectChoice("none", "None (from scratch)")], default="imagenet")
-    epochs = IntegerField("Epochs", default=10, validators=[DataRequired(), NumberRange(min=1, max=200)])
+                                                   SelectChoice("none", "None (from scratch)")], default="none")
+    input_size = IntegerField("Input size (pixels)", default=DEFAULT_INPUT_SIZE,
+                              validators=[Optional(), NumberRange(min=32, max=512)])
+    epochs = IntegerField("Epochs", default=5, validators=[DataRequired(), NumberRange(min=1, max=200)])
     batch_size = IntegerField("Batch size", default=16, validators=[Optional(), NumberRange(min=1, max=256)])
     learning_rate = FloatField("Learning rate", default=0.001,
                                validators=[Optional(), NumberRange(min=1e-7, max=1.0)])
