@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data/ucsd-covid-ct
 
-.PHONY: setup seed test lint typecheck pytest up down train-release evaluate bench lock clean
+.PHONY: setup seed test lint typecheck pytest compose-test up down train-release evaluate bench lock clean
 
 # Installs, then seeds the local model store from the shipped release (no download).
 setup: $(VENV)/.installed
@@ -14,7 +14,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip==25.3
-	$(BIN)/pip install --quiet --constraint requirements.lock --editable '.[test]'
+	$(BIN)/pip install --quiet --constraint requirements.lock --editable '.[all,test]'
 	touch $@
 
 # Copy the shipped release (models/) into the configured model store; never replaces anything.
@@ -31,6 +31,11 @@ pytest: setup
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest
+
+# Build the images and run docker-compose.yml as a person would: docker where a Docker engine
+# answers, else podman (CI sets it up: .ci/run). About 15 minutes with cached image layers.
+compose-test: setup
+	$(BIN)/python scripts/compose_test.py
 
 up: setup
 	$(BIN)/python scripts/devstack.py up
