@@ -90,7 +90,7 @@ FORM_WORDS: tuple[tuple[str, str], ...] = (
      "; choose one of the published versions (`make up` and the compose seed job publish the local data set)"),
     (r"\s*\(see `ctscan data upload`\)", ""),
 )
-METRIC_LABELS = {"auc": "AUC", "accuracy": "accuracy", "f1": "F1", "precision": "precision", "recall": "recall"}
+METRIC_LABELS = {"auc": "AUC", "f1": "F1"}  # the others read as they are named
 
 
 def form_words(message: str | None) -> str | None:
