@@ -304,6 +304,8 @@ def user_checks(engine: Engine, values: dict[str, str], containers: dict[str, st
         "CTSCAN_STACK_INFERENCE_URL": f"http://127.0.0.1:{values['INFERENCE_PORT']}",
         "CTSCAN_STACK_ADMIN_PASSWORD": values["WEB_ADMIN_PASSWORD"],
         "CTSCAN_STACK_BUCKET": values["CTSCAN_BUCKET"],
+        "CTSCAN_STACK_S3_USER": values["MINIO_ROOT_USER"],
+        "CTSCAN_STACK_S3_PASSWORD": values["MINIO_ROOT_PASSWORD"],
         "CTSCAN_TEST_DATA_DIR": str(data_dir),
     }
     say("$ pytest tests/deploy/stack")

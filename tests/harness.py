@@ -4,6 +4,7 @@ its own process group, readiness polled over HTTP, and a stop that never leaves 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -66,3 +67,15 @@ def stop_service_process(service: ServiceProcess, *, grace_s: float = 30) -> Non
         except subprocess.TimeoutExpired:
             os.killpg(service.process.pid, signal.SIGKILL)
             service.process.wait(timeout=10)
+
+
+# Headless Chromium (Debian's package) as the browser tests drive it through Playwright.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium_executable() -> str:
+    path = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(path).is_file():
+        pytest.fail("Debian's chromium is missing: apt-get install -y chromium")
+    return path

@@ -8,7 +8,6 @@ from __future__ import annotations
 import html
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import free_port
+from harness import CHROMIUM_ARGS, chromium_executable, free_port
 
 from ctscan import DISCLAIMER
 
@@ -137,10 +136,8 @@ def queue_a_job_with_the_console_defaults(web_url: str, password: str) -> tuple[
     """Log in, queue a one-epoch job with the form as it comes, wait for it: (job id, its row)."""
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox",
-                                                                               "--disable-gpu"])
+        browser = playwright.chromium.launch(executable_path=chromium_executable(), args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.set_default_timeout(120_000)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import CHROMIUM_ARGS
 
 from ctscan import DISCLAIMER
 
@@ -19,8 +20,6 @@ from .conftest import ADMIN_PASSWORD, TRAINER_TOKEN, Service, trainer_settings_f
 
 pytestmark = pytest.mark.timeout(900)
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")

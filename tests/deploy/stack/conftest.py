@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+from harness import CHROMIUM_ARGS, chromium_executable
 
 
 @dataclass
@@ -28,6 +25,8 @@ class Stack:
     inference_url: str
     admin_password: str
     bucket: str
+    s3_user: str
+    s3_password: str
 
     def engine_run(self, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
         done = subprocess.run([self.engine, *args], capture_output=True, text=True, timeout=timeout, check=False)
@@ -37,6 +36,11 @@ class Stack:
 
     def exec(self, service: str, *argv: str) -> str:
         return self.engine_run("exec", self.containers[service], *argv).stdout
+
+    def s3(self, *argv: str) -> str:
+        """`mc ARGS` in the MinIO container, alias `local` with the stack's credentials."""
+        alias = f"MC_HOST_local=http://{self.s3_user}:{self.s3_password}@localhost:9000"
+        return self.engine_run("exec", "--env", alias, self.containers["minio"], "mc", *argv).stdout
 
     def inspect(self, service: str, template: str) -> str:
         return self.engine_run("inspect", "--format", template, self.containers[service]).stdout.strip()
@@ -52,6 +56,8 @@ def stack() -> Stack:
         inference_url=os.environ["CTSCAN_STACK_INFERENCE_URL"],
         admin_password=os.environ["CTSCAN_STACK_ADMIN_PASSWORD"],
         bucket=os.environ["CTSCAN_STACK_BUCKET"],
+        s3_user=os.environ["CTSCAN_STACK_S3_USER"],
+        s3_password=os.environ["CTSCAN_STACK_S3_PASSWORD"],
     )
 
 
@@ -66,10 +72,7 @@ def stack_artifacts(artifacts_dir: Path) -> Path:
 def browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(chromium).is_file():
-        pytest.fail("Debian's chromium is missing: apt-get install -y chromium")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        browser = playwright.chromium.launch(executable_path=chromium_executable(), args=CHROMIUM_ARGS)
         yield browser
         browser.close()

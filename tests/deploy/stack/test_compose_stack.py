@@ -154,9 +154,9 @@ def test_admin_queues_a_job_that_the_trainer_container_finishes(stack: Stack, br
         context.close()
 
     # The trainer container did the work and the model is in MinIO (S3), not on a local disk.
-    listing = stack.exec("minio", "mc", "ls", "--recursive", f"local/{stack.bucket}/models/mobilenetv2/{job_id}/")
+    listing = stack.s3("ls", "--recursive", f"local/{stack.bucket}/models/mobilenetv2/{job_id}/")
     assert "card.json" in listing and "SHA256SUMS" in listing
-    record = stack.exec("minio", "mc", "cat", f"local/{stack.bucket}/models/.jobs/{job_id}/job.json")
+    record = stack.s3("cat", f"local/{stack.bucket}/models/.jobs/{job_id}/job.json")
     assert f'"worker": "{stack.inspect("trainer", "{{.Config.Hostname}}")}"' in record
 
 
