@@ -33,7 +33,8 @@ pytest: setup
 test: lint typecheck pytest
 
 # Build the images and run docker-compose.yml as a person would: docker where a Docker engine
-# answers, else podman (CI sets it up: .ci/run). About 15 minutes with cached image layers.
+# answers, else podman (CI sets it up: .ci/run). About 5 minutes with cached image layers,
+# 10-12 when the dependency layers are rebuilt.
 compose-test: setup
 	$(BIN)/python scripts/compose_test.py
 
