@@ -126,3 +126,16 @@ def list_dataset_versions(datasets_url: str, name: str) -> list[str]:
 
 def fetch_dataset(datasets_url: str, name: str, version: str, *, cache_dir: Path) -> Path:
     return open_dataset(datasets_url, name).fetch(version, cache_dir=Path(cache_dir) / name)
+
+
+def publish_once(directory: Path, datasets_url: str, name: str) -> tuple[str, bool]:
+    """Publish a dataset folder as `<datasets_url>/<name>/<version>` unless the same data is
+    already there; returns (version, published now). Versions keep the default naming (date,
+    then the first 12 hex digits of the fingerprint), so the fingerprint in a name tells that
+    the data is already published, whatever the day. For `make up` and the compose seed job."""
+    fingerprint = CTDataset(directory).fingerprint()[:12]
+    for version in sorted(list_dataset_versions(datasets_url, name), reverse=True):
+        if version.endswith("-" + fingerprint):
+            return version, False
+    manifest = upload_dataset(directory, f"{datasets_url.rstrip('/')}/{name}")
+    return str(manifest.version), True

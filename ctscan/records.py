@@ -184,6 +184,8 @@ class JobRecord(Record):
     error: str | None = None
     result_version: str | None = None
     promoted: bool | None = None
+    # What the promotion gate compared (metric, candidate, production): why it was or was not promoted.
+    promotion: dict[str, Any] | None = None
     metrics: dict[str, Any] | None = None
     attempts: int = 0
     worker: str | None = None

@@ -3,10 +3,11 @@
 1. creates the S3 bucket named in CTSCAN_MODEL_STORE (s3://bucket/prefix) if it is missing;
 2. copies the shipped release (CTSCAN_RELEASE_DIR, mounted from ./models) into that store
    with `ctscan models seed` (never replaces what the store already holds);
-3. when CTSCAN_SEED_DATASET_DIR holds a dataset (split.csv), publishes it with
-   `ctscan data upload DIR CTSCAN_DATASETS_URL`, and makes the ONNX copy of every version
-   that came without one (`ctscan models export-onnx`, checked on that data's real images;
-   `make setup` makes them for ./models, and the seed copies those along).
+3. when CTSCAN_SEED_DATASET_DIR holds a dataset (split.csv), publishes it to
+   CTSCAN_DATASETS_URL as dataset `ucsd-covid-ct` (CTSCAN_SEED_DATASET_NAME), unless the same
+   data is already published there, so the admin console can queue a job at once; and makes
+   the ONNX copy of every version that came without one (`ctscan models export-onnx`, checked
+   on that data's real images; `make setup` makes them for ./models, and the seed copies those).
 
 Idempotent: running it again changes nothing. Exits non-zero, naming the step, on failure.
 """
@@ -49,10 +50,17 @@ def main() -> int:
     dataset = Path(os.environ.get("CTSCAN_SEED_DATASET_DIR", "/dataset"))
     datasets_url = os.environ.get("CTSCAN_DATASETS_URL", "")
     if (dataset / "split.csv").is_file() and datasets_url:
-        status = ctscan_main(["data", "upload", str(dataset), datasets_url.rstrip("/") + "/ucsd-covid-ct"])
-        if status:
-            print(f"seed: uploading the dataset from {dataset} failed", file=sys.stderr)
-            return status
+        from ctscan.datasets import publish_once
+        from ctscan.errors import CTScanError
+
+        name = os.environ.get("CTSCAN_SEED_DATASET_NAME") or "ucsd-covid-ct"
+        try:
+            version, published = publish_once(dataset, datasets_url, name)
+        except CTScanError as exc:
+            print(f"seed: publishing the dataset from {dataset} failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"seed: dataset {name} version {version} {'published' if published else 'already published'} "
+              f"in {datasets_url}")
         if ctscan_main(["models", "export-onnx", "--store", store, "--data", str(dataset)]):
             # Only a speed-up: inference serves those versions with TensorFlow and says why.
             print("seed: some ONNX copies could not be made; see above", file=sys.stderr)

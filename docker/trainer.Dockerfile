@@ -12,10 +12,17 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Dependencies first (pins come from pyproject.toml), so code changes reuse these layers.
+COPY pyproject.toml requirements.lock ./
 COPY docker/requirements.py docker/requirements.py
-RUN python docker/requirements.py --variant cpu pyproject.toml > requirements.txt \
-    && pip install --requirement requirements.txt
+# The ML stack (TensorFlow, ONNX) first, in a layer that the inference and trainer images
+# share: the same steps give the same cached layer, so it is built once. Transitive pins
+# come from requirements.lock.
+RUN python docker/requirements.py --variant cpu --extra ml pyproject.toml > ml.txt \
+    && pip install --constraint requirements.lock --requirement ml.txt
+RUN python docker/requirements.py --variant cpu --extra trainer pyproject.toml > requirements.txt \
+    && pip install --constraint requirements.lock --requirement requirements.txt
+COPY README.md ./
 COPY ctscan ctscan
 COPY services services
 RUN pip install --no-deps .

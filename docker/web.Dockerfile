@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# Web front end (Flask, port 8080): upload form and result pages; calls INFERENCE_URL.
+# Web front end (Flask, port 8080): upload form, result pages and the admins' console; calls
+# INFERENCE_URL and queues training jobs on the trainer's broker. No TensorFlow in this image.
 # Build from the repository root:  docker build -f docker/web.Dockerfile -t ctscan-web:0.1.0 .
 
 # --- builder: a virtualenv with the pinned dependencies, then the project ---------------
@@ -11,10 +12,14 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # Dependencies first (pins come from pyproject.toml), so code changes reuse this layer.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml requirements.lock ./
 COPY docker/requirements.py docker/requirements.py
-RUN python docker/requirements.py --variant cpu pyproject.toml > requirements.txt \
-    && pip install --requirement requirements.txt
+# The `web` extra only: Flask, the inference client, and the Celery/Redis clients that queue
+# training jobs. No TensorFlow or ONNX (the page holds no model). Transitive pins come from
+# requirements.lock.
+RUN python docker/requirements.py --variant cpu --extra web pyproject.toml > requirements.txt \
+    && pip install --constraint requirements.lock --requirement requirements.txt
+COPY README.md ./
 COPY ctscan ctscan
 COPY services services
 RUN pip install --no-deps .
@@ -31,7 +36,6 @@ COPY docker/healthcheck.py /opt/ctscan/healthcheck.py
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    TF_CPP_MIN_LOG_LEVEL=2 \
     INFERENCE_URL=http://inference:8000
 WORKDIR /home/ctscan
 USER 10001:10001

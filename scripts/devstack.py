@@ -9,14 +9,22 @@
 Broker, in order: a Redis already answering at REDIS_URL; else a `redis-server` started here
 (when installed and REDIS_URL points at this machine), stopped with the stack; else the
 embedded fallback, Celery's `filesystem://` transport in <var>/broker (no server at all; one
-machine only, for trying things out).
+machine only, for trying things out). Without REDIS_URL the stack uses database
+DEVSTACK_REDIS_DB (default 1) of the machine's Redis, never database 0 that other programs
+share, and a queue named after this checkout's var folder.
+
+The local data set (CTSCAN_DATA_DIR) is published once as a dataset version, so the admin
+console can queue a training job at once.
 
 Environment (all optional):
     DEVSTACK_VAR_DIR     folder for logs, pid file, dev secrets, broker files (default var/)
     DEVSTACK_HOST        interface to listen on (default 127.0.0.1)
     INFERENCE_PORT       default 8000          WEB_PORT       default 8080
     DEVSTACK_TIMEOUT     seconds to wait for the services to become healthy (default 900)
-    REDIS_URL            default redis://127.0.0.1:6379/0
+    REDIS_URL            default redis://127.0.0.1:6379/<DEVSTACK_REDIS_DB> (DEVSTACK_REDIS_DB default 1)
+    CTSCAN_TRAINER_QUEUE default ctscan-devstack-<hash of the var folder>
+    CTSCAN_DATA_DIR      the data set published for training jobs (default ../shared/data/ucsd-covid-ct)
+    CTSCAN_DATASETS_URL  where it is published (default <var>/datasets)
     CTSCAN_MODEL_STORE   default <var>/model-store, seeded from models/ (CTSCAN_RELEASE_DIR)
     CTSCAN_DATASETS_URL, CTSCAN_TRAINER_WORK_DIR, CTSCAN_BROKER_DIR
                          default <var>/datasets, <var>/trainer, <var>/broker
@@ -28,6 +36,7 @@ Environment (all optional):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import secrets
@@ -48,6 +57,9 @@ from urllib.parse import urlparse
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 SECRET_NAMES = ("WEB_SECRET_KEY", "WEB_ADMIN_PASSWORD", "CTSCAN_ADMIN_TOKEN")
+# The machine's Redis database for `make up` when REDIS_URL is not given: not 0, which every
+# program that does not choose one shares.
+DEFAULT_REDIS_DB = 1
 STOP_GRACE_S = 20.0
 
 
@@ -248,11 +260,18 @@ class Broker:
     child: Child | None = None
 
 
+def stack_queue(layout: Layout) -> str:
+    """A queue of this checkout's own, so two stacks on one Redis never take each other's jobs."""
+    return "ctscan-devstack-" + hashlib.sha256(str(layout.var_dir).encode()).hexdigest()[:8]
+
+
 def choose_broker(layout: Layout, env: dict[str, str]) -> Broker:
-    redis_url = env.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    redis_db = int(env.get("DEVSTACK_REDIS_DB") or DEFAULT_REDIS_DB)
+    redis_url = env.get("REDIS_URL") or f"redis://127.0.0.1:6379/{redis_db}"
+    queue = env.get("CTSCAN_TRAINER_QUEUE") or stack_queue(layout)
     if redis_answers(redis_url):
-        say(f"broker: Redis answering at {redis_url}")
-        return Broker("redis", {"REDIS_URL": redis_url})
+        say(f"broker: Redis answering at {redis_url}, queue {queue}")
+        return Broker("redis", {"REDIS_URL": redis_url, "CTSCAN_TRAINER_QUEUE": queue})
     parsed = urlparse(redis_url)
     server = shutil.which("redis-server")
     if parsed.scheme == "redis" and (parsed.hostname or "127.0.0.1") in LOCAL_HOSTS and server:
@@ -269,13 +288,14 @@ def choose_broker(layout: Layout, env: dict[str, str]) -> Broker:
                 raise DevstackError(f"redis-server on port {port} did not start; log:\n{child.log_tail()}")
             time.sleep(0.2)
         say(f"broker: started redis-server at {redis_url} (log {child.log_path})")
-        return Broker("redis-server", {"REDIS_URL": redis_url}, child)
+        return Broker("redis-server", {"REDIS_URL": redis_url, "CTSCAN_TRAINER_QUEUE": queue}, child)
     folder = layout.var_dir / "broker"
     for sub in ("queue", "processed", "control"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     say(f"broker: no Redis at {redis_url} and no redis-server installed; using the embedded "
         f"filesystem:// broker in {folder} (one machine only)")
     return Broker("filesystem", {
+        "CTSCAN_TRAINER_QUEUE": queue,
         "CELERY_BROKER_URL": "filesystem://",
         "CTSCAN_BROKER_DIR": str(folder),
         "CELERY_RESULT_BACKEND": f"file://{layout.var_dir / 'celery-results'}",
@@ -292,8 +312,11 @@ def seed_store(env: dict[str, str]) -> None:
         if done.returncode != 0:
             raise DevstackError(f"seeding {store} from {release} failed:\n{done.stderr.strip()}")
         result = json.loads(done.stdout or "{}")
-        say(f"model store {store}: copied {len(result.get('copied', []))} release version(s), "
-            f"kept {len(result.get('kept', []))}")
+        copied, kept = len(result.get("copied", [])), len(result.get("kept", []))
+        if copied:
+            say(f"model store {store}: seeded with the shipped release from {release} ({copied} model version(s))")
+        else:
+            say(f"model store {store}: holds the shipped release ({kept} model version(s))")
         return
     from ctscan.store import open_store
 
@@ -301,6 +324,29 @@ def seed_store(env: dict[str, str]) -> None:
         raise DevstackError(f"no release in {release} and no models in {store}: train one first "
                             f"(scripts/train_release.sh) or set CTSCAN_MODEL_STORE to a store with models")
     say(f"model store {store} (no release folder at {release}; using the store as it is)")
+
+
+# --- dataset ------------------------------------------------------------------------------
+def publish_dataset(env: dict[str, str]) -> None:
+    """Publish the local data set once, so the console's queue form has a version to offer."""
+    from ctscan.datasets import publish_once
+    from ctscan.errors import CTScanError
+    from ctscan.settings import get_core_settings
+
+    data_dir = Path(env.get("CTSCAN_DATA_DIR") or get_core_settings().data_dir)
+    datasets_url = env["CTSCAN_DATASETS_URL"]
+    name = env.get("WEB_DEFAULT_DATASET") or "ucsd-covid-ct"
+    if not (data_dir / "split.csv").is_file():
+        say(f"no data set at {data_dir} (CTSCAN_DATA_DIR), so none is published: training jobs need "
+            f"one (`ctscan data upload DIR {datasets_url}/{name}`)")
+        return
+    try:
+        version, published = publish_once(data_dir, datasets_url, name)
+    except CTScanError as exc:
+        raise DevstackError(f"publishing the data set {data_dir} to {datasets_url} failed: {exc}") from None
+    state = "published" if published else "already published"
+    say(f"dataset {name} version {version} {state} in {datasets_url} (from {data_dir}); "
+        "the admin console offers it for training jobs")
 
 
 # --- health -------------------------------------------------------------------------------
@@ -405,6 +451,7 @@ def cmd_up(layout: Layout) -> int:
     status = 0
     try:
         seed_store(env)
+        publish_dataset(env)
         broker = choose_broker(layout, env)
         env.update(broker.env)
         if broker.child:
@@ -428,7 +475,8 @@ def cmd_up(layout: Layout) -> int:
         say("ready:")
         say(f"  web UI         {layout.url(layout.web_port)}/")
         say(f"  inference API  {layout.url(layout.inference_port)}/docs  (POST /predict)")
-        say(f"  admin password WEB_ADMIN_PASSWORD in {layout.secrets_file}")
+        say(f"  admin console  {layout.url(layout.web_port)}/admin  (password: WEB_ADMIN_PASSWORD in "
+            f"{layout.secrets_file})")
         say("Ctrl-C (or `make down`) stops everything")
         while not stop_requested:
             dead = [name for name, child in children.items() if not child.running()]

@@ -14,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ctscan import DISCLAIMER
 from ctscan.settings import InferenceSettings, get_inference_settings
 from ctscan.store import open_store
+from services.inference.docs import install_offline_docs
 from services.inference.errors import error_response, install_error_handlers
 from services.inference.metrics import InferenceMetrics
 from services.inference.registry import ModelRegistry
@@ -94,7 +95,10 @@ def create_app(settings: InferenceSettings | None = None) -> FastAPI:
         version="1.0",
         description=f"COVID-19 chest-CT classification. {DISCLAIMER}",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc come from local files (works offline): see docs.py
+        redoc_url=None,
     )
+    install_offline_docs(app)
     app.state.settings = settings
     app.state.metrics = metrics
     install_error_handlers(app)

@@ -92,6 +92,7 @@ def run_job(
         else:
             card = _train(record, records=records, store=store, checkpoints=checkpoints,
                           settings=settings, on_progress=on_progress)
+        gate = promotion_gate(store, record.model, job_id, card, settings.promotion_metric)
         promoted = promote_if_better(store, record.model, job_id, card, metric=settings.promotion_metric,
                                      source=f"trained by job {job_id}")
     except _Cancelled:
@@ -105,6 +106,7 @@ def run_job(
     record.result_version = job_id
     record.promoted = promoted
     record.metrics = {k: val.get(k) for k in ("auc", "accuracy", "f1", "threshold")}
+    record.promotion = gate
     finished = _finish(records, record, "succeeded")
     try:
         checkpoints.discard()  # the model version now holds the result
@@ -197,3 +199,19 @@ def _train(
         verification_images=pick_verification_images(val_x, val_y),
         verified_on=f"val split of dataset {record.dataset}@{record.dataset_version}", version=job_id)
     return saved
+
+
+def promotion_gate(store: Any, name: str, version: str, card: ModelCard, metric: str) -> dict[str, Any]:
+    """The numbers the promotion gate compares (val `metric` of this run and of the production
+    version before it), kept in the job record so the console can say why a run was not promoted."""
+    production = store.production(name)
+    if production == version:  # redelivered after it was promoted: nothing was compared this time
+        production = None
+    production_value = None
+    if production is not None:
+        try:
+            production_value = store.card(name, production).val_metric(metric)
+        except CTScanError:
+            production_value = None
+    return {"metric": metric, "split": "val", "candidate": card.val_metric(metric),
+            "production_version": production, "production": production_value}

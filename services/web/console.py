@@ -6,6 +6,7 @@ promotion and rollback go through the core model store.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
@@ -73,15 +74,81 @@ def published_dataset_versions(*, datasets_url: str, dataset: str) -> list[str]:
         return []
 
 
-def job_summary(job: JobRecord) -> dict[str, Any]:
-    """A job record plus what the page shows: last epoch and the share of epochs done."""
-    last = job.progress[-1] if job.progress else None
-    total = (last.total_epochs if last else 0) or job.epochs or 0
-    done = last.epoch if last else 0
-    if job.state == "succeeded" and total:
+# What the trainer and the core say in command-line words, said in the words of the queue form.
+FORM_WORDS: tuple[tuple[str, str], ...] = (
+    (r"use --init none \(random initialisation\) or --init PATH with a local backbone weights file",
+     'choose "None (from scratch)" under Initial weights'),
+    (r"--init none\b", 'Initial weights "None (from scratch)"'),
+    (r"--init imagenet\b", 'Initial weights "ImageNet weights"'),
+    (r"--init\b", "Initial weights"),
+    (r"--input-size\b|\binput_size\b", "Input size"),
+    (r"--epochs\b|^epochs\b", "Epochs"),
+    (r"--batch-size\b|\bbatch_size\b", "Batch size"),
+    (r"--learning-rate\b|\blearning_rate\b", "Learning rate"),
+    (r"--dataset-version\b|\bdataset_version\b", "Dataset version"),
+    (r"; publish it with `ctscan data upload`",
+     "; choose one of the published versions (`make up` and the compose seed job publish the local data set)"),
+    (r"\s*\(see `ctscan data upload`\)", ""),
+)
+METRIC_LABELS = {"auc": "AUC", "f1": "F1"}  # the others read as they are named
+
+
+def form_words(message: str | None) -> str | None:
+    """An error from the trainer or the core as the console's form names things (the
+    console has fields, not command-line flags)."""
+    if not message:
+        return message
+    for pattern, replacement in FORM_WORDS:
+        message = re.sub(pattern, replacement, message)
+    return message
+
+
+def input_size_problem(*, model: str, input_size: int | None) -> str | None:
+    """Why this input size cannot work for this model, in the form's words; None if it can."""
+    from ctscan.errors import ModelError
+    from ctscan.models import get_spec  # no TensorFlow: the specs are plain data
+
+    try:
+        spec = get_spec(model)
+    except ModelError as exc:
+        return str(exc)
+    if input_size is not None and input_size < spec.min_input_size:
+        return f"Input size: {model} needs at least {spec.min_input_size} pixels, got {input_size}."
+    return None
+
+
+def promotion_note(job: dict[str, Any]) -> str | None:
+    """Why a finished job's model is not serving, with the numbers the gate compared."""
+    if job.get("state") != "succeeded" or job.get("promoted") is not False:
+        return None
+    gate = job.get("promotion") or {}
+    metric = str(gate.get("metric") or "auc")
+    label = METRIC_LABELS.get(metric, metric)
+    candidate = gate.get("candidate", (job.get("metrics") or {}).get(metric))
+    production = gate.get("production")
+    if candidate is None or production is None:
+        return (f"Not promoted: it did not beat the production model on val {label}. "
+                "Promote it in the model table below to serve it anyway.")
+    return (f"Not promoted: val {label} {candidate:.3f} does not beat production "
+            f"{gate.get('production_version') or ''} (val {label} {production:.3f}). "
+            "Promote it in the model table below to serve it anyway.")
+
+
+def job_summary(record: JobRecord | dict[str, Any]) -> dict[str, Any]:
+    """A job record plus what the page shows: last epoch, the share of epochs done, the
+    finished run's metrics (those of the model version it saved, as the model table shows
+    them), why it was not promoted, and its error in the form's words."""
+    job = record.model_dump() if isinstance(record, JobRecord) else dict(record)
+    progress = list(job.get("progress") or [])
+    last = progress[-1] if progress else None
+    total = int((last or {}).get("total_epochs") or job.get("epochs") or 0)
+    done = int((last or {}).get("epoch") or 0)
+    if job.get("state") == "succeeded" and total:
         done = total
-    return {**job.model_dump(), "last_epoch": last.model_dump() if last else None, "epochs_done": done,
-            "epochs_total": total, "active": job.state in ACTIVE_STATES}
+    result_metrics = job.get("metrics") if job.get("state") == "succeeded" else None
+    return {**job, "last_epoch": last, "epochs_done": done, "epochs_total": total,
+            "active": job.get("state") in ACTIVE_STATES, "result_metrics": result_metrics or None,
+            "promotion_note": promotion_note(job), "error_text": form_words(job.get("error"))}
 
 
 def model_overview(store: ModelStore) -> list[dict[str, Any]]:

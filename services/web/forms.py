@@ -34,6 +34,8 @@ def model_labels() -> dict[str, str]:
             **{name: spec.label for name, spec in ARCHITECTURES.items()}}
 
 
+# Small enough for a few minutes per epoch on two CPU cores (InceptionV3 needs at least 75).
+DEFAULT_INPUT_SIZE = 64
 _SAFE_NAME = Regexp(r"^[A-Za-z0-9._-]+$", message="Use letters, digits, dots, dashes or underscores.")
 
 
@@ -53,17 +55,21 @@ class LoginForm(FlaskForm):
 
 
 class QueueJobForm(FlaskForm):
+    # Defaults that finish on a CPU-only machine without internet: MobileNetV2 (the fastest),
+    # random initialisation (ImageNet weights need a download) and a small input size.
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         labels = model_labels()
         self.model.choices = [SelectChoice(n, labels[n]) for n in architecture_names()]
 
-    model = SelectField("Model")
+    model = SelectField("Model", default="mobilenetv2")
     dataset = StringField("Dataset", validators=[DataRequired(), Length(max=100), _SAFE_NAME])
     dataset_version = StringField("Dataset version", validators=[DataRequired(), Length(max=100), _SAFE_NAME])
     init = SelectField("Initial weights", choices=[SelectChoice("imagenet", "ImageNet weights"),
-                                                   SelectChoice("none", "None (from scratch)")], default="imagenet")
-    epochs = IntegerField("Epochs", default=10, validators=[DataRequired(), NumberRange(min=1, max=200)])
+                                                   SelectChoice("none", "None (from scratch)")], default="none")
+    input_size = IntegerField("Input size (pixels)", default=DEFAULT_INPUT_SIZE,
+                              validators=[Optional(), NumberRange(min=32, max=512)])
+    epochs = IntegerField("Epochs", default=5, validators=[DataRequired(), NumberRange(min=1, max=200)])
     batch_size = IntegerField("Batch size", default=16, validators=[Optional(), NumberRange(min=1, max=256)])
     learning_rate = FloatField("Learning rate", default=0.001,
                                validators=[Optional(), NumberRange(min=1e-7, max=1.0)])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+from types import FrameType
 
 from pydantic import ValidationError
 
@@ -25,6 +27,15 @@ def cli_serve(args: argparse.Namespace) -> None:
     serve(host=args.host, port=args.port or DEFAULT_PORT)
 
 
+def _stop_on_sigterm(signum: int, _frame: FrameType | None) -> None:
+    # `docker stop` and Kubernetes send SIGTERM. As a container's PID 1 the process has no
+    # default action for it (the kernel drops the signal and the engine kills it 10 s later),
+    # so turn it into what waitress does on Ctrl-C: stop accepting, let the requests in
+    # flight finish (up to 5 s), exit 0.
+    log.info("%s received: stopping the web service", signal.Signals(signum).name)
+    raise SystemExit(0)
+
+
 def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # Settings are read (and secrets checked) here, so a bad configuration stops the start.
@@ -39,5 +50,7 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
         log.warning("waitress is not installed; using Flask's development server")
         app.run(host=host, port=port, debug=False, use_reloader=False)
         return
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     log.info("web service on http://%s:%d (waitress)", host, port)
     waitress_serve(app, host=host, port=port, threads=8, ident="ctscan-web")
+    log.info("web service stopped")

@@ -32,6 +32,8 @@ from services.web.app import services
 from services.web.console import (
     QUEUE_ERRORS,
     STORE_ERRORS,
+    form_words,
+    input_size_problem,
     job_summary,
     model_overview,
     published_dataset_versions,
@@ -236,7 +238,13 @@ def queue_job() -> RouteResult:
     if token is None:
         flash("Queueing is not configured: CTSCAN_ADMIN_TOKEN is not set for the web service.", "error")
         return redirect(url_for("admin.console"))
+    problem = input_size_problem(model=form.model.data, input_size=form.input_size.data)
+    if problem:
+        flash(f"The job was not queued. {problem}", "error")
+        return redirect(url_for("admin.console"))
     hyperparameters: dict[str, Any] = {}
+    if form.input_size.data:
+        hyperparameters["input_size"] = form.input_size.data
     if form.batch_size.data:
         hyperparameters["batch_size"] = form.batch_size.data
     if form.learning_rate.data:
@@ -246,7 +254,7 @@ def queue_job() -> RouteResult:
             model=form.model.data, dataset=form.dataset.data, dataset_version=form.dataset_version.data,
             init=form.init.data, epochs=form.epochs.data, hyperparameters=hyperparameters, admin_token=token)
     except CTScanError as exc:
-        flash(f"The job was not queued: {exc}", "error")
+        flash(f"The job was not queued: {form_words(str(exc))}", "error")
     except QUEUE_ERRORS as exc:
         log.warning("queueing a job failed: %s", type(exc).__name__)
         flash("The job was not queued: the training queue cannot be reached right now.", "error")

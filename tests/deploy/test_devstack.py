@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from harness import free_port
+from harness import CHROMIUM_ARGS, chromium_executable, free_port
 
 from ctscan import DISCLAIMER
 
@@ -60,10 +60,58 @@ def test_broker_falls_back_to_the_filesystem_transport(tmp_path: Path, monkeypat
     assert Path(broker.env["CTSCAN_BROKER_DIR"]).is_dir()
 
 
+def test_the_machines_redis_is_used_in_a_database_and_queue_of_the_stacks_own(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    devstack = load_devstack()
+    monkeypatch.setenv("DEVSTACK_VAR_DIR", str(tmp_path))
+    asked: list[str] = []
+    monkeypatch.setattr(devstack, "redis_answers", lambda url, timeout_s=1.0: asked.append(url) or True)
+    layout = devstack.Layout.from_env()
+    broker = devstack.choose_broker(layout, {})
+    assert asked == ["redis://127.0.0.1:6379/1"] and broker.kind == "redis"
+    assert broker.env["REDIS_URL"] == "redis://127.0.0.1:6379/1"  # not database 0, which everyone shares
+    queue = broker.env["CTSCAN_TRAINER_QUEUE"]
+    assert queue.startswith("ctscan-devstack-") and queue != "training"
+    other = devstack.Layout(var_dir=tmp_path / "other", host="127.0.0.1", inference_port=1, web_port=2,
+                            timeout_s=1)
+    assert devstack.choose_broker(other, {}).env["CTSCAN_TRAINER_QUEUE"] != queue  # another checkout's
+    # What the user chose stays.
+    chosen = devstack.choose_broker(layout, {"REDIS_URL": "redis://127.0.0.1:6379/7", "CTSCAN_TRAINER_QUEUE": "mine"})
+    assert chosen.env == {"REDIS_URL": "redis://127.0.0.1:6379/7", "CTSCAN_TRAINER_QUEUE": "mine"}
+
+
+def test_first_start_says_the_store_was_seeded_and_the_data_set_published(
+        tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ctscan.datasets import list_dataset_versions
+
+    devstack = load_devstack()
+    env = {**os.environ, "CTSCAN_MODEL_STORE": str(tmp_path / "store"), "CTSCAN_DATA_DIR": str(data_dir),
+           "CTSCAN_DATASETS_URL": str(tmp_path / "datasets")}
+    devstack.seed_store(env)
+    devstack.publish_dataset(env)
+    first = capsys.readouterr().out
+    devstack.seed_store(env)
+    devstack.publish_dataset(env)
+    second = capsys.readouterr().out
+    versions = list_dataset_versions(str(tmp_path / "datasets"), "ucsd-covid-ct")
+    assert len(versions) == 1
+    assert "seeded with the shipped release" in first and f"version {versions[0]} published" in first
+    assert "holds the shipped release (3 model version(s))" in second
+    assert f"version {versions[0]} already published" in second
+    assert "copied 0" not in first + second
+
+
 def test_down_without_a_stack_says_so(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(DEVSTACK), "down"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "DEVSTACK_VAR_DIR": str(tmp_path)}, check=False)
     assert done.returncode == 0 and "no stack running" in done.stdout
+
+
+def devstack_secret(var_dir: Path, name: str) -> str:
+    for line in (var_dir / "dev-secrets.env").read_text().splitlines():
+        if line.startswith(name + "="):
+            return line.split("=", 1)[1]
+    raise AssertionError(f"{name} not in {var_dir / 'dev-secrets.env'}")
 
 
 def csrf_token(page: str) -> str:
@@ -81,10 +129,42 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
+JOB_TIMEOUT_S = 900  # one epoch at the console's default input size on two shared cores
+
+
+def queue_a_job_with_the_console_defaults(web_url: str, password: str) -> tuple[str, str]:
+    """Log in, queue a one-epoch job with the form as it comes, wait for it: (job id, its row)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_executable(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(120_000)
+            page.goto(web_url + "/admin")
+            page.fill("#password", password)
+            page.click("button[type=submit]")
+            page.wait_for_selector("#queue-form")
+            assert page.input_value("#job-dataset_version"), "no published dataset version is offered"
+            page.fill("#job-epochs", "1")
+            page.click("#queue-form button[type=submit]")
+            page.wait_for_selector(".alert-success, .alert-error")
+            message = page.inner_text(".alert-success, .alert-error")
+            assert message.startswith("Queued job "), message
+            job_id = message.split()[2]
+            row = f'tr[data-job-id="{job_id}"]'
+            # The page polls its jobs table while the job is queued or running.
+            page.wait_for_selector(f"{row} .badge-succeeded, {row} .badge-failed, {row} .badge-cancelled",
+                                   timeout=JOB_TIMEOUT_S * 1000)
+            return job_id, page.inner_text(row)
+        finally:
+            browser.close()
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(START_TIMEOUT_S + 300)
+@pytest.mark.timeout(START_TIMEOUT_S + JOB_TIMEOUT_S + 300)
 def test_make_up_serves_a_real_ct_image_and_stops_cleanly(
-    tmp_path: Path, real_ct_images: dict[str, Path], request: pytest.FixtureRequest
+    tmp_path: Path, real_ct_images: dict[str, Path], data_dir: Path, request: pytest.FixtureRequest
 ) -> None:
     for service in ("inference", "web", "trainer"):
         if not (REPO_ROOT / "services" / service / "main.py").is_file():
@@ -100,6 +180,7 @@ def test_make_up_serves_a_real_ct_image_and_stops_cleanly(
         "DEVSTACK_TIMEOUT": str(START_TIMEOUT_S),
         "CTSCAN_TRAINER_WORK_DIR": str(tmp_path / "trainer"),
         "CTSCAN_DATASETS_URL": str(tmp_path / "datasets"),
+        "CTSCAN_DATA_DIR": str(data_dir),  # published for training jobs
     })
     release = REPO_ROOT / "models"
     if release.is_dir() and any(release.iterdir()):
@@ -148,6 +229,14 @@ def test_make_up_serves_a_real_ct_image_and_stops_cleanly(
         text = html.unescape(result.text)
         assert re.search(r'class="verdict-label">\s*(COVID|non-COVID)\s*<', text), "no verdict on the result page"
         assert "Not a diagnosis." in text and DISCLAIMER in text
+
+        # The console right after `make up`, no manual step: the local data set is published
+        # and a job queued with the form's defaults is trained by the stack's own worker.
+        assert re.search(r"devstack: dataset ucsd-covid-ct version \S+ published in ", log), log
+        password = devstack_secret(var_dir, "WEB_ADMIN_PASSWORD")
+        job_id, row = queue_a_job_with_the_console_defaults(f"http://127.0.0.1:{web_port}", password)
+        assert job_id in row and "succeeded" in row and "mobilenetv2" in row and "init none" in row, row
+        assert re.search(r"AUC [0-9.]+", row), row
     finally:
         down = subprocess.run([sys.executable, str(DEVSTACK), "down"], cwd=REPO_ROOT, env=env,
                               capture_output=True, text=True, timeout=180, check=False)

@@ -96,24 +96,61 @@ def test_cmd_is_a_ctscan_serve_entry_point(name: str, check_serve_command) -> No
         assert f":{args.port}/" in steps["HEALTHCHECK"], f"{name}: HEALTHCHECK probes another port"
 
 
+def requirements_of(variant: str, *extras: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, str(DOCKER_DIR / "requirements.py"), "--variant", variant,
+         *(arg for extra in extras for arg in ("--extra", extra)), str(REPO_ROOT / "pyproject.toml")],
+        capture_output=True, text=True, check=True, timeout=60,
+    )
+    return done.stdout.split()
+
+
+def names_of(pins: list[str]) -> set[str]:
+    return {re.split(r"[\[=<>]", pin)[0].lower() for pin in pins}
+
+
 def test_requirements_come_from_pyproject_pins() -> None:
     import tomllib
 
-    pins = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-
-    def run(variant: str) -> list[str]:
-        done = subprocess.run(
-            [sys.executable, str(DOCKER_DIR / "requirements.py"), "--variant", variant,
-             str(REPO_ROOT / "pyproject.toml")],
-            capture_output=True, text=True, check=True, timeout=60,
-        )
-        return done.stdout.split()
-
-    assert run("cpu") == [pin.replace(" ", "") for pin in pins]
-    cuda = run("cuda")
-    tensorflow = next(pin for pin in pins if pin.startswith("tensorflow-cpu=="))
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    core = [pin.replace(" ", "") for pin in project["dependencies"]]
+    optional = project["optional-dependencies"]
+    assert requirements_of("cpu") == core
+    inference = requirements_of("cpu", "inference")
+    assert inference[:len(core)] == core
+    own = [pin.replace(" ", "") for pin in optional["ml"] + optional["inference"] if not pin.startswith("ctscan[")]
+    assert inference[len(core):] == own
+    tensorflow = next(pin for pin in optional["ml"] if pin.startswith("tensorflow-cpu=="))
+    cuda = requirements_of("cuda", "trainer", "inference")
     assert f"tensorflow[and-cuda]=={tensorflow.split('==')[1]}" in cuda
     assert not any(pin.startswith("tensorflow-cpu") for pin in cuda)
+    assert len(cuda) == len(set(cuda))  # shared pins (ml, celery) once
+
+
+ML_STACK = {"tensorflow-cpu", "tensorflow", "keras", "onnxruntime", "onnx", "tf2onnx"}
+
+
+@pytest.mark.parametrize(("name", "extra", "has_ml"), [
+    ("web.Dockerfile", "web", False), ("inference.Dockerfile", "inference", True),
+    ("trainer.Dockerfile", "trainer", True)])
+def test_each_image_installs_its_own_extra(name: str, extra: str, has_ml: bool) -> None:
+    steps = instructions(DOCKER_DIR / name)
+    installs = [args for keyword, args in steps if keyword == "RUN" and "docker/requirements.py" in args]
+    assert any(f"--extra {extra} " in args for args in installs), f"{name} does not install the {extra} extra"
+    assert all("--constraint requirements.lock" in args for args in installs), f"{name}: transitive pins"
+    assert bool(names_of(requirements_of("cpu", extra)) & ML_STACK) == has_ml
+    assert "flask" in names_of(requirements_of("cpu", extra)) or extra != "web"
+
+
+def test_inference_and_trainer_share_the_ml_layer() -> None:
+    """Same steps up to the ML stack's install: the second image reuses the first one's layer
+    (TensorFlow is downloaded and installed once per build, not once per image)."""
+    def until_ml(name: str) -> list[tuple[str, str]]:
+        steps = instructions(DOCKER_DIR / name)
+        end = next(i for i, (keyword, args) in enumerate(steps) if keyword == "RUN" and "--extra ml" in args)
+        return steps[:end + 1]
+
+    assert until_ml("inference.Dockerfile") == until_ml("trainer.Dockerfile")
 
 
 def test_dockerignore_keeps_secrets_and_weights_out() -> None:

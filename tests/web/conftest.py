@@ -15,7 +15,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import ServiceProcess, free_port, start_service_process, stop_service_process
+from harness import ServiceProcess, chromium_executable, free_port, start_service_process, stop_service_process
 
 from ctscan import DISCLAIMER
 from ctscan.schemas import MemberPrediction, Prediction, Timings
@@ -245,7 +244,4 @@ def web_service(inference_service: Service, tiny_model_store: Path, published_da
 
 @pytest.fixture(scope="session")
 def chromium_path() -> str:
-    path = shutil.which("chromium") or "/usr/bin/chromium"
-    if not Path(path).is_file():
-        pytest.fail("Debian's chromium is missing: apt-get install -y chromium")
-    return path
+    return chromium_executable()

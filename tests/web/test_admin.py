@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from ctscan.records import JobProgress
+from ctscan.records import JobProgress, JobRecord
 from ctscan.store import ModelStore, open_store
 from services.web.app import create_app
 from services.web.console import ConsoleUnavailableError
@@ -78,8 +78,9 @@ def console_token(client: FlaskClient) -> str:
 
 
 def queue_form(token: str, **overrides: Any) -> dict[str, Any]:
-    form = {"csrf_token": token, "model": "mobilenetv2", "init": "none", "dataset": "ucsd-covid-ct",
-            "dataset_version": "web-test", "epochs": "3", "batch_size": "8", "learning_rate": "0.001"}
+    form = {"csrf_token": token, "model": "mobilenetv2", "init": "none", "input_size": "64",
+            "dataset": "ucsd-covid-ct", "dataset_version": "web-test", "epochs": "3", "batch_size": "8",
+            "learning_rate": "0.001"}
     form.update(overrides)
     return form
 
@@ -166,7 +167,7 @@ def test_queue_job_goes_to_the_trainer(client: FlaskClient, jobs_client: Any) ->
     job = jobs[0]
     assert (job.model, job.dataset, job.dataset_version, job.init, job.epochs) == \
         ("mobilenetv2", "ucsd-covid-ct", "web-test", "none", 3)
-    assert job.hyperparameters == {"batch_size": 8, "learning_rate": 0.001}
+    assert job.hyperparameters == {"input_size": 64, "batch_size": 8, "learning_rate": 0.001}
     assert f"Queued job {job.id}" in html
     assert job.id in html and "badge-queued" in html
 
@@ -187,6 +188,8 @@ def test_queue_job_form_errors_are_explained(client: FlaskClient, jobs_client: A
     html = client.post("/admin/jobs", data=queue_form(token, dataset_version="no-such-version"),
                        follow_redirects=True).get_data(as_text=True)
     assert "has no published version no-such-version" in html
+    # In the form's words: a version to choose, not a command to run.
+    assert "choose one of the published versions" in html and "ctscan data upload" not in html
     assert jobs_client.list_jobs() == []
 
 
@@ -300,3 +303,74 @@ def test_promote_without_csrf_token_is_refused(client: FlaskClient, store: Model
     response = client.post("/admin/models/mobilenetv2/promote", data={"version": "20260102T000000Z-aaaa"})
     assert response.status_code == 400
     assert store.production("mobilenetv2") == "20260101T000000Z-aaaa"
+
+
+# --- the first hour: defaults that work here, the form's words, one set of metrics per run ------
+def test_queue_form_defaults_work_on_a_cpu_machine_without_internet(
+        make_app: Callable[..., Any], published_datasets: tuple[str, str, str]) -> None:
+    client = make_app(datasets_url=published_datasets[0]).test_client()
+    login(client)
+    html = client.get("/admin").get_data(as_text=True)
+    form = html[html.index('id="queue-form"'):html.index("</form>", html.index('id="queue-form"'))]
+    assert re.search(r'<option selected value="mobilenetv2">|<option value="mobilenetv2" selected>', form)
+    assert re.search(r'<option selected value="none">|<option value="none" selected>', form)
+    assert re.search(r'id="job-input_size"[^>]*value="64"', form)
+    assert "Input size (pixels)" in form
+    assert "1 published" in form  # the note beside the dataset version
+    assert re.search(r'id="job-dataset_version"[^>]*value="web-test"', form)
+
+
+def test_an_input_size_too_small_for_the_model_is_refused_in_the_forms_words(client: FlaskClient,
+                                                                            jobs_client: Any) -> None:
+    login(client)
+    html = client.post("/admin/jobs", data=queue_form(console_token(client), model="inceptionv3", input_size="64"),
+                       follow_redirects=True).get_data(as_text=True)
+    assert "The job was not queued. Input size: inceptionv3 needs at least 75 pixels, got 64." in html
+    assert jobs_client.list_jobs() == []
+
+
+def test_a_failed_jobs_reason_is_given_in_the_forms_words(client: FlaskClient, jobs_client: Any) -> None:
+    login(client)
+    client.post("/admin/jobs", data=queue_form(console_token(client), init="imagenet"))
+    job = jobs_client.list_jobs()[0]
+    # What a worker without internet records for ImageNet weights (the core's message).
+    job = job.model_copy(update={"state": "failed", "error": (
+        "ImageNet weights could not be downloaded (URLError); use --init none "
+        "(random initialisation) or --init PATH with a local backbone weights file")})
+    jobs_client.records.save(job)
+    row = client.get("/admin/jobs/table").get_data(as_text=True)
+    row = row[row.index(f'data-job-id="{job.id}"'):]
+    assert 'choose &#34;None (from scratch)&#34; under Initial weights' in row
+    assert "--init" not in row
+
+
+def test_a_finished_run_shows_its_versions_metrics_and_why_it_was_not_promoted(
+        client: FlaskClient, jobs_client: Any, store: ModelStore) -> None:
+    login(client)
+    client.post("/admin/jobs", data=queue_form(console_token(client), epochs="1"))
+    job = jobs_client.list_jobs()[0]
+    # What the worker writes when its run (saved as version <job id>) loses to production.
+    store.save("mobilenetv2", weights=b"weights-new", version=job.id,
+               card={"architecture": "mobilenetv2", "input_size": 64, "init": "none", "epochs_run": 1,
+                     "threshold": 0.5, "metrics": {"val": {"accuracy": 0.517, "precision": 1.0, "recall": 0.05,
+                                                           "f1": 0.095, "auc": 0.484}}})
+    job = JobRecord.model_validate({**job.model_dump(), **dict(
+        state="succeeded", result_version=job.id, promoted=False, metrics={
+            "auc": 0.484, "accuracy": 0.517, "f1": 0.095, "threshold": 0.5},
+        progress=[{"epoch": 1, "total_epochs": 1, "loss": 0.7, "val_loss": 0.69, "val_auc": 0.55,
+                   "val_accuracy": 0.6, "seconds": 40}],
+        promotion={"metric": "auc", "split": "val", "candidate": 0.484,
+                   "production_version": "20260101T000000Z-aaaa", "production": 0.71})})
+    jobs_client.records.save(job)
+    html = client.get("/admin").get_data(as_text=True)
+    row = html[html.index(f'<tr data-job-id="{job.id}"'):]
+    row = row[:row.index("</tr>")]
+    assert ("Not promoted: val AUC 0.484 does not beat production 20260101T000000Z-aaaa (val AUC 0.710)."
+            in row)
+    # One set of metrics per run: the row shows the saved version's, as the model table does,
+    # not the last epoch's (val AUC 0.55 at epoch 1).
+    assert "AUC 0.484" in row and "acc 0.517" in row and "F1 0.095" in row and "0.55" not in row
+    table = html[html.index('id="model-mobilenetv2"'):]
+    version_row = table[table.index(f"<code>{job.id}</code>"):]
+    version_row = version_row[:version_row.index("</tr>")]
+    assert all(value in version_row for value in ("0.517", "0.095", "0.484"))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import CHROMIUM_ARGS
 
 from ctscan import DISCLAIMER
 
@@ -19,8 +20,6 @@ from .conftest import ADMIN_PASSWORD, TRAINER_TOKEN, Service, trainer_settings_f
 
 pytestmark = pytest.mark.timeout(900)
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +82,28 @@ def test_upload_a_real_ct_image_and_see_result_and_heatmap(page: Any, web_servic
     assert page.is_visible("#result-disclaimer")
     assert page.console_errors == []  # no CSP violations or script errors
     page.screenshot(path=str(artifacts_dir / "web-result.png"), full_page=True)
+
+
+def test_the_result_fits_a_390_px_phone_screen(browser: Any, web_service: Service, real_ct_images: dict[str, Path],
+                                               artifacts_dir: Path) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844}, device_scale_factor=1)
+    try:
+        page = context.new_page()
+        page.set_default_timeout(120_000)
+        page.goto(web_service.url + "/")
+        page.set_input_files("#file", str(pick_image(real_ct_images)))
+        page.select_option("#model", "ensemble")
+        page.click("#analyse-button")
+        page.wait_for_selector("#verdict")
+        # No sideways scrolling: nothing on the page is wider than the screen, the request id
+        # and the per-model table included.
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        for selector in ("#details", "#models-table", "#verdict", "#heatmap-image"):
+            box = page.locator(selector).bounding_box()
+            assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, selector
+        page.screenshot(path=str(artifacts_dir / "web-result-390.png"), full_page=True)
+    finally:
+        context.close()
 
 
 def test_drag_and_drop_upload(page: Any, web_service: Service, real_ct_images: dict[str, Path]) -> None:
