@@ -206,6 +206,10 @@ class WebSettings(Section):
     inference_read_timeout_s: float = Field(default=60.0, gt=0, validation_alias="WEB_INFERENCE_READ_TIMEOUT_S")
     inference_retries: int = Field(default=2, ge=0, le=5, validation_alias="WEB_INFERENCE_RETRIES")
     max_upload_mb: float = Field(default=20.0, gt=0, validation_alias="WEB_MAX_UPLOAD_MB")
+    # Whole studies (the /study page): all files together, and how long their analysis may take.
+    max_study_mb: float = Field(default=512.0, gt=0, validation_alias="WEB_MAX_STUDY_MB")
+    max_study_files: int = Field(default=1000, ge=1, le=5000, validation_alias="WEB_MAX_STUDY_FILES")
+    inference_study_timeout_s: float = Field(default=600.0, gt=0, validation_alias="WEB_INFERENCE_STUDY_TIMEOUT_S")
     # Defaults offered in the "queue a training job" form; an empty version means the newest
     # published one.
     default_dataset: str = Field(default="ucsd-covid-ct", validation_alias="WEB_DEFAULT_DATASET")
@@ -239,6 +243,10 @@ class WebSettings(Section):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_study_bytes(self) -> int:
+        return int(self.max_study_mb * 1024 * 1024)
 
 
 class TrainerSettings(Section):

@@ -86,7 +86,8 @@ def create_app(settings: WebSettings | None = None, *, inference: InferenceClien
     app = Flask(__name__, static_folder="static", template_folder="templates")
     app.config.update(
         SECRET_KEY=settings.secret_key.get_secret_value(),
-        MAX_CONTENT_LENGTH=settings.max_upload_bytes,
+        # The larger limit is the study page's; /predict checks its own (one slice).
+        MAX_CONTENT_LENGTH=max(settings.max_upload_bytes, settings.max_study_bytes),
         # Keep multipart parts in memory: uploads must never touch the disk.
         MAX_FORM_MEMORY_SIZE=settings.max_upload_bytes,
         SESSION_COOKIE_NAME="ctscan_session",
@@ -94,7 +95,7 @@ def create_app(settings: WebSettings | None = None, *, inference: InferenceClien
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=settings.session_cookie_secure,
         PERMANENT_SESSION_LIFETIME=timedelta(hours=settings.session_hours),
-        MAX_FORM_PARTS=50,
+        MAX_FORM_PARTS=settings.max_study_files + 10,  # a study's slices, and the form's fields
         WTF_CSRF_TIME_LIMIT=int(settings.session_hours * 3600),
     )
     CSRFProtect(app)
@@ -102,7 +103,8 @@ def create_app(settings: WebSettings | None = None, *, inference: InferenceClien
         settings=settings,
         inference=inference or InferenceClient(
             settings.inference_url, connect_timeout_s=settings.inference_connect_timeout_s,
-            read_timeout_s=settings.inference_read_timeout_s, retries=settings.inference_retries),
+            read_timeout_s=settings.inference_read_timeout_s, retries=settings.inference_retries,
+            study_timeout_s=settings.inference_study_timeout_s),
         jobs_client_factory=jobs_client_factory or default_jobs_client,
         store_factory=store_factory or default_store,
     )
@@ -115,6 +117,7 @@ def create_app(settings: WebSettings | None = None, *, inference: InferenceClien
     @app.context_processor
     def _globals() -> dict[str, Any]:
         return {"disclaimer": DISCLAIMER, "max_upload_mb": settings.max_upload_mb,
+                "max_study_mb": settings.max_study_mb, "max_study_files": settings.max_study_files,
                 "accept_formats": accept_attribute()}
 
     @app.after_request
@@ -152,6 +155,12 @@ def _register_error_pages(app: Flask) -> None:
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(_: RequestEntityTooLarge) -> tuple[Any, int]:
         limit = app.extensions["ctscan_web"].settings.max_upload_mb
+        if request.path == "/study":
+            from services.web.views import render_study
+
+            study_limit = app.extensions["ctscan_web"].settings.max_study_mb
+            return render_study(error=f"These files are larger than the {study_limit:g} MB limit for a "
+                                      "study (or too many). Please send one series.", status=413)
         if request.path == "/predict":
             from services.web.views import render_index
 

@@ -9,6 +9,7 @@ from wtforms import (  # type: ignore[import-untyped]
     FloatField,
     HiddenField,
     IntegerField,
+    MultipleFileField,
     PasswordField,
     SelectChoice,
     SelectField,
@@ -47,6 +48,17 @@ class PredictForm(FlaskForm):
     file = FileField("CT image", validators=[FileRequired("Please choose a CT image to upload.")])
     model = SelectField("Model", default="ensemble")
     explain = BooleanField("Show the Grad-CAM heatmap", default=True)
+
+
+class StudyForm(FlaskForm):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.model.choices = [SelectChoice(n, label) for n, label in model_labels().items()]
+
+    files = MultipleFileField("The slices of one series, or one ZIP of it",
+                              validators=[DataRequired("Please choose the slices of one series, or a ZIP of it.")])
+    model = SelectField("Model", default="ensemble")
+    explain = BooleanField("Show Grad-CAM heatmaps of the most suspicious slices", default=True)
 
 
 class LoginForm(FlaskForm):

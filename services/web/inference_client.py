@@ -16,7 +16,7 @@ from urllib3.util.retry import Retry
 
 from ctscan.errors import CTScanError
 from ctscan.models import ENSEMBLE, architecture_names
-from ctscan.schemas import ModelsResponse, Prediction
+from ctscan.schemas import ModelsResponse, Prediction, StudyPrediction
 
 
 class InferenceError(CTScanError):
@@ -44,9 +44,10 @@ class InferenceRejectedError(InferenceError):
 
 class InferenceClient:
     def __init__(self, base_url: str, *, connect_timeout_s: float = 3.0, read_timeout_s: float = 60.0,
-                 retries: int = 2) -> None:
+                 retries: int = 2, study_timeout_s: float = 600.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = (connect_timeout_s, read_timeout_s)
+        self.study_timeout = (connect_timeout_s, study_timeout_s)
         # Retry only what is safe and likely to pass on a second try: refused connections
         # and a service that says it is still loading (502/503/504). A slow read is not
         # retried: the clinician would wait twice the timeout for the same answer.
@@ -80,7 +81,7 @@ class InferenceClient:
             raise InferenceError("The analysis service could not be contacted.") from None
 
     @staticmethod
-    def _error_from(response: requests.Response) -> InferenceError:
+    def _error_from(response: requests.Response, *, study: bool = False) -> InferenceError:
         code, message = "error", ""
         try:
             body = response.json()
@@ -89,6 +90,9 @@ class InferenceClient:
         except (ValueError, KeyError, TypeError, AttributeError):
             pass
         status = response.status_code
+        if study and status in (413, 415, 422):  # the service names the slice or entry at fault
+            return InferenceRejectedError(f"This study could not be analysed: {message or code}.",
+                                          status=status, code=code)
         if status == 413:
             return InferenceRejectedError(
                 "This file is too large for the analysis service. Please send a single CT slice.",
@@ -124,6 +128,22 @@ class InferenceClient:
             return Prediction.model_validate(result)
         except ValidationError:
             raise InferenceError("The analysis service sent an incomplete answer.") from None
+
+    def predict_study(self, *, files: list[bytes], model: str = ENSEMBLE, explain: bool = True) -> StudyPrediction:
+        """A whole study: several slices, or one ZIP of a series (file names are not sent)."""
+        if model != ENSEMBLE and model not in architecture_names():
+            raise InferenceRejectedError(f"Unknown model {model!r}.", status=400, code="unknown_model")
+        response = self._request(
+            "POST", "/predict/study", timeout=self.study_timeout,
+            params={"model": model, "explain": "true" if explain else "false"},
+            files=[("file", (f"part{index}", data, "application/octet-stream")) for index, data in enumerate(files)],
+        )
+        if response.status_code != 200:
+            raise self._error_from(response, study=True)
+        try:
+            return StudyPrediction.model_validate(response.json())
+        except (ValueError, ValidationError):
+            raise InferenceError("The analysis service sent an answer that could not be read.") from None
 
     def models(self) -> ModelsResponse:
         response = self._request("GET", "/models", timeout=(self.timeout[0], 10.0))

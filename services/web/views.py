@@ -44,9 +44,11 @@ from services.web.forms import (
     PredictForm,
     PromoteForm,
     QueueJobForm,
+    StudyForm,
     model_labels,
 )
 from services.web.inference_client import InferenceError
+from services.web.study_view import probability_strip
 from services.web.uploads import check_upload, png_data_url, preview_data_url
 
 log = logging.getLogger("ctscan.web")
@@ -84,6 +86,10 @@ def predict() -> RouteResult:
     if not form.validate_on_submit():
         message = next(iter(form.file.errors or form.model.errors or ["Please check the form."]))
         return render_index(form=form, error=str(message), status=400)
+    if (request.content_length or 0) > services().settings.max_upload_bytes:
+        limit = services().settings.max_upload_mb
+        return render_index(form=form, error=f"This file is larger than the {limit:g} MB limit. Please "
+                                             "upload a single CT slice (PNG, JPEG or DICOM).", status=413)
     data = form.file.data.read()
     try:
         upload = check_upload(data=data)
@@ -105,6 +111,49 @@ def predict() -> RouteResult:
               "round_trip_ms": round_trip_ms, "source_format": upload.source_format,
               "explain_requested": bool(form.explain.data)}
     return render_index(form=form, result=result)
+
+
+def render_study(*, form: StudyForm | None = None, result: dict[str, Any] | None = None,
+                 error: str | None = None, status: int = 200) -> tuple[str, int]:
+    form = form or StudyForm(formdata=None)
+    return render_template("study.html", form=form, result=result, error=error,
+                           model_labels=model_labels()), status
+
+
+@clinic.get("/study")
+def study_page() -> RouteResult:
+    return render_study()
+
+
+@clinic.post("/study")
+def study() -> RouteResult:
+    form = StudyForm()
+    if not form.validate_on_submit():
+        message = next(iter(form.files.errors or form.model.errors or ["Please check the form."]))
+        return render_study(form=form, error=str(message), status=400)
+    files = [storage.read() for storage in form.files.data if storage and storage.filename]
+    files = [data for data in files if data]
+    if not files:
+        return render_study(form=form, error="Please choose the slices of one series, or a ZIP of it.", status=400)
+    limit = services().settings.max_study_files
+    if len(files) > limit:
+        return render_study(form=form, error=f"{len(files)} files were sent; at most {limit} slices per study.",
+                            status=413)
+    started = time.perf_counter()
+    try:
+        answer = services().inference.predict_study(files=files, model=form.model.data, explain=form.explain.data)
+    except InferenceError as exc:
+        log.warning("study prediction failed: %s (%s)", type(exc).__name__, exc.status)
+        return render_study(form=form, error=str(exc), status=exc.status)
+    round_trip_ms = (time.perf_counter() - started) * 1000
+    # Only identifiers, counts and timings are logged; never the images, names or DICOM tags.
+    log.info("study request_id=%s model=%s slices=%d outcome=%s round_trip_ms=%.0f",
+             answer.request_id, answer.model, answer.slice_count, answer.outcome, round_trip_ms)
+    result = {**answer.model_dump(), "round_trip_ms": round_trip_ms,
+              "strip": probability_strip(answer.slices, threshold=answer.threshold),
+              "top": [{**top.model_dump(), "heatmap_url": png_data_url(top.heatmap_png_base64)}
+                      for top in answer.top_slices]}
+    return render_study(form=form, result=result)
 
 
 @clinic.get("/healthz")

@@ -92,6 +92,29 @@ def _prediction(model: str, mode: str = "ok") -> dict[str, Any]:
     return answer.model_dump(mode="json")
 
 
+def _study_prediction(model: str) -> dict[str, Any]:
+    """A study answer of the real schema: 6 slices, the ends without lungs."""
+    from ctscan.decision import OUTCOME_TEXT
+    from ctscan.schemas import Aggregation, StudyPrediction, StudySlice, StudyTimings, TopSlice
+
+    probabilities = [None, 0.2, 0.85, 0.9, 0.55, None]
+    slices = [StudySlice(index=i, upload_index=5 - i, position_mm=4.0 * i,
+                         outcome="no_lungs_visible" if p is None else
+                         ("covid" if p > 0.6 else "indeterminate" if p > 0.4 else "non_covid"),
+                         probability_covid=p, reasons=["no lungs visible"] if p is None else [])
+              for i, p in enumerate(probabilities)]
+    return StudyPrediction(
+        outcome="covid", outcome_text=OUTCOME_TEXT["covid"], probability_covid=0.767, threshold=0.5,
+        indeterminate_band=0.1, reasons=["top_k_mean: mean of the 3 most suspicious of 4 classified slices"],
+        aggregation=Aggregation(rule="top_k_mean", k=3, classified_slices=4), slice_count=6,
+        skipped={"no_lungs_visible": 2}, slices=slices,
+        top_slices=[TopSlice(index=3, probability_covid=0.9, heatmap_png_base64=base64.b64encode(tiny_png()).decode()),
+                    TopSlice(index=2, probability_covid=0.85, heatmap_png_base64=None)],
+        model=model, model_version="ensemble-v1", request_id="req-study",
+        timings_ms=StudyTimings(slices=900.0, gradcam=300.0, total=1250.0), source_format="DICOM",
+        disclaimer=DISCLAIMER).model_dump(mode="json")
+
+
 @pytest.fixture()
 def contract_server() -> Iterator[ContractServer]:
     state = ContractServer(url="")
@@ -127,6 +150,8 @@ def contract_server() -> Iterator[ContractServer]:
                 self._send(status, {"error": {"code": code, "message": message}})
             elif state.mode == "garbage":
                 self._send(200, None, raw=b"<html>proxy error</html>")
+            elif self.path.startswith("/predict/study"):
+                self._send(200, _study_prediction(query.get("model", "ensemble")))
             else:
                 self._send(200, _prediction(query.get("model", "ensemble"), state.mode))
 

@@ -35,6 +35,33 @@
     }
   }
 
+  function setupStudyForm() {
+    // The study page: name how many files are chosen, and show progress while they are analysed.
+    var input = document.getElementById("files");
+    var chosen = document.getElementById("files-chosen");
+    var form = document.getElementById("study-form");
+    if (!input || !form) { return; }
+    input.addEventListener("change", function () {
+      var count = input.files ? input.files.length : 0;
+      chosen.textContent = count ? "Selected: " + count + (count === 1 ? " file" : " files") : "";
+    });
+    form.addEventListener("submit", function () {
+      var button = document.getElementById("study-button");
+      var note = document.getElementById("study-progress");
+      var count = input.files ? input.files.length : 0;
+      var started = Date.now();
+      if (button) { button.disabled = true; button.textContent = "Analysing…"; }
+      if (note) {
+        note.hidden = false;
+        window.setInterval(function () {
+          var seconds = Math.round((Date.now() - started) / 1000);
+          note.textContent = "Analysing " + count + (count === 1 ? " file" : " files") + "… " + seconds +
+            " s so far. A study of 150 slices takes about half a minute; large studies longer.";
+        }, 1000);
+      }
+    });
+  }
+
   function setupJobPolling() {
     var container = document.getElementById("jobs");
     if (!container) { return; }
@@ -55,6 +82,7 @@
 
   document.addEventListener("DOMContentLoaded", function () {
     setupDropzone();
+    setupStudyForm();
     setupJobPolling();
   });
 })();
