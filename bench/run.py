@@ -100,12 +100,19 @@ def _time_call(function: Any, argument: Any, repeats: int, warmup: int = 3) -> f
     return float(np.median(samples))
 
 
+def model_input(data: bytes, size: int) -> np.ndarray:
+    """What the service does to a slice before a model sees it: decode, screen for lungs and
+    crop (lung-v1, the release's preprocessing), resize."""
+    from ctscan.imaging import decode_image
+    from ctscan.preprocessing import LUNG_V1, prepare
+
+    return prepare(decode_image(data), LUNG_V1).model_input(size)
+
+
 def pipeline_images_per_s(predict: Any, images: list[bytes], size: int, batch_size: int, total: int) -> float:
     """The service's work without HTTP: slices decoded on every core, fed in batches."""
-    from ctscan.imaging import decode_image, resize_for_model
-
     def prepare(data: bytes) -> np.ndarray:
-        return resize_for_model(decode_image(data).grey, size)
+        return model_input(data, size)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
@@ -122,7 +129,6 @@ def pipeline_images_per_s(predict: Any, images: list[bytes], size: int, batch_si
 
 def in_process(store_url: str, images: list[bytes], *, quick: bool) -> dict[str, Any]:
     """Limits measured without HTTP, on the slices the load generator sends."""
-    from ctscan.imaging import decode_image, resize_for_model
     from ctscan.onnx_runtime import keras_predictor, load_fast_predictor, onnx_predictor
     from ctscan.store import load_keras_model, open_store
 
@@ -134,9 +140,9 @@ def in_process(store_url: str, images: list[bytes], *, quick: bool) -> dict[str,
     for name in MODELS:
         model, card = load_keras_model(store, name)
         size = card.input_size
-        decode_ms = [1000 * _time_call(lambda data, size=size: resize_for_model(decode_image(data).grey, size),
+        decode_ms = [1000 * _time_call(lambda data, size=size: model_input(data, size),
                                        data, repeats) for data in images]
-        slices = np.stack([resize_for_model(decode_image(d).grey, size) for d in images[:4]])
+        slices = np.stack([model_input(d, size) for d in images[:4]])
         onnx_copy = store.onnx_copy(name, str(card.version))  # the copy the service serves
         backends = {"tensorflow": keras_predictor(model)}
         fast = load_fast_predictor(model, onnx_copy, slices, weights_sha256=card.weights_sha256)
