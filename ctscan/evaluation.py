@@ -129,11 +129,13 @@ def ensemble_probabilities(calibrated_members: list[np.ndarray], record: Ensembl
 
 
 def calibrate_ensemble(
-    *, store: ModelStore, data_dir: str, limit_per_class: int | None = None, rule: str = "youden"
+    *, store: ModelStore, data_dir: str, limit_per_class: int | None = None, rule: str = "youden",
+    models: list[str] | None = None,
 ) -> EnsembleRecord:
     """Fit the ensemble's calibration and threshold on the val split for the current
-    production members, and store them with the member versions."""
-    names = _resolve_models(store, "all")
+    production versions of its members (`models`, default every architecture with one), and
+    store them with the member versions."""
+    names = _resolve_models(store, models or "all")
     if len(names) < 2:
         raise CTScanError("an ensemble needs at least two production models")
     dataset = CTDataset(data_dir)

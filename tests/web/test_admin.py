@@ -374,3 +374,18 @@ def test_a_finished_run_shows_its_versions_metrics_and_why_it_was_not_promoted(
     version_row = table[table.index(f"<code>{job.id}</code>"):]
     version_row = version_row[:version_row.index("</tr>")]
     assert all(value in version_row for value in ("0.517", "0.095", "0.484"))
+
+
+def test_a_promotion_that_changes_an_ensemble_member_is_shown_as_such(client: FlaskClient, store: ModelStore) -> None:
+    store.save_ensemble_record({"members": {"mobilenetv2": "20260101T000000Z-aaaa"}, "threshold": 0.47,
+                                "threshold_rule": "youden", "created_at": "2026-01-01T00:00:00+00:00"})
+    login(client)
+    html = client.get("/admin").get_data(as_text=True)
+    assert "calibrated on val for" in html and 'id="ensemble-stale"' not in html
+    client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": console_token(client),
+                                                           "version": "20260102T000000Z-aaaa"})
+    html = client.get("/admin").get_data(as_text=True)
+    stale = html[html.index('id="ensemble-stale"'):]
+    stale = stale[:stale.index("</div>")]
+    assert "The ensemble is not served" in stale and "20260102T000000Z-aaaa" in stale
+    assert "ctscan models calibrate-ensemble" in stale
