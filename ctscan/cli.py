@@ -138,6 +138,17 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- safety-report ------------------------------------------------------------------------
+def cmd_safety_report(args: argparse.Namespace) -> int:
+    from ctscan.models import architecture_names
+    from ctscan.safety import safety_report
+
+    data = {f"{Path(d).name}-{args.split}": (d, args.split) for d in [_data_dir(args), *args.external]}
+    models = architecture_names() if args.model == "all" else [args.model]
+    print(json.dumps(safety_report(store=_store(args), data_dirs=data, models=models), indent=2))
+    return 0
+
+
 # --- predict ------------------------------------------------------------------------------
 def _read_inputs(paths: Sequence[str], limits: Any) -> list[bytes]:
     from ctscan.study import is_zip, unpack_zip
@@ -362,6 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--resamples", type=_positive_int, default=1000)
     audit.add_argument("--json", action="store_true")
     audit.set_defaults(func=cmd_audit)
+
+    safety = sub.add_parser("safety-report", help="how often the served models refuse, or call indeterminate, "
+                                                  "real chest-CT slices and non-CT images")
+    safety.add_argument("--model", default="all", help=f"all or one of {names}")
+    safety.add_argument("--data", help="dataset folder (default: CTSCAN_DATA_DIR)")
+    safety.add_argument("--external", action="append", default=[], help="more dataset folders (repeatable)")
+    safety.add_argument("--split", default="test", choices=("train", "val", "test"))
+    safety.add_argument("--store")
+    safety.set_defaults(func=cmd_safety_report)
 
     predict = sub.add_parser("predict", help="classify a slice, a study folder or a ZIP without the service")
     predict.add_argument("paths", nargs="+", help="DICOM/PNG/JPEG files, folders of a study, or ZIPs of a series")

@@ -115,6 +115,8 @@ register_architecture(ArchitectureSpec(
 register_architecture(ArchitectureSpec(
     "mobilenetv2", "MobileNetV2", _mobilenet_v2, scale_to_plus_minus_one, 224, 32, 1024, (0.5,), "out_relu",
     finetune_layers=20))
+# The quickest to train on a CPU: the default of forms that queue training.
+FASTEST_ARCHITECTURE = "mobilenetv2"
 
 
 def get_spec(name: str) -> ArchitectureSpec:

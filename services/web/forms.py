@@ -23,7 +23,7 @@ from wtforms.validators import (  # type: ignore[import-untyped]
     Regexp,
 )
 
-from ctscan.models import ARCHITECTURES, architecture_names
+from ctscan.models import ARCHITECTURES, FASTEST_ARCHITECTURE, architecture_names
 
 _COUNTS = {2: "two", 3: "three", 4: "four", 5: "five"}
 
@@ -74,7 +74,7 @@ class QueueJobForm(FlaskForm):
         labels = model_labels()
         self.model.choices = [SelectChoice(n, labels[n]) for n in architecture_names()]
 
-    model = SelectField("Model", default="mobilenetv2")
+    model = SelectField("Model", default=FASTEST_ARCHITECTURE)
     dataset = StringField("Dataset", validators=[DataRequired(), Length(max=100), _SAFE_NAME])
     dataset_version = StringField("Dataset version", validators=[DataRequired(), Length(max=100), _SAFE_NAME])
     init = SelectField("Initial weights", choices=[SelectChoice("imagenet", "ImageNet weights"),

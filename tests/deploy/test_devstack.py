@@ -227,7 +227,12 @@ def test_make_up_serves_a_real_ct_image_and_stops_cleanly(
                                   files={"file": (image.name, data, "image/png")})
         assert result.status_code == 200, result.text[-2000:]
         text = html.unescape(result.text)
-        assert re.search(r'class="verdict-label">\s*(COVID|non-COVID)\s*<', text), "no verdict on the result page"
+        from ctscan.decision import OUTCOME_TEXT
+
+        verdict = re.search(r'id="verdict">\s*([^<]*?)\s*<', text)
+        assert verdict, "no verdict on the result page"
+        # The page words the outcome the API gave for the same image.
+        assert verdict.group(1) == OUTCOME_TEXT[body["outcome"]]
         assert "Not a diagnosis." in text and DISCLAIMER in text
 
         # The console right after `make up`, no manual step: the local data set is published
