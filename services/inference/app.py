@@ -46,6 +46,7 @@ class RequestContext:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         is_predict = scope["path"] == "/predict"
+        is_study = scope["path"] == "/predict/study"
         started = time.perf_counter()
         status = 500  # unless a response starts
 
@@ -72,6 +73,8 @@ class RequestContext:
                     time.perf_counter() - started)
                 # Only the request id, model and status: never anything of the upload (patient data).
                 logger.info("predict %s model=%s status=%s", request_id, model, status)
+            elif is_study:
+                logger.info("study %s model=%s status=%s", request_id, state.get("model", "invalid"), status)
 
 
 def create_app(settings: InferenceSettings | None = None) -> FastAPI:
@@ -92,7 +95,7 @@ def create_app(settings: InferenceSettings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="ctscan inference",
-        version="1.0",
+        version="2.0",  # the answer's api_version
         description=f"COVID-19 chest-CT classification. {DISCLAIMER}",
         lifespan=lifespan,
         docs_url=None,  # /docs and /redoc come from local files (works offline): see docs.py
