@@ -73,7 +73,7 @@ class Calibration:
 IDENTITY = Calibration("identity")
 
 
-def _fit_method(method: str, scores: np.ndarray, targets: np.ndarray) -> Calibration:
+def fit_method(method: str, scores: np.ndarray, targets: np.ndarray) -> Calibration:
     from scipy.optimize import minimize
     from sklearn.isotonic import IsotonicRegression
 
@@ -140,18 +140,18 @@ def fit_calibration(scores: np.ndarray, targets: np.ndarray, *, folds: int = 5, 
     folds = int(min(folds, per_class.min()))
     comparison: dict[str, Any] = {}
     if folds < 2:  # too few of one class to compare: the simplest fit
-        calibration = _fit_method("temperature", scores, targets) if per_class.min() else IDENTITY
+        calibration = fit_method("temperature", scores, targets) if per_class.min() else IDENTITY
         return calibration, {"chosen": calibration.method, "reason": "too few validation images to compare"}
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     for method in methods:
         out_of_fold = np.empty_like(scores)
         for train_index, test_index in splitter.split(scores, targets):
-            fitted = _fit_method(method, scores[train_index], targets[train_index])
+            fitted = fit_method(method, scores[train_index], targets[train_index])
             out_of_fold[test_index] = fitted.apply(scores[test_index])
         comparison[method] = {"log_loss": log_loss(targets, out_of_fold),
                               "ece": expected_calibration_error(targets, out_of_fold)}
     chosen = min(comparison, key=lambda m: (comparison[m]["log_loss"], METHODS.index(m)))
-    return _fit_method(chosen, scores, targets), {"chosen": chosen, "out_of_fold": comparison}
+    return fit_method(chosen, scores, targets), {"chosen": chosen, "out_of_fold": comparison}
 
 
 def reliability_plot(path: Any, curves: dict[str, tuple[np.ndarray, np.ndarray]], *, title: str,

@@ -38,6 +38,7 @@ class DecodedImage:
     source_format: str  # "PNG", "JPEG" or "DICOM"
     hounsfield: np.ndarray | None = None  # (H, W) float32, DICOM only
     dicom: DicomSliceInfo | None = None  # DICOM only: series grouping and slice position
+    colour_share: float = 0.0  # share of clearly coloured pixels before the greyscale conversion
 
     @cached_property
     def pixels(self) -> np.ndarray:
@@ -49,12 +50,32 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= _DICOM_MAGIC_OFFSET + 4 and data[128:132] == b"DICM"
 
 
+COLOUR_CHROMA = 40  # max - min of R, G, B above which a pixel counts as coloured
+
+
+def _composited(image: Image.Image) -> Image.Image:
+    """Transparent pixels on black, as the models see them."""
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
+
+
+def colour_share(image: Image.Image) -> float:
+    """Share of clearly coloured pixels (on a copy at most 256 px wide): CT slices have none
+    beyond annotations."""
+    if image.mode not in ("RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+        return 0.0
+    small = image.copy()
+    small.thumbnail((256, 256))
+    if small.mode in ("RGBA", "PA") or (small.mode == "P" and "transparency" in small.info):
+        small = _composited(small)
+    rgb = np.asarray(small.convert("RGB"), dtype=np.int16)
+    return float(((rgb.max(axis=2) - rgb.min(axis=2)) > COLOUR_CHROMA).mean())
+
+
 def to_model_grey(image: Image.Image) -> np.ndarray:
     """Any PIL image -> (H, W) uint8 greyscale, the one colour mode every model sees."""
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(background, rgba)
+        image = _composited(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16-bit or float greyscale: stretch its own range to 0..255.
         array = np.asarray(image, dtype=np.float64)
@@ -108,7 +129,7 @@ def decode_raster(
         raise
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise UnsupportedImageError(f"cannot decode image: {exc}") from None
-    return DecodedImage(grey=to_model_grey(image), source_format=image_format)
+    return DecodedImage(grey=to_model_grey(image), source_format=image_format, colour_share=colour_share(image))
 
 
 # Transfer syntaxes a hospital PACS commonly exports, decoded by pydicom's handlers

@@ -21,6 +21,7 @@ from ctscan.gate import OUTCOME_NO_LUNGS, OUTCOME_NOT_CHEST_CT, FeatureGate
 from ctscan.imaging import DecodedImage
 from ctscan.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
 from ctscan.records import ModelCard
+from ctscan.screening import appearance_refusal
 from ctscan.study import AGGREGATION_RULE, aggregate, order_series
 
 ENSEMBLE = "ensemble"
@@ -58,9 +59,13 @@ class EnsembleRule:
 
 
 def input_refusal(decoded: DecodedImage, prepared: PreparedSlice) -> Decision | None:
-    """Refuse before any model runs: a DICOM of another modality, or no lungs."""
+    """Refuse before any model runs: a DICOM of another modality, an image that cannot be a
+    CT slice (colour, a few grey levels, noise), or no lungs."""
     if decoded.dicom is not None and decoded.dicom.modality and decoded.dicom.modality != "CT":
         return refuse(OUTCOME_NOT_CHEST_CT, f"the DICOM modality is {decoded.dicom.modality}, not CT")
+    appearance = appearance_refusal(decoded)
+    if appearance is not None:
+        return refuse(OUTCOME_NOT_CHEST_CT, appearance)
     if not prepared.lungs_visible:
         return refuse(OUTCOME_NO_LUNGS, prepared.reason or "no lungs visible")
     return None

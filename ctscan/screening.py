@@ -1,0 +1,47 @@
+"""Is this image a CT slice at all? Checks on the decoded image, before any model runs.
+
+A CT slice is greyscale, has many grey levels and is smooth at the pixel scale (noise in a
+reconstructed slice is small against the contrast between air and tissue). Photographs,
+micrographs, drawings, binary masks and noise fail one of these, and a network trained from
+scratch on a few hundred slices cannot be trusted to notice (its feature-space gate misses
+many of them). The limits sit well outside every UCSD train slice: the largest train value
+with a margin, never fitted to the foreign images they refuse.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from ctscan.imaging import DecodedImage
+
+# UCSD train (425 slices): colour share at most 0.18 (coloured arrows and labels in a few
+# screenshots from papers), at least 171 grey levels, roughness at most 0.17.
+MAX_COLOUR_SHARE = 0.25
+MIN_GREY_LEVELS = 32
+MAX_ROUGHNESS = 0.20
+_WORK_SIDE = 256
+
+
+def roughness(grey: np.ndarray) -> float:
+    """Median absolute Laplacian at 256 px, relative to the image's 1-99 % intensity range:
+    near 0 for smooth images, about 0.5 for pixel noise."""
+    small = np.asarray(Image.fromarray(grey).resize((_WORK_SIDE, _WORK_SIDE), Image.Resampling.BILINEAR),
+                       dtype=np.float64)
+    low, high = np.percentile(small, [1, 99])
+    return float(np.median(np.abs(ndimage.laplace(small))) / max(high - low, 1.0))
+
+
+def appearance_refusal(decoded: DecodedImage) -> str | None:
+    """Why the image cannot be a CT slice, or None."""
+    if decoded.colour_share > MAX_COLOUR_SHARE:
+        return (f"a colour image ({decoded.colour_share:.0%} of the pixels are coloured); CT slices are "
+                "greyscale")
+    levels = int(np.count_nonzero(np.bincount(decoded.grey.ravel(), minlength=256)))
+    if levels < MIN_GREY_LEVELS:
+        return f"only {levels} grey levels: a drawing, mask or pattern, not a CT slice"
+    rough = roughness(decoded.grey)
+    if rough > MAX_ROUGHNESS:
+        return f"pixel-scale noise or texture (roughness {rough:.2f} > {MAX_ROUGHNESS}); not a CT slice"
+    return None
