@@ -22,6 +22,7 @@ from typing import Any
 
 from ctscan.datasets import fetch_dataset
 from ctscan.errors import CTScanError, StoreError
+from ctscan.hyperparameters import checked_hyperparameters
 from ctscan.job_records import FINISHED_STATES, Checkpoints, JobRecords, now, signature_matches
 from ctscan.records import JobProgress, JobRecord, ModelCard
 from ctscan.settings import TrainerSettings
@@ -35,11 +36,8 @@ CHECKPOINT_FILES = (LAST_CHECKPOINT, BEST_WEIGHTS, STATE_FILE)  # state last: it
 
 def train_config(record: JobRecord, data_dir: str) -> TrainConfig:
     """The job's training configuration; raises a clear CTScanError on bad hyper-parameters."""
-    hyperparameters = dict(record.hyperparameters)
-    unknown = sorted(set(hyperparameters) - set(HYPERPARAMETERS))
-    if unknown:
-        raise CTScanError(f"unknown hyper-parameter(s) {', '.join(unknown)}; "
-                          f"allowed: {', '.join(HYPERPARAMETERS)}")
+    hyperparameters = checked_hyperparameters(model=record.model, epochs=record.epochs,
+                                              values=dict(record.hyperparameters))
     try:
         config = TrainConfig(model=record.model, data_dir=data_dir, init=record.init,
                              epochs=record.epochs, **hyperparameters)
