@@ -104,6 +104,19 @@ class JobsClient:
     def list_jobs(self, limit: int = 50) -> list[JobRecord]:
         return [self._reconcile(record) for record in self.records.recent(limit)]
 
+    def production_versions(self, models: set[str]) -> dict[str, str | None]:
+        """The current production pointer of each model (None where it cannot be read)."""
+        from ctscan.store import open_store
+
+        store = open_store(self.settings.store.model_store)
+        pointers: dict[str, str | None] = {}
+        for model in sorted(models):
+            try:
+                pointers[model] = store.production(model)
+            except CTScanError:
+                pointers[model] = None
+        return pointers
+
     # --- helpers -----------------------------------------------------------------------------
     def _check_dataset(self, dataset: str, version: str) -> DatasetManifest:
         if not dataset or not version or "/" in dataset + version or (dataset + version).startswith("."):

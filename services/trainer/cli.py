@@ -97,10 +97,20 @@ def _follow(client: Any, job_id: str, poll_seconds: float = 2.0) -> JobRecord:
         time.sleep(poll_seconds)
 
 
-def _summary(record: JobRecord) -> str:
+def serving_role(record: JobRecord, production: dict[str, str | None]) -> str:
+    """What the job's model is now, from the current production pointer (a rollback or a
+    manual promotion after the job changes it), not from the decision when the job ended."""
+    if record.result_version is None:
+        return ""
+    if production.get(record.model) == record.result_version:
+        return "production"
+    return "candidate (was production)" if record.promoted else "candidate"
+
+
+def _summary(record: JobRecord, production: dict[str, str | None]) -> str:
     epoch = f"{record.progress[-1].epoch if record.progress else 0}/{record.epochs}"
     result = record.result_version or "-"
-    promoted = "" if record.promoted is None else ("production" if record.promoted else "candidate")
+    promoted = serving_role(record, production)
     return (f"{record.id}  {record.state:9s}  {record.model:12s}  "
             f"{record.dataset}@{record.dataset_version}  epoch {epoch}  {result} {promoted}").rstrip()
 
@@ -122,11 +132,13 @@ def run_jobs_command(args: argparse.Namespace) -> int:
             record = _follow(client, record.id)
     elif command == "list":
         records = client.list_jobs(limit=args.limit)
+        production = client.production_versions({record.model for record in records})
         if args.json:
-            print(json.dumps([_dump(record) for record in records], indent=2))
+            print(json.dumps([{**_dump(record), "serving": serving_role(record, production) or None}
+                              for record in records], indent=2))
         else:
             for record in records:
-                print(_summary(record))
+                print(_summary(record, production))
         return 0
     elif command == "show":
         record = _follow(client, args.id) if args.wait else client.get(args.id)

@@ -65,7 +65,7 @@ def run_job(
     Failures end in a `failed` record with the reason; if even that record cannot be
     written (store unreachable) the error is raised so the task's result carries it.
     """
-    from ctscan.publishing import promote_if_better
+    from ctscan.publishing import promote_with_reason
     from ctscan.store import open_store
 
     store_url = settings.store.model_store
@@ -90,9 +90,8 @@ def run_job(
         else:
             card = _train(record, records=records, store=store, checkpoints=checkpoints,
                           settings=settings, on_progress=on_progress)
-        gate = promotion_gate(store, record.model, job_id, card, settings.promotion_metric)
-        promoted = promote_if_better(store, record.model, job_id, card, metric=settings.promotion_metric,
-                                     source=f"trained by job {job_id}")
+        decision = promote_with_reason(store, record.model, job_id, card, metric=settings.promotion_metric,
+                                       source=f"trained by job {job_id}", floors=settings.promotion)
     except _Cancelled:
         return _finish(records, record, "cancelled", error="cancelled by an admin")
     except Exception as exc:  # every failure must end in a record a person can read
@@ -102,9 +101,9 @@ def run_job(
         shutil.rmtree(run_dir, ignore_errors=True)
     val = card.metrics.get("val") or {}
     record.result_version = job_id
-    record.promoted = promoted
+    record.promoted = decision.promote
     record.metrics = {k: val.get(k) for k in ("auc", "accuracy", "f1", "threshold")}
-    record.promotion = gate
+    record.promotion = decision.as_record()  # why it was (not) promoted, with the numbers
     finished = _finish(records, record, "succeeded")
     try:
         checkpoints.discard()  # the model version now holds the result
@@ -197,19 +196,3 @@ def _train(
         verification_images=pick_verification_images(val_x, val_y),
         verified_on=f"val split of dataset {record.dataset}@{record.dataset_version}", version=job_id)
     return saved
-
-
-def promotion_gate(store: Any, name: str, version: str, card: ModelCard, metric: str) -> dict[str, Any]:
-    """The numbers the promotion gate compares (val `metric` of this run and of the production
-    version before it), kept in the job record so the console can say why a run was not promoted."""
-    production = store.production(name)
-    if production == version:  # redelivered after it was promoted: nothing was compared this time
-        production = None
-    production_value = None
-    if production is not None:
-        try:
-            production_value = store.card(name, production).val_metric(metric)
-        except CTScanError:
-            production_value = None
-    return {"metric": metric, "split": "val", "candidate": card.val_metric(metric),
-            "production_version": production, "production": production_value}

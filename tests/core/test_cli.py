@@ -35,7 +35,9 @@ def test_train_one_epoch_then_evaluate_on_test(data_dir: Path, tmp_path: Path) -
     store = tmp_path / "store"
     trained = ctscan("train", "--model", "mobilenetv2", "--init", "none", "--epochs", "1",
                      "--input-size", "64", "--limit-per-class", "12", "--data", str(data_dir),
-                     "--store", str(store), "--run-dir", str(tmp_path / "run"))
+                     "--store", str(store), "--run-dir", str(tmp_path / "run"),
+                     # One epoch on 24 images is no classifier: the promotion floors are off here.
+                     env={"CTSCAN_PROMOTION_MIN_AUC": "0", "CTSCAN_PROMOTION_MIN_BALANCED_ACCURACY": "0"})
     assert trained.returncode == 0, trained.stderr[-2000:]
     summary = json.loads(trained.stdout[trained.stdout.index("{"):])
     assert summary["promoted"] is True and summary["init"] == "none"

@@ -49,8 +49,11 @@ def test_job_runs_from_submission_to_a_promoted_model(
     assert (card.job or {})["dataset_version"] == published_dataset[1] and card.input_size == 32
     # First model of this store: nothing to beat, so it becomes production.
     assert record["promoted"] is True and store.production("mobilenetv2") == record["result_version"]
-    assert record["promotion"] == {"metric": "auc", "split": "val", "candidate": card["metrics"]["val"]["auc"],
-                                   "production_version": None, "production": None}
+    gate = record["promotion"]
+    assert {k: gate[k] for k in ("metric", "split", "candidate", "production_version", "production", "promoted")} \
+        == {"metric": "auc", "split": "val", "candidate": card["metrics"]["val"]["auc"],
+            "production_version": None, "production": None, "promoted": True}
+    assert gate["reason"] == "no production version to compare with; the floors are met"
 
     # The record is durable and listed; its model loads from S3 and classifies a real CT image.
     listed = ctscan_cli("jobs", "list", "--json")
