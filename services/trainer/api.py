@@ -21,7 +21,9 @@ from ctscan.models import get_spec, parse_init
 from ctscan.records import DatasetManifest, JobRecord
 from ctscan.settings import TrainerSettings, get_trainer_settings
 from services.trainer.jobs import train_config
+from services.trainer.liveness import lease_holder
 from services.trainer.queueing import send_job
+from services.trainer.reaper import Reaper, broker_redis, close_attempt, orphan
 
 __all__ = ["AdminAuthError", "JobNotFoundError", "JobsClient"]
 
@@ -90,12 +92,37 @@ class JobsClient:
             return record
         self.records.request_cancel(job_id)
         if record.state == "queued":
+            close_attempt(record, "cancelled")
             record.state = "cancelled"
             record.finished_at = now()
-            record.error = "cancelled before it started"
+            record.error = "cancelled before it started" if record.attempts == 0 else \
+                "cancelled by an admin while it waited to be retried"
+            self.records.save(record)
+        elif record.state == "running" and self._orphaned(job_id):
+            # No worker holds it: nobody would see the request, so the job ends here.
+            orphan(record, cause="no worker held the job when it was cancelled", settings=self.settings,
+                   cancelled=True)
             self.records.save(record)
         record.cancel_requested = True
         return record
+
+    def requeue(self, job_ids: list[str] | None = None, *, admin_token: str | None) -> dict[str, str]:
+        """Send again every `queued` job (or those named) whose message is no longer in the
+        broker and whose retry time has come; returns what was done, by job ID."""
+        self._check_admin(admin_token)
+        reaper = Reaper(self.settings, records=self.records)
+        if reaper.client is None:
+            raise CTScanError("the broker is not Redis: queued messages cannot be inspected, nothing was requeued")
+        return reaper.sweep(running=False, queued=True, job_ids=job_ids)
+
+    def _orphaned(self, job_id: str) -> bool:
+        """True when the broker's Redis answers and no worker holds the job's lease."""
+        try:
+            client = broker_redis(self.settings)
+            return client is not None and lease_holder(client, job_id) is None
+        except Exception as exc:  # Redis down: cannot tell, the request stands
+            log.debug("cannot read the lease of job %s: %s", job_id, exc)
+            return False
 
     # --- reading -----------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord:

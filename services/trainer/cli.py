@@ -56,6 +56,9 @@ def add_jobs_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("--wait", action="store_true", help="follow progress until the job ends")
     cancel = sub.add_parser("cancel", help="stop a job (needs CTSCAN_ADMIN_TOKEN)")
     cancel.add_argument("id")
+    requeue = sub.add_parser("requeue", help="send again queued jobs whose message the broker lost "
+                             "(needs CTSCAN_ADMIN_TOKEN)")
+    requeue.add_argument("ids", nargs="*", help="only these jobs (default: every queued job)")
 
 
 def _token() -> str:
@@ -144,6 +147,10 @@ def run_jobs_command(args: argparse.Namespace) -> int:
         record = _follow(client, args.id) if args.wait else client.get(args.id)
     elif command == "cancel":
         record = client.cancel(args.id, admin_token=_token())
+    elif command == "requeue":
+        done = client.requeue(args.ids or None, admin_token=_token())
+        print(json.dumps({"requeued": done}, indent=2))
+        return 0
     else:
         raise CTScanError(f"unknown jobs command {command!r}")
     print(json.dumps(_dump(record), indent=2))

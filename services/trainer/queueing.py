@@ -1,8 +1,8 @@
-"""The broker side of a job: sending its message, and telling whether a message for it is
-still in the broker (waiting in the queue or delivered and not yet acknowledged).
+"""The broker side of a job: sending its message, and telling whether a message for it
+still waits in the queue.
 
 Only the Redis transport can be inspected; with another broker (`filesystem://` for `make
-up` without Redis) `message_present` answers None, "cannot tell", and the sweep leaves the
+up` without Redis) `message_waiting` answers None, "cannot tell", and the sweep leaves the
 job alone.
 """
 
@@ -13,9 +13,6 @@ import logging
 from typing import Any
 
 log = logging.getLogger(__name__)
-
-UNACKED_HASH = "unacked"  # kombu's Redis transport keeps delivered, unacknowledged messages here
-
 
 def send_job(job_id: str, *, queue: str, countdown: float | None = None) -> None:
     """Queue "run job <id>" (the task ID is the job ID, so a resent message is the same task)."""
@@ -30,8 +27,13 @@ def redis_client(url: str) -> Any:
     return redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=5)
 
 
-def message_present(client: Any, *, queue: str, job_id: str) -> bool | None:
-    """Whether the broker still holds a message for `job_id` (None: the broker is not Redis)."""
+def message_waiting(client: Any, *, queue: str, job_id: str) -> bool | None:
+    """Whether a message for `job_id` waits in the queue (None: the broker is not Redis).
+
+    Delivered, unacknowledged messages do not count: the one held by a worker that died
+    would come back only after the visibility timeout (hours). A live worker takes the job's
+    lease right after delivery, and the sweep leaves leased jobs alone; a message sent twice
+    anyway is harmless (the second delivery finds the lease or the finished record)."""
     if client is None:
         return None
     needle = job_id.encode()
@@ -42,14 +44,6 @@ def message_present(client: Any, *, queue: str, job_id: str) -> bool | None:
             continue
         for raw in client.lrange(key, 0, -1):
             if needle in raw and _task_id(raw) == job_id:
-                return True
-    for raw in client.hvals(UNACKED_HASH):
-        if needle in raw:
-            try:
-                payload = json.loads(raw)[0]
-            except (ValueError, IndexError, TypeError):
-                continue
-            if _task_id(json.dumps(payload).encode()) == job_id:
                 return True
     return False
 
