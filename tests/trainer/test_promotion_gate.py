@@ -118,3 +118,26 @@ def test_jobs_list_shows_the_current_pointer_after_a_rollback(
     store.rollback("mobilenetv2")
     after = json.loads(ctscan_cli("jobs", "list", "--json", **env).stdout)
     assert [job["serving"] for job in after] == ["candidate (was production)", "production"]
+
+
+def test_promote_and_rollback_need_the_admin_credential(
+        trainer_env: dict[str, str], ctscan_cli: Callable[..., Any], admin_token: str) -> None:
+    from ctscan.job_records import JobRecords
+
+    store = open_store(trainer_env["CTSCAN_MODEL_STORE"] + "-admin")
+    JobRecords.for_store(store.url).publish_verifier(admin_token)  # as a worker does when it starts
+    first, second = "20260101T000000Z-0000cccc", "20260102T000000Z-0000dddd"
+    for version in (first, second):
+        store.save("mobilenetv2", weights=version.encode(), version=version,
+                   card=_card(auc=0.8, matrix=[[41, 17], [15, 45]]))
+    store.promote("mobilenetv2", first)
+    for token, refusal in (("", "set CTSCAN_ADMIN_TOKEN"), ("another-admin-token-0123456789", "admin token rejected")):
+        for command in (("models", "promote", "mobilenetv2", second), ("models", "rollback", "mobilenetv2")):
+            refused = ctscan_cli(*command, "--store", store.url, CTSCAN_ADMIN_TOKEN=token)
+            assert refused.returncode == 2 and refusal in refused.stderr and "Traceback" not in refused.stderr
+    assert store.production("mobilenetv2") == first
+    promoted = ctscan_cli("models", "promote", "mobilenetv2", second, "--store", store.url)
+    assert promoted.returncode == 0, promoted.stderr
+    assert store.production_record("mobilenetv2").reason == "promoted by an admin"
+    rolled = ctscan_cli("models", "rollback", "mobilenetv2", "--store", store.url)
+    assert rolled.returncode == 0 and store.production("mobilenetv2") == first
