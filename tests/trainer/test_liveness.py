@@ -161,3 +161,19 @@ def test_a_job_resumes_from_its_checkpoint_after_an_s3_outage(
     assert record["attempts"] == 1 and record["resumed_from_epoch"] >= 1
     record_fault("S3 outage of 45 s during training", outcome="succeeded",
                  seconds_from_cut_to_succeeded=round(time.monotonic() - cut_at, 1))
+
+
+def test_cancel_of_a_job_waiting_for_its_retry_says_so(jobs_client: Any, admin_token: str) -> None:
+    """Not "cancelled before it started" for a job that already ran (the issue's last symptom)."""
+    from ctscan.job_records import new_job_id, now
+    from ctscan.records import JobAttempt, JobRecord
+
+    record = JobRecord(id=new_job_id(), state="queued", model="mobilenetv2", dataset="d", dataset_version="v",
+                       init="none", epochs=3, created_at=now(), attempts=1, retry_at=now(),
+                       attempt_log=[JobAttempt(attempt=1, worker="host:1", started_at=now(), ended_at=now(),
+                                               outcome="worker host:1 stopped heartbeating (lease expired)")])
+    jobs_client.records.create(record)
+    cancelled = jobs_client.cancel(record.id, admin_token=admin_token)
+    assert cancelled.state == "cancelled"
+    assert cancelled.error == "cancelled by an admin while it waited to be retried"
+    assert jobs_client.records.get(record.id).error == cancelled.error
