@@ -181,7 +181,8 @@ def _run_leased(
     job_id = record.id
     store_url = settings.store.model_store
     store = open_store(store_url)
-    run_dir = Path(settings.work_dir) / "runs" / job_id
+    # One folder per attempt: a worker that lost the job cleans up only its own.
+    run_dir = Path(settings.work_dir) / "runs" / f"{job_id}.{guard.fence}"
     checkpoints = Checkpoints.for_job(store_url, job_id, run_dir, CHECKPOINT_FILES)
     outage_started: float | None = None
     try:

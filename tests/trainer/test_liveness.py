@@ -177,3 +177,28 @@ def test_cancel_of_a_job_waiting_for_its_retry_says_so(jobs_client: Any, admin_t
     assert cancelled.state == "cancelled"
     assert cancelled.error == "cancelled by an admin while it waited to be retried"
     assert jobs_client.records.get(record.id).error == cancelled.error
+
+
+def test_a_paused_worker_that_lost_its_job_writes_nothing_when_it_wakes(
+        start_worker: Callable[..., Any], tiny_job: Callable[..., dict[str, Any]],
+        wait_job: Callable[..., dict[str, Any]], jobs_client: Any, wait_until: Callable[..., Any]) -> None:
+    first = start_worker()
+    job = tiny_job(6)
+    running = wait_until(lambda: (r := jobs_client.get(job["id"])).progress and r, timeout=240,
+                         what="the first epoch", interval=0.3)
+    paused = int(running.worker.rsplit(":", 1)[1])
+    os.kill(paused, signal.SIGSTOP)  # a long GC pause, a frozen VM: the heartbeat stops too
+    try:
+        second = start_worker()
+        wait_until(lambda: jobs_client.get(job["id"]).attempts == 2, timeout=240, what="the second attempt",
+                   interval=0.3)
+    finally:
+        os.kill(paused, signal.SIGCONT)
+    record = wait_job(job["id"], TERMINAL, timeout=400)
+    assert record["state"] == "succeeded", (record["error"], second.output())
+    assert record["attempts"] == 2 and [p["epoch"] for p in record["progress"]] == [1, 2, 3, 4, 5, 6]
+    assert record["attempt_log"][0]["outcome"].endswith("stopped heartbeating (lease expired)")
+    # The first worker woke up, found the job handed on and stopped without writing.
+    wait_until(lambda: "writes nothing more" in first.output(), timeout=120, what="the paused worker to stop")
+    time.sleep(3)
+    assert jobs_client.get(job["id"]).model_dump(mode="json") == record
