@@ -252,8 +252,28 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_admin(store: Any) -> None:
+    """Changing production needs the admin credential (CTSCAN_ADMIN_TOKEN, never a flag), as
+    queueing a job does; once a trainer worker has published its token's verifier in this
+    store, the token must be that one."""
+    from pydantic import ValidationError
+
+    from ctscan.job_records import JobRecords
+    from ctscan.settings import describe_settings_error, get_admin_settings
+
+    try:
+        token = get_admin_settings().token()
+    except ValidationError as exc:
+        raise CTScanError(describe_settings_error(exc)) from None
+    if not token:
+        raise CTScanError("set CTSCAN_ADMIN_TOKEN: promoting and rolling back need the admin credential")
+    if JobRecords.for_store(store.url).token_accepted(token) is False:
+        raise CTScanError("admin token rejected: the trainer workers of this store hold another CTSCAN_ADMIN_TOKEN")
+
+
 def cmd_models_promote(args: argparse.Namespace) -> int:
     store = _store(args)
+    _require_admin(store)
     store.promote(args.name, args.version, reason="promoted by an admin")
     print(f"{args.name}: production is now {args.version}")
     return 0
@@ -261,6 +281,7 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
 
 def cmd_models_rollback(args: argparse.Namespace) -> int:
     store = _store(args)
+    _require_admin(store)
     version = store.rollback(args.name)
     print(f"{args.name}: production rolled back to {version}")
     return 0

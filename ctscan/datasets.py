@@ -34,6 +34,23 @@ def _default_version(dataset: CTDataset) -> str:
     return datetime.now(UTC).strftime("%Y%m%d") + "-" + dataset.fingerprint()[:12]
 
 
+def _check_images_decode(dataset: CTDataset) -> None:
+    """Decode every image with the decoder training uses: a file that matches its checksum
+    but is not an image (truncated before the sums were made, wrong format) is refused here,
+    not an epoch into a training job."""
+    from ctscan.imaging import decode_image
+
+    broken: list[str] = []
+    for sample in dataset.samples:
+        try:
+            decode_image(sample.path.read_bytes())
+        except Exception as exc:  # PIL and pydicom raise many kinds
+            broken.append(f"{sample.relative_path} ({type(exc).__name__}: {exc})")
+    if broken:
+        shown = "; ".join(broken[:5]) + (f"; and {len(broken) - 5} more" if len(broken) > 5 else "")
+        raise DataError(f"{len(broken)} image(s) in {dataset.root} do not decode, nothing was published: {shown}")
+
+
 class DatasetVersions:
     """The versions of one dataset, below its own folder of an object store."""
 
@@ -48,6 +65,7 @@ class DatasetVersions:
             raise DataError(f"{dataset.root} has no {CHECKSUM_FILE}; uploads are verified against it "
                             "(create it with: sha256sum <images> > SHA256SUMS)")
         checked = dataset.verify_checksums()
+        _check_images_decode(dataset)
         version = _check_name("dataset version", version or _default_version(dataset))
         relative_paths = [SPLIT_FILE, CHECKSUM_FILE, *sorted({s.relative_path for s in dataset.samples})]
         sources: dict[str, bytes | Path] = {rel: dataset.root / rel for rel in relative_paths}

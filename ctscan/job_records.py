@@ -174,3 +174,33 @@ class Checkpoints:
         keys = list(self.objects.walk())
         if keys:
             self.objects.delete(keys)
+
+
+def collect_checkpoints(model_store_url: str, *, retention_s: float, records: JobRecords | None = None,
+                        now_s: float | None = None) -> dict[str, str]:
+    """Delete the checkpoints (`<store>/.runs/<id>/`) of jobs that will never resume: cancelled
+    or failed ones that ended more than `retention_s` ago, and abandoned ones (no job record
+    at all). Succeeded jobs discard theirs when they finish; queued and running jobs keep them.
+    Returns the reason for each job whose checkpoints went."""
+    runs = open_objects(model_store_url).child(RUNS_FOLDER)
+    records = records or JobRecords.for_store(model_store_url)
+    now_s = datetime.now(UTC).timestamp() if now_s is None else now_s
+    collected: dict[str, str] = {}
+    for job_id in runs.names():
+        record = records.find(job_id)
+        if record is None:
+            reason = "abandoned: no job record"
+        elif record.state in ("cancelled", "failed", "succeeded") and record.finished_at:
+            age = now_s - datetime.fromisoformat(record.finished_at).timestamp()
+            if age < retention_s:
+                continue
+            reason = f"{record.state} {age:.0f}s ago"
+        else:
+            continue
+        folder = runs.child(job_id)
+        keys = list(folder.walk())
+        if not keys:
+            continue  # collected before (a local store keeps the empty folder)
+        folder.delete(keys)
+        collected[job_id] = reason
+    return collected

@@ -2,14 +2,15 @@
 
 `publish_version` saves the weights and card and attaches the ONNX copy, converted and
 checked against TensorFlow on real images here, once (servers only load it).
-`promote_if_better` is the promotion policy, used by `ctscan train` (`train_and_store`) and
-by the trainer service's jobs alike.
+`decide_promotion` is the promotion gate and `promote_with_reason` the policy, used by
+`ctscan train` (`train_and_store`) and by the trainer service's jobs alike.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -17,7 +18,7 @@ import numpy as np
 
 from ctscan.errors import CTScanError, StoreError
 from ctscan.records import ModelCard
-from ctscan.settings import PROMOTION_METRICS
+from ctscan.settings import PROMOTION_METRICS, PromotionSettings
 from ctscan.store import ModelStore, pack_weights
 
 if TYPE_CHECKING:
@@ -76,39 +77,151 @@ def publish_version(
     return version, saved
 
 
-def should_promote(store: ModelStore, name: str, card: ModelCard, metric: str = "auc") -> bool:
-    """Promote when there is no production model or the new one beats it on val `metric`."""
-    current = store.production(name)
-    if current is None:
-        return True
+def balanced_accuracy(metrics: Mapping[str, Any]) -> float | None:
+    """Mean of sensitivity and specificity, from the confusion matrix of a card's report."""
+    if metrics.get("balanced_accuracy") is not None:
+        return float(metrics["balanced_accuracy"])
+    matrix = metrics.get("confusion_matrix")
     try:
-        current_value = store.card(name, current).val_metric(metric)
-    except CTScanError:
-        return True
-    new_value = card.val_metric(metric)
-    if current_value is None:
-        return True
-    return new_value is not None and new_value > current_value
+        (tn, fp), (fn, tp) = matrix  # type: ignore[misc]
+        return (tn / (tn + fp) + tp / (tp + fn)) / 2
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
 
 
-def promote_if_better(store: ModelStore, name: str, version: str, card: ModelCard, *,
-                      policy: str = "auto", metric: str = "auc", source: str = "trained") -> bool:
-    """Apply the promotion policy to a saved version; True when it is production afterwards.
+def validation_set(card: ModelCard) -> dict[str, Any] | None:
+    """What a card's val metrics were measured on: the dataset version (its fingerprint names
+    the exact split.csv and checksums), the split and the images taken from it. None when
+    the card does not say."""
+    data = card.dataset or {}
+    if not data.get("fingerprint"):
+        return None
+    hyperparameters = card.hyperparameters or {}
+    limit = hyperparameters.get("limit_per_class")
+    return {"dataset_fingerprint": data["fingerprint"],
+            "split": (card.split or {}).get("model_selection_and_threshold", "val"),
+            "images": data.get("val_images"), "limit_per_class": limit,
+            "seed": hyperparameters.get("seed") if limit else None}
 
-    "auto" promotes when `should_promote` says so, "always" does, "never" does not. A version
-    that is production already (a redelivered job) stays so."""
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """The gate's answer for one candidate, with the numbers it compared and why."""
+
+    promote: bool
+    reason: str
+    metric: str
+    candidate: float | None = None
+    production_version: str | None = None
+    production: float | None = None
+    floors: dict[str, Any] = field(default_factory=dict)
+
+    def as_record(self) -> dict[str, Any]:
+        """For the job record (`JobRecord.promotion`): the console shows it."""
+        return {"metric": self.metric, "split": "val", "candidate": self.candidate,
+                "production_version": self.production_version, "production": self.production,
+                "promoted": self.promote, "reason": self.reason, "floors": self.floors}
+
+
+def decide_promotion(store: ModelStore, name: str, version: str, card: ModelCard, *, metric: str = "auc",
+                     floors: PromotionSettings | None = None) -> PromotionDecision:
+    """The promotion gate. A candidate is promoted only when it clears the AUC and
+    balanced-accuracy floors on val (whatever `metric` is: a model that says COVID for every
+    image has a recall of 1 and a balanced accuracy of 0.5), and either there is no
+    production version, or production was validated on the same dataset version, split and
+    images and the candidate beats it on val `metric`. A floor of 0 is off."""
+    from ctscan.settings import get_promotion_settings
+
+    floors = floors or get_promotion_settings()
+    val = card.metrics.get("val") or {}
+    auc = card.val_metric("auc")
+    balanced = balanced_accuracy(val)
+    measured = {"min_auc": floors.min_auc, "auc": auc,
+                "min_balanced_accuracy": floors.min_balanced_accuracy, "balanced_accuracy": balanced}
+    candidate = card.val_metric(metric)
+    current = store.production(name)
+    compared: dict[str, Any] = {"production_version": None, "production": None}
+
+    def decided(promote: bool, reason: str) -> PromotionDecision:
+        return PromotionDecision(promote, reason, metric, candidate, compared["production_version"],
+                                 compared["production"], measured)
+
+    if current == version:
+        return decided(True, f"{version} is production already")
+    for label, value, floor in (("AUC", auc, floors.min_auc),
+                                ("balanced accuracy", balanced, floors.min_balanced_accuracy)):
+        if floor > 0 and (value is None or value != value or value < floor):  # NaN: one class only
+            shown = "unknown" if value is None or value != value else f"{value:.3f}"
+            return decided(False, f"val {label} {shown} is below the promotion floor {floor:.3f}")
+    if candidate is None:
+        return decided(False, f"the candidate has no val {metric}")
+    if current is None:
+        return decided(True, "no production version to compare with; the floors are met")
+    compared["production_version"] = current
+    try:
+        production_card = store.card(name, current)
+    except CTScanError as exc:
+        return decided(True, f"production {current} cannot be read ({exc}); the floors are met")
+    production_value = production_card.val_metric(metric)
+    compared["production"] = production_value
+    ours, theirs = validation_set(card), validation_set(production_card)
+    if ours is None or ours != theirs:
+        return decided(False, _different_sets(ours, theirs, current))
+    if production_value is None:
+        return decided(True, f"production {current} has no val {metric}; the floors are met")
+    if candidate > production_value:
+        return decided(True, f"val {metric} {candidate:.4f} beats production {current} "
+                       f"({production_value:.4f}) on the same validation set")
+    return decided(False, f"val {metric} {candidate:.4f} does not beat production {current} "
+                   f"({production_value:.4f}) on the same validation set")
+
+
+def _different_sets(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, current: str) -> str:
+    def describe(validation: dict[str, Any] | None) -> str:
+        if validation is None:
+            return "an unrecorded validation set"
+        return (f"{validation['images']} {validation['split']} images of dataset "
+                f"{str(validation['dataset_fingerprint'])[:12]}")
+
+    return (f"not comparable: the candidate was validated on {describe(ours)}, production {current} on "
+            f"{describe(theirs)}; promote it by hand (ctscan models promote) if that is intended")
+
+
+def should_promote(store: ModelStore, name: str, card: ModelCard, metric: str = "auc") -> bool:
+    """Whether the gate (`decide_promotion`) would promote this card."""
+    return decide_promotion(store, name, card.version or "", card, metric=metric).promote
+
+
+def promote_with_reason(store: ModelStore, name: str, version: str, card: ModelCard, *,
+                        policy: str = "auto", metric: str = "auc", source: str = "trained",
+                        floors: PromotionSettings | None = None) -> PromotionDecision:
+    """Apply the promotion policy to a saved version and return the decision with its reason.
+
+    "auto" asks the gate (`decide_promotion`), "always" promotes, "never" does not. A version
+    that is production already (a redelivered job) stays so. The reason goes into the
+    production pointer when the version is promoted."""
     if policy not in PROMOTE_POLICIES:
         raise CTScanError(f"promote must be auto, always or never, got {policy!r}")
     if metric not in PROMOTION_METRICS:
         raise CTScanError(f"the promotion metric must be one of {', '.join(PROMOTION_METRICS)}, got {metric!r}")
+    decision = decide_promotion(store, name, version, card, metric=metric, floors=floors)
     if store.production(name) == version:
-        return True
-    if policy == "never" or (policy == "auto" and not should_promote(store, name, card, metric)):
-        return False
-    reason = f"{source}: promoted on saving" if policy == "always" else \
-        f"{source}: val {metric} better than production"
-    store.promote(name, version, reason=reason)
-    return True
+        return decision
+    if policy == "never":
+        return replace(decision, promote=False, reason="not promoted: the policy is never")
+    if policy == "always":
+        decision = replace(decision, promote=True, reason="promoted on saving (policy always)")
+    if decision.promote:
+        store.promote(name, version, reason=f"{source}: {decision.reason}")
+    return decision
+
+
+def promote_if_better(store: ModelStore, name: str, version: str, card: ModelCard, *,
+                      policy: str = "auto", metric: str = "auc", source: str = "trained",
+                      floors: PromotionSettings | None = None) -> bool:
+    """`promote_with_reason`, answering only whether the version is production afterwards."""
+    return promote_with_reason(store, name, version, card, policy=policy, metric=metric, source=source,
+                               floors=floors).promote
 
 
 def train_and_store(
@@ -140,9 +253,11 @@ def train_and_store(
         store, name=config.model, model=model, weights=weights, card=card,
         verification_images=pick_verification_images(val_x, val_y),
         verified_on=f"val split of dataset {str(trainer.data_summary['fingerprint'])[:12]}", version=version)
-    promoted = promote_if_better(store, config.model, version, saved, policy=promote, metric=metric,
-                                 source="trained with ctscan train")
-    return version, saved, promoted
+    decision = promote_with_reason(store, config.model, version, saved, policy=promote, metric=metric,
+                                   source="trained with ctscan train")
+    logger.warning("%s %s %s: %s", config.model, version, "promoted" if decision.promote else "not promoted",
+                   decision.reason)
+    return version, saved, decision.promote
 
 
 def export_missing_onnx(store: ModelStore, *, data_dir: Path, models: list[str] | None = None,

@@ -165,6 +165,16 @@ class JobProgress(Record):
     seconds: float
 
 
+class JobAttempt(Record):
+    """One start of a job by a worker, and how that attempt ended (None while it runs)."""
+
+    attempt: int
+    worker: str | None = None
+    started_at: str
+    ended_at: str | None = None
+    outcome: str | None = None
+
+
 class JobRecord(Record):
     """`<store>/.jobs/<id>/job.json`: a training job, the source of truth for its state."""
 
@@ -194,6 +204,14 @@ class JobRecord(Record):
     # HMAC of the request with the submitter's admin token; the worker checks it with its own.
     signature: str | None = None
     cancel_requested: bool | None = None
+    # Liveness (services/trainer/liveness.py): each start increments the fence, and a worker
+    # writes only while the record carries its own; every attempt and its cause; when a
+    # requeued job may start again (backoff).
+    fence: int = 0
+    attempt_log: list[JobAttempt] = Field(default_factory=list)
+    retry_at: str | None = None
+    # Store outages the job waited out, resuming from its last checkpoint afterwards.
+    outages: list[str] = Field(default_factory=list)
 
     def request_fields(self) -> dict[str, Any]:
         """What the submitter asked for (the part the signature covers)."""

@@ -120,6 +120,16 @@ class AdminSettings(Section):
         return None if self.admin_token is None else self.admin_token.get_secret_value().strip()
 
 
+class PromotionSettings(Section):
+    """The promotion gate's floors: whatever the metric it compares on, a candidate below
+    either floor on its val split is never promoted (a model that says COVID for every image
+    has a perfect recall and a balanced accuracy of 0.5)."""
+
+    min_auc: float = Field(default=0.70, ge=0.0, le=1.0, validation_alias="CTSCAN_PROMOTION_MIN_AUC")
+    min_balanced_accuracy: float = Field(default=0.65, ge=0.0, le=1.0,
+                                         validation_alias="CTSCAN_PROMOTION_MIN_BALANCED_ACCURACY")
+
+
 class CoreSettings(Section):
     # A dataset folder laid out like UCSD COVID-CT (split.csv, SHA256SUMS, images).
     data_dir: Path = Field(default_factory=lambda: data_home() / "data" / "ucsd-covid-ct",
@@ -266,9 +276,30 @@ class TrainerSettings(Section):
     promotion_metric: str = Field(default="auc", validation_alias="CTSCAN_PROMOTION_METRIC")
     # Message folder of the embedded `filesystem://` broker (make up without Redis).
     broker_dir: Path = Field(default_factory=lambda: data_home() / "broker", validation_alias="CTSCAN_BROKER_DIR")
+    # Liveness: a running job holds a lease in Redis that its worker renews every
+    # heartbeat; a lease not renewed for lease_ttl_s means the worker is gone, and the reaper
+    # (in every worker, every reaper_interval_s) requeues the job from its checkpoint or fails it.
+    heartbeat_interval_s: float = Field(default=5.0, gt=0, validation_alias="CTSCAN_TRAINER_HEARTBEAT_INTERVAL")
+    lease_ttl_s: float = Field(default=30.0, gt=0, validation_alias="CTSCAN_TRAINER_LEASE_TTL")
+    reaper_interval_s: float = Field(default=10.0, gt=0, validation_alias="CTSCAN_TRAINER_REAPER_INTERVAL")
+    # A job is tried at most this often (each start counts); between tries it waits
+    # retry_backoff_s, doubled each time.
+    max_attempts: int = Field(default=3, ge=1, le=20, validation_alias="CTSCAN_TRAINER_MAX_ATTEMPTS")
+    retry_backoff_s: float = Field(default=10.0, ge=0, validation_alias="CTSCAN_TRAINER_RETRY_BACKOFF")
+    # Resident memory a job may use; the worker stops a job that exceeds it.
+    job_memory_mb: int = Field(default=8192, ge=256, validation_alias="CTSCAN_TRAINER_JOB_MEMORY_MB")
+    # Largest input size a job may ask for (also bounded by the architecture and by memory).
+    max_input_size: int = Field(default=512, ge=32, le=512, validation_alias="CTSCAN_TRAINER_MAX_INPUT_SIZE")
+    # How long an S3 outage during training may last: the job waits for S3 to come back and
+    # resumes from its last good checkpoint; longer, and it fails.
+    s3_outage_budget_s: float = Field(default=600.0, ge=0, validation_alias="CTSCAN_TRAINER_S3_OUTAGE_BUDGET")
+    # Checkpoints of cancelled, failed and abandoned jobs are deleted this long after the job ended.
+    checkpoint_retention_s: float = Field(default=7 * 24 * 3600.0, ge=0,
+                                          validation_alias="CTSCAN_TRAINER_CHECKPOINT_RETENTION")
 
     store: StoreSettings = _shared(StoreSettings)
     admin: AdminSettings = _shared(AdminSettings)
+    promotion: PromotionSettings = _shared(PromotionSettings)
 
     @field_validator("promotion_metric")
     @classmethod
@@ -319,6 +350,11 @@ def get_admin_settings() -> AdminSettings:
 
 
 @lru_cache
+def get_promotion_settings() -> PromotionSettings:
+    return PromotionSettings()
+
+
+@lru_cache
 def get_core_settings() -> CoreSettings:
     return CoreSettings()
 
@@ -350,6 +386,6 @@ def describe_settings_error(exc: ValidationError) -> str:
 
 def clear_caches() -> None:
     """Forget every section read so far (tests that change the environment call this)."""
-    for getter in (get_store_settings, get_s3_settings, get_admin_settings, get_core_settings,
+    for getter in (get_store_settings, get_s3_settings, get_admin_settings, get_core_settings, get_promotion_settings,
                    get_inference_settings, get_web_settings, get_trainer_settings):
         getter.cache_clear()

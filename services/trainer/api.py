@@ -15,11 +15,15 @@ from typing import Any
 
 from ctscan.datasets import open_dataset
 from ctscan.errors import CTScanError, DataError
+from ctscan.hyperparameters import HyperParameterError, checked_hyperparameters, estimated_data_bytes
 from ctscan.job_records import FINISHED_STATES, JobNotFoundError, JobRecords, new_job_id, now, sign
 from ctscan.models import get_spec, parse_init
-from ctscan.records import JobRecord
+from ctscan.records import DatasetManifest, JobRecord
 from ctscan.settings import TrainerSettings, get_trainer_settings
 from services.trainer.jobs import train_config
+from services.trainer.liveness import lease_holder
+from services.trainer.queueing import send_job
+from services.trainer.reaper import Reaper, broker_redis, close_attempt, orphan
 
 __all__ = ["AdminAuthError", "JobNotFoundError", "JobsClient"]
 
@@ -28,6 +32,10 @@ log = logging.getLogger(__name__)
 
 class AdminAuthError(CTScanError):
     """Missing or wrong admin credential (CTSCAN_ADMIN_TOKEN)."""
+
+
+def _train_and_val_images(counts: dict[str, dict[str, int]]) -> int:
+    return sum(sum(per_label.values()) for split, per_label in counts.items() if split in ("train", "val"))
 
 
 class JobsClient:
@@ -52,24 +60,22 @@ class JobsClient:
                hyperparameters: dict[str, Any], admin_token: str | None) -> JobRecord:
         """Check the arguments, write a signed `queued` record, then queue the job by its ID."""
         token = self._check_admin(admin_token)
-        get_spec(model)
+        spec = get_spec(model)
         if init not in ("imagenet", "none"):
             parse_init(init)  # a weights file must exist (workers share this path)
-        if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
-            raise CTScanError(f"epochs must be a positive integer, got {epochs!r}")
-        if not isinstance(hyperparameters, dict):
-            raise CTScanError("hyperparameters must be a mapping of name to value")
-        self._check_dataset(dataset, dataset_version)
+        # The one check of the hyper-parameters (the worker repeats it on the record).
+        given = checked_hyperparameters(model=model, epochs=epochs, values=hyperparameters,
+                                        max_input_size=self.settings.max_input_size)
+        manifest = self._check_dataset(dataset, dataset_version)
+        self._check_memory(given, default_size=spec.input_size, images=_train_and_val_images(manifest.counts))
         record = JobRecord(id=new_job_id(), state="queued", model=model, dataset=dataset,
                            dataset_version=dataset_version, init=init, epochs=epochs,
-                           hyperparameters=dict(hyperparameters), created_at=now())
-        train_config(record, data_dir="(checked by the worker)")  # bad hyper-parameters fail here
+                           hyperparameters=given, created_at=now())
+        train_config(record, data_dir="(checked by the worker)")
         record.signature = sign(record, token)
         self.records.create(record)  # durable before it is queued: the worker reads it
         try:
-            from services.trainer.celery_app import TASK_RUN_JOB, app
-
-            app.send_task(TASK_RUN_JOB, args=[record.id], task_id=record.id, queue=self.settings.queue)
+            send_job(record.id, queue=self.settings.queue)
         except Exception as exc:  # the broker client raises many kinds
             record.state = "failed"
             record.finished_at = now()
@@ -86,12 +92,37 @@ class JobsClient:
             return record
         self.records.request_cancel(job_id)
         if record.state == "queued":
+            close_attempt(record, "cancelled")
             record.state = "cancelled"
             record.finished_at = now()
-            record.error = "cancelled before it started"
+            record.error = "cancelled before it started" if record.attempts == 0 else \
+                "cancelled by an admin while it waited to be retried"
+            self.records.save(record)
+        elif record.state == "running" and self._orphaned(job_id):
+            # No worker holds it: nobody would see the request, so the job ends here.
+            orphan(record, cause="no worker held the job when it was cancelled", settings=self.settings,
+                   cancelled=True)
             self.records.save(record)
         record.cancel_requested = True
         return record
+
+    def requeue(self, job_ids: list[str] | None = None, *, admin_token: str | None) -> dict[str, str]:
+        """Send again every `queued` job (or those named) whose message is no longer in the
+        broker and whose retry time has come; returns what was done, by job ID."""
+        self._check_admin(admin_token)
+        reaper = Reaper(self.settings, records=self.records)
+        if reaper.client is None:
+            raise CTScanError("the broker is not Redis: queued messages cannot be inspected, nothing was requeued")
+        return reaper.sweep(running=False, queued=True, job_ids=job_ids)
+
+    def _orphaned(self, job_id: str) -> bool:
+        """True when the broker's Redis answers and no worker holds the job's lease."""
+        try:
+            client = broker_redis(self.settings)
+            return client is not None and lease_holder(client, job_id) is None
+        except Exception as exc:  # Redis down: cannot tell, the request stands
+            log.debug("cannot read the lease of job %s: %s", job_id, exc)
+            return False
 
     # --- reading -----------------------------------------------------------------------------
     def get(self, job_id: str) -> JobRecord:
@@ -100,14 +131,42 @@ class JobsClient:
     def list_jobs(self, limit: int = 50) -> list[JobRecord]:
         return [self._reconcile(record) for record in self.records.recent(limit)]
 
+    def production_versions(self, models: set[str]) -> dict[str, str | None]:
+        """The current production pointer of each model (None where it cannot be read)."""
+        from ctscan.store import open_store
+
+        store = open_store(self.settings.store.model_store)
+        pointers: dict[str, str | None] = {}
+        for model in sorted(models):
+            try:
+                pointers[model] = store.production(model)
+            except CTScanError:
+                pointers[model] = None
+        return pointers
+
     # --- helpers -----------------------------------------------------------------------------
-    def _check_dataset(self, dataset: str, version: str) -> None:
+    def _check_dataset(self, dataset: str, version: str) -> DatasetManifest:
         if not dataset or not version or "/" in dataset + version or (dataset + version).startswith("."):
             raise DataError("dataset and dataset_version must be plain names (see `ctscan data upload`)")
         datasets_url = self.settings.store.datasets_url
-        if open_dataset(datasets_url, dataset).manifest(version) is None:
+        manifest = open_dataset(datasets_url, dataset).manifest(version)
+        if manifest is None:
             raise DataError(f"dataset {dataset} has no published version {version} in "
                             f"{datasets_url}; publish it with `ctscan data upload`")
+        return manifest
+
+    def _check_memory(self, hyperparameters: dict[str, Any], *, default_size: int, images: int) -> None:
+        """The decoded data set must fit in half the per-job memory limit (the network,
+        its gradients and TensorFlow take the rest)."""
+        size = int(hyperparameters.get("input_size") or default_size)
+        variants = int(hyperparameters.get("source_variants") or 1) if hyperparameters.get("augment", True) else 1
+        needed = estimated_data_bytes(images=images, input_size=size, variants=variants)
+        budget = self.settings.job_memory_mb * 1024 * 1024 // 2
+        if needed > budget:
+            raise HyperParameterError(
+                f"hyper-parameter input_size: {images} images at {size} px need about {needed / 2**20:.0f} MB "
+                f"decoded, more than half the per-job memory limit ({self.settings.job_memory_mb} MB, "
+                "CTSCAN_TRAINER_JOB_MEMORY_MB); choose a smaller input size")
 
     def _broker(self) -> str:
         url = self.settings.celery_broker_url

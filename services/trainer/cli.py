@@ -56,6 +56,9 @@ def add_jobs_arguments(parser: argparse.ArgumentParser) -> None:
     show.add_argument("--wait", action="store_true", help="follow progress until the job ends")
     cancel = sub.add_parser("cancel", help="stop a job (needs CTSCAN_ADMIN_TOKEN)")
     cancel.add_argument("id")
+    requeue = sub.add_parser("requeue", help="send again queued jobs whose message the broker lost "
+                             "(needs CTSCAN_ADMIN_TOKEN)")
+    requeue.add_argument("ids", nargs="*", help="only these jobs (default: every queued job)")
 
 
 def _token() -> str:
@@ -97,10 +100,20 @@ def _follow(client: Any, job_id: str, poll_seconds: float = 2.0) -> JobRecord:
         time.sleep(poll_seconds)
 
 
-def _summary(record: JobRecord) -> str:
+def serving_role(record: JobRecord, production: dict[str, str | None]) -> str:
+    """What the job's model is now, from the current production pointer (a rollback or a
+    manual promotion after the job changes it), not from the decision when the job ended."""
+    if record.result_version is None:
+        return ""
+    if production.get(record.model) == record.result_version:
+        return "production"
+    return "candidate (was production)" if record.promoted else "candidate"
+
+
+def _summary(record: JobRecord, production: dict[str, str | None]) -> str:
     epoch = f"{record.progress[-1].epoch if record.progress else 0}/{record.epochs}"
     result = record.result_version or "-"
-    promoted = "" if record.promoted is None else ("production" if record.promoted else "candidate")
+    promoted = serving_role(record, production)
     return (f"{record.id}  {record.state:9s}  {record.model:12s}  "
             f"{record.dataset}@{record.dataset_version}  epoch {epoch}  {result} {promoted}").rstrip()
 
@@ -122,16 +135,22 @@ def run_jobs_command(args: argparse.Namespace) -> int:
             record = _follow(client, record.id)
     elif command == "list":
         records = client.list_jobs(limit=args.limit)
+        production = client.production_versions({record.model for record in records})
         if args.json:
-            print(json.dumps([_dump(record) for record in records], indent=2))
+            print(json.dumps([{**_dump(record), "serving": serving_role(record, production) or None}
+                              for record in records], indent=2))
         else:
             for record in records:
-                print(_summary(record))
+                print(_summary(record, production))
         return 0
     elif command == "show":
         record = _follow(client, args.id) if args.wait else client.get(args.id)
     elif command == "cancel":
         record = client.cancel(args.id, admin_token=_token())
+    elif command == "requeue":
+        done = client.requeue(args.ids or None, admin_token=_token())
+        print(json.dumps({"requeued": done}, indent=2))
+        return 0
     else:
         raise CTScanError(f"unknown jobs command {command!r}")
     print(json.dumps(_dump(record), indent=2))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import shutil
 import subprocess
+import sys
 
 from pydantic import ValidationError
 
@@ -34,6 +36,14 @@ def cli_serve(args: argparse.Namespace) -> None:
     serve(concurrency=args.concurrency)
 
 
+def _start_reaper() -> None:
+    """The reaper and requeue sweep (services/trainer/reaper.py) in a process of its own: not
+    a thread, since the prefork pool forks this process for every job. It ends with this one
+    (it watches its parent) and is stopped on a normal exit."""
+    reaper = subprocess.Popen([sys.executable, "-m", "services.trainer.reaper", str(os.getpid())])
+    atexit.register(reaper.terminate)
+
+
 def serve(concurrency: int = 1) -> None:
     try:
         settings = get_trainer_settings()
@@ -57,6 +67,7 @@ def serve(concurrency: int = 1) -> None:
              else "CPU (no GPU found)", concurrency, settings.queue, settings.store.model_store)
     from services.trainer.celery_app import app
 
+    _start_reaper()
     # prefork: time limits and "worker lost" detection need child processes.
     app.worker_main(["worker", f"--concurrency={concurrency}", "--pool=prefork", "--loglevel=INFO",
                      f"--queues={settings.queue}", "--without-gossip", "--without-mingle"])

@@ -122,6 +122,8 @@ def promotion_note(job: dict[str, Any]) -> str | None:
     if job.get("state") != "succeeded" or job.get("promoted") is not False:
         return None
     gate = job.get("promotion") or {}
+    if gate.get("reason"):  # the gate's own words (floors, validation sets, the comparison)
+        return f"Not promoted: {gate['reason']}. Promote it in the model table below to serve it anyway."
     metric = str(gate.get("metric") or "auc")
     label = METRIC_LABELS.get(metric, metric)
     candidate = gate.get("candidate", (job.get("metrics") or {}).get(metric))

@@ -95,6 +95,12 @@ class TcpProxy:
                 except OSError:
                     pass
 
+    def restore(self) -> None:
+        """The endpoint answers again, on the same port (the outage is over)."""
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
     def cut(self) -> None:
         self.closed = True
         self.listener.close()
@@ -165,6 +171,17 @@ def trainer_env(s3_endpoint: str, redis_server: RedisServer,
         "CTSCAN_ADMIN_TOKEN": ADMIN_TOKEN,
         "CTSCAN_TRAINER_QUEUE": f"training-{run}",
         "CTSCAN_TRAINER_WORK_DIR": str(tmp_path_factory.mktemp("trainer-work")),
+        # The tiny models trained here are no classifiers: the gate's floors are off, except
+        # where a test sets them.
+        "CTSCAN_PROMOTION_MIN_AUC": "0",
+        "CTSCAN_PROMOTION_MIN_BALANCED_ACCURACY": "0",
+        # Liveness shortened so that a lost worker is noticed within seconds (production:
+        # heartbeat 5 s, lease 30 s, reaper every 10 s, backoff 10 s doubling).
+        "CTSCAN_TRAINER_HEARTBEAT_INTERVAL": "1",
+        "CTSCAN_TRAINER_LEASE_TTL": "8",
+        "CTSCAN_TRAINER_REAPER_INTERVAL": "2",
+        "CTSCAN_TRAINER_RETRY_BACKOFF": "1",
+        "CTSCAN_TRAINER_CHECKPOINT_RETENTION": "0",
         "TF_CPP_MIN_LOG_LEVEL": "3",
         "CUDA_VISIBLE_DEVICES": "",
     }
@@ -335,3 +352,17 @@ def s3_proxy(s3_endpoint: str) -> Iterator[Callable[[], TcpProxy]]:
     yield make
     for proxy in proxies:
         proxy.cut()
+
+
+@pytest.fixture
+def record_fault(artifacts_dir: Path) -> Callable[..., None]:
+    """Write a measured recovery to test-artifacts/faults.json (docs/faults.md quotes it)."""
+    import json
+
+    def write(fault: str, **measured: Any) -> None:
+        path = artifacts_dir / "faults.json"
+        table = json.loads(path.read_text()) if path.is_file() else {}
+        table[fault] = measured
+        path.write_text(json.dumps(table, indent=2, sort_keys=True))
+
+    return write

@@ -49,8 +49,11 @@ def test_job_runs_from_submission_to_a_promoted_model(
     assert (card.job or {})["dataset_version"] == published_dataset[1] and card.input_size == 32
     # First model of this store: nothing to beat, so it becomes production.
     assert record["promoted"] is True and store.production("mobilenetv2") == record["result_version"]
-    assert record["promotion"] == {"metric": "auc", "split": "val", "candidate": card["metrics"]["val"]["auc"],
-                                   "production_version": None, "production": None}
+    gate = record["promotion"]
+    assert {k: gate[k] for k in ("metric", "split", "candidate", "production_version", "production", "promoted")} \
+        == {"metric": "auc", "split": "val", "candidate": card["metrics"]["val"]["auc"],
+            "production_version": None, "production": None, "promoted": True}
+    assert gate["reason"] == "no production version to compare with; the floors are met"
 
     # The record is durable and listed; its model loads from S3 and classifies a real CT image.
     listed = ctscan_cli("jobs", "list", "--json")
@@ -112,31 +115,45 @@ def test_cancelled_job_stops_within_an_epoch_and_keeps_its_record(
     assert job["id"] not in _store(trainer_env).list_versions("mobilenetv2")
     # Cancelling again is harmless and the record stays as it was.
     assert jobs_client.cancel(job["id"], admin_token=admin_token).state == "cancelled"
+    # The worker's reaper deletes the checkpoints of the cancelled job (retention 0 here).
+    from ctscan.objects import open_objects
+
+    runs = open_objects(trainer_env["CTSCAN_MODEL_STORE"]).child(f".runs/{job['id']}")
+    wait_until(lambda: not list(runs.walk()), timeout=60, what="the checkpoints to be collected")
 
 
 def test_job_resumes_from_its_checkpoint_after_the_worker_is_killed(
-        wait_until: Callable[..., Any],
+        wait_until: Callable[..., Any], record_fault: Callable[..., None],
         start_worker: Callable[..., Any], tiny_job: Callable[..., dict[str, Any]],
         wait_job: Callable[..., dict[str, Any]], jobs_client: Any) -> None:
-    # Redis hands an unacknowledged job to another worker after the visibility timeout;
-    # 5 s keeps the test short (production uses more than the job time limit).
-    first = start_worker(CTSCAN_TRAINER_VISIBILITY_TIMEOUT="5")
+    # The broker's visibility timeout stays at its default (hours): the second worker's
+    # reaper notices the expired lease and requeues the job, the broker does not.
+    first = start_worker()
     job = tiny_job(5, input_size=48)
     wait_until(lambda: jobs_client.get(job["id"]).progress, timeout=240, what="the first checkpoint",
              interval=0.2)
-    first.kill()  # SIGKILL to the whole worker: no chance to clean up
+    first.kill()  # SIGKILL to the whole process group: no chance to clean up
+    killed_at = time.monotonic()
     at_kill = jobs_client.get(job["id"])
     assert at_kill.state == "running", "the job finished before the worker could be killed"
     checkpointed = len(at_kill.progress)
 
-    second = start_worker(CTSCAN_TRAINER_VISIBILITY_TIMEOUT="5")
+    second = start_worker()
+    resumed = wait_until(lambda: (r := jobs_client.get(job["id"])).attempts == 2 and r.state == "running" and r,
+                         timeout=300, what="the second attempt", interval=0.3)
+    resumed_after = time.monotonic() - killed_at
     record = wait_job(job["id"], {"succeeded", "failed", "cancelled"}, timeout=300)
     assert record["state"] == "succeeded", (record["error"], second.output())
-    assert record["attempts"] == 2
+    assert record["attempts"] == 2 and resumed.worker != at_kill.worker
+    assert [a["outcome"] for a in record["attempt_log"]] == [
+        f"worker {at_kill.worker} stopped heartbeating (lease expired)", "succeeded"]
     assert record["resumed_from_epoch"] >= checkpointed >= 1
     # Each epoch ran once in the record: training continued rather than starting over.
     assert _epochs(record) == [1, 2, 3, 4, 5]
     assert record["result_version"] == job["id"]
+    record_fault("kill -9 of the worker's process group", outcome="resumed from checkpoint, succeeded",
+                 seconds_from_kill_to_running_again=round(resumed_after, 1),
+                 seconds_from_kill_to_succeeded=round(time.monotonic() - killed_at, 1))
 
 
 def test_redis_restart_loses_no_job_record(
@@ -167,7 +184,8 @@ def test_unreachable_s3_fails_the_job_clearly_and_promotes_nothing(
         trainer_env: dict[str, str]) -> None:
     # The worker reaches S3 through a proxy we can cut; the test itself still sees S3.
     proxy = s3_proxy()
-    start_worker(CTSCAN_S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}")
+    # An outage longer than the job's outage budget (5 s here) fails it.
+    start_worker(CTSCAN_S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}", CTSCAN_TRAINER_S3_OUTAGE_BUDGET="5")
     store = _store(trainer_env)
     production_before = store.production("mobilenetv2")
     job = tiny_job(30)

@@ -172,6 +172,29 @@ def test_queue_job_goes_to_the_trainer(client: FlaskClient, jobs_client: Any) ->
     assert job.id in html and "badge-queued" in html
 
 
+def test_the_console_refuses_hyperparameters_with_the_trainers_own_check(
+        make_settings: Callable[..., Any], store: ModelStore, published_datasets: tuple[str, str, str],
+        trainer_queue: str, tmp_path: Path) -> None:
+    """The console submits through the same hyper-parameter model as the CLI: here the
+    per-job memory limit refuses 512 px for the whole UCSD data set, before anything is queued."""
+    from services.trainer.api import JobsClient
+
+    small = JobsClient.from_settings(trainer_settings_for(
+        CTSCAN_MODEL_STORE=store.url, CTSCAN_DATASETS_URL=published_datasets[0],
+        CTSCAN_ADMIN_TOKEN=TRAINER_TOKEN, CTSCAN_TRAINER_QUEUE=trainer_queue,
+        CTSCAN_TRAINER_WORK_DIR=str(tmp_path / "work"), CTSCAN_TRAINER_JOB_MEMORY_MB="1024"))
+    small.records.publish_verifier(TRAINER_TOKEN)
+    settings = make_settings(model_store=store.url, default_dataset=published_datasets[1],
+                             default_dataset_version=published_datasets[2])
+    client = create_app(settings, jobs_client_factory=lambda: small).test_client()
+    login(client)
+    html = client.post("/admin/jobs", data=queue_form(console_token(client), input_size="512"),
+                       follow_redirects=True).get_data(as_text=True)
+    assert "The job was not queued: hyper-parameter Input size:" in html
+    assert "more than half the per-job memory limit (1024 MB" in html
+    assert small.list_jobs() == []
+
+
 def test_queue_job_with_wrong_csrf_token_is_refused(client: FlaskClient, jobs_client: Any) -> None:
     login(client)
     response = client.post("/admin/jobs", data=queue_form("forged-token"))
