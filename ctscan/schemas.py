@@ -92,7 +92,8 @@ class Prediction(BaseModel):
         default=None, deprecated=True,
         description="Deprecated (API v1): probability_covid if label is COVID, else 1 - probability_covid. It is "
                     "not the chance that the label is right; read outcome and probability_covid instead")
-    calibrated: bool = Field(default=False, description="Whether probability_covid is calibrated (newer models)")
+    calibrated: bool = Field(default=False, description=(
+        "Whether probability_covid is calibrated: the ensemble's own calibration, else every model's"))
     model: str
     model_version: str
     members: dict[str, MemberPrediction] | None

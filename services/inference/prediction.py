@@ -24,6 +24,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from ctscan import DISCLAIMER
+from ctscan.calibration import Calibration
 from ctscan.decision import LEGACY_LABELS, OUTCOME_TEXT, Decision
 from ctscan.formats import InputFormat, describe_formats, sniff
 from ctscan.gradcam import overlay_png
@@ -118,7 +119,8 @@ def _label(side: str | None) -> Label | None:
 
 def build_answer(*, decision: Decision, outputs: list[MemberOutput], model: str, model_version: str,
                  screened: Screened, entries: list[ServedModel], heatmap: str | None, request_id: str,
-                 timings: Timings, band: float | None) -> Prediction:
+                 timings: Timings, band: float | None, calibration: Calibration | None = None) -> Prediction:
+    """`calibration`: the ensemble's own (its probability is calibrated again on val), else None."""
     members: dict[str, MemberPrediction] | None = None
     disagreement: bool | None = None
     if model == ENSEMBLE and outputs:
@@ -140,7 +142,8 @@ def build_answer(*, decision: Decision, outputs: list[MemberOutput], model: str,
         reasons=decision.reasons,
         label=label,
         confidence=confidence,
-        calibrated=bool(entries) and all(e.calibration.method != "identity" for e in entries),
+        calibrated=(calibration.method != "identity") if calibration is not None
+        else bool(entries) and all(e.calibration.method != "identity" for e in entries),
         model=model,
         model_version=model_version,
         members=members,
@@ -198,4 +201,5 @@ async def predict_upload(
     )
     return build_answer(decision=decision, outputs=outputs, model=model, model_version=model_version,
                         screened=screened, entries=entries, heatmap=heatmap, request_id=request_id,
-                        timings=timings, band=band)
+                        timings=timings, band=band,
+                        calibration=ensemble.calibration if model == ENSEMBLE and ensemble is not None else None)
