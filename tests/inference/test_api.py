@@ -169,7 +169,9 @@ def _dicom_bytes(*, with_pixels: bool = True, rows: int = 64, columns: int = 64)
     if with_pixels:
         y, x = np.mgrid[0:rows, 0:columns]
         lungs = ((x - columns * 0.3) ** 2 + (y - rows / 2) ** 2) < (rows / 5) ** 2
-        hounsfield = np.where(lungs, -850, 40).astype(np.int16)
+        # Scanner noise (about 15 HU): a real slice has many grey levels, not two.
+        noise = np.random.default_rng(0).normal(0, 15, (rows, columns))
+        hounsfield = (np.where(lungs, -850, 40) + noise).round().astype(np.int16)
         dataset.Rows, dataset.Columns = rows, columns
         dataset.SamplesPerPixel = 1
         dataset.PhotometricInterpretation = "MONOCHROME2"
