@@ -109,6 +109,7 @@ class DatasetVersions:
             return target  # verified when it was cached; the version never changes
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=target.parent))
+        staging.chmod(0o755)  # readable by the trainer's own user in a container
         try:
             for relative in manifest.files:
                 self.objects.download_file(f"{version}/{relative}", staging / relative)

@@ -26,6 +26,10 @@ from pathlib import Path
 from ctscan.errors import StoreError, VersionExistsError
 
 TEMP_PREFIX = ".tmp-"
+# Stored objects are readable by everyone who can reach the folder (a container's service
+# user, a backup job); who may write is the folder's business.
+FILE_MODE = 0o644
+FOLDER_MODE = 0o755
 
 # A folder's files: their bytes, or a local file to copy (large datasets are not read into memory).
 FileSource = bytes | Path
@@ -150,6 +154,7 @@ class LocalObjectStore(ObjectStore):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             handle, temporary = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+            os.fchmod(handle, FILE_MODE)  # not mkstemp's 0600: containers read the store as another user
             with os.fdopen(handle, "wb") as stream:
                 stream.write(data)
             os.replace(temporary, path)
@@ -163,6 +168,7 @@ class LocalObjectStore(ObjectStore):
             # Written aside and linked into place: link() fails if the name exists, and
             # readers never see a half-written object.
             handle, temporary = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=path.parent)
+            os.fchmod(handle, FILE_MODE)  # not mkstemp's 0600: containers read the store as another user
             with os.fdopen(handle, "wb") as stream:
                 stream.write(data)
             try:
@@ -188,6 +194,7 @@ class LocalObjectStore(ObjectStore):
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{target.name}.", dir=target.parent))
+            staging.chmod(FOLDER_MODE)  # mkdtemp's 0700 would hide the version from a service's own user
         except OSError as exc:
             raise StoreError(f"cannot write {target}: {exc}") from None
         try:

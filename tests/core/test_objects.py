@@ -181,3 +181,26 @@ def test_local_folders_never_overwrite_and_write_folders_whole(tmp_path: Path) -
     for bad in ("../outside", "a/../../outside", "./a"):
         with pytest.raises(StoreError, match="leaves"):
             objects.get(bad)
+
+
+def test_local_objects_are_readable_by_other_users(tmp_path: Path) -> None:
+    """A container's service user reads a store folder written by root (the release's ONNX
+    copies are made on the host): no 0600 files or 0700 folders."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        objects = open_objects(tmp_path / "root")
+        objects.put("pointer.json", b"{}")
+        objects.put_new("new.txt", b"x")
+        objects.put_folder_new("v1", {"onnx/model.onnx": b"m", "SUMS": b"s"}, marker="SUMS")
+    finally:
+        os.umask(previous)
+    root = tmp_path / "root"
+    for path in (root / "pointer.json", root / "new.txt", root / "v1", root / "v1" / "onnx", root / "v1" / "SUMS",
+                 root / "v1" / "onnx" / "model.onnx"):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode & 0o004, f"{path.name}: {oct(mode)}"
+        if path.is_dir():
+            assert mode & 0o001, f"{path.name}: {oct(mode)}"
