@@ -7,7 +7,7 @@ import base64
 from typing import Any
 
 from ctscan import DISCLAIMER
-from ctscan.decision import API_VERSION, LEGACY_LABELS, OUTCOME_TEXT
+from ctscan.decision import API_VERSION, LEGACY_LABELS, OUTCOME_TEXT, Decision
 from ctscan.predictor import SliceResult, StudyResult
 from ctscan.study import AGGREGATION_RULE
 
@@ -16,16 +16,18 @@ def _png(data: bytes | None) -> str | None:
     return base64.b64encode(data).decode("ascii") if data is not None else None
 
 
+def _decision_fields(decision: Decision) -> dict[str, Any]:
+    """What every answer, slice or study, says of its decision."""
+    return {"api_version": API_VERSION, "outcome": decision.outcome, "outcome_text": OUTCOME_TEXT[decision.outcome],
+            "probability_covid": decision.probability_covid, "threshold": decision.threshold,
+            "reasons": decision.reasons}
+
+
 def slice_answer(result: SliceResult, *, model: str, model_version: str, source_format: str) -> dict[str, Any]:
     decision = result.decision
     findings = result.prepared.findings if result.prepared is not None else None
     return {
-        "api_version": API_VERSION,
-        "outcome": decision.outcome,
-        "outcome_text": OUTCOME_TEXT[decision.outcome],
-        "probability_covid": decision.probability_covid,
-        "threshold": decision.threshold,
-        "reasons": decision.reasons,
+        **_decision_fields(decision),
         # Version 1 fields: the label of the side of the threshold (None when not classified).
         "label": LEGACY_LABELS.get(decision.label_side or "", None),
         "model": model,
@@ -48,12 +50,7 @@ def study_answer(result: StudyResult, *, model: str, model_version: str) -> dict
     classified = [s for s in slices if s["probability_covid"] is not None]
     top = sorted(classified, key=lambda s: -float(s["probability_covid"]))[:3]
     return {
-        "api_version": API_VERSION,
-        "outcome": decision.outcome,
-        "outcome_text": OUTCOME_TEXT[decision.outcome],
-        "probability_covid": decision.probability_covid,
-        "threshold": decision.threshold,
-        "reasons": decision.reasons,
+        **_decision_fields(decision),
         "aggregation": {"rule": AGGREGATION_RULE, "k": result.k, "classified_slices": len(classified)},
         "slice_count": len(slices),
         "skipped": result.skipped(),

@@ -142,15 +142,19 @@ class CTDataset:
         return digest.hexdigest()
 
 
-def load_prepared(sample: Sample, preprocessing: str = DEFAULT_PREPROCESSING) -> PreparedSlice:
-    """Decode one sample and apply the named preprocessing (the serving path does the same)."""
+def decode_sample(sample: Sample) -> DecodedImage:
+    """Decode one sample's file; an unreadable or undecodable file is a DataError naming it."""
     try:
-        decoded = decode_image(sample.path.read_bytes())
+        return decode_image(sample.path.read_bytes())
     except ImageError as exc:
         raise DataError(f"cannot load {sample.relative_path}: {exc}") from None
     except OSError as exc:
         raise DataError(f"cannot read {sample.relative_path}: {exc.strerror}") from None
-    return prepare(decoded, preprocessing)
+
+
+def load_prepared(sample: Sample, preprocessing: str = DEFAULT_PREPROCESSING) -> PreparedSlice:
+    """Decode one sample and apply the named preprocessing (the serving path does the same)."""
+    return prepare(decode_sample(sample), preprocessing)
 
 
 def load_sample_pixels(sample: Sample, size: int, preprocessing: str = DEFAULT_PREPROCESSING) -> np.ndarray:
@@ -170,13 +174,7 @@ def load_arrays(
     preprocessor = get_preprocessor(preprocessing)
 
     def one(index: int) -> np.ndarray:
-        sample = samples[index]
-        try:
-            decoded = decode_image(sample.path.read_bytes())
-        except ImageError as exc:
-            raise DataError(f"cannot load {sample.relative_path}: {exc}") from None
-        except OSError as exc:
-            raise DataError(f"cannot read {sample.relative_path}: {exc.strerror}") from None
+        decoded = decode_sample(samples[index])
         rng = np.random.default_rng([seed, index])
         copies = [decoded, *(source_variant(decoded, rng) for _ in range(variants - 1))]
         return np.stack([preprocessor(copy).model_input(size) for copy in copies])

@@ -19,11 +19,11 @@ import numpy as np
 
 from ctscan import DISCLAIMER
 from ctscan.calibration import Calibration, calibration_metrics, fit_calibration, reliability_plot
-from ctscan.data import CTDataset, Sample
+from ctscan.data import CTDataset, Sample, decode_sample
 from ctscan.decision import DEFAULT_BAND, choose_band
-from ctscan.errors import CTScanError, DataError, ImageError, StoreError
+from ctscan.errors import CTScanError, StoreError
 from ctscan.gradcam import make_gradcam
-from ctscan.imaging import DecodedImage, decode_image
+from ctscan.imaging import DecodedImage
 from ctscan.metrics import choose_threshold, full_report
 from ctscan.models import ENSEMBLE, architecture_names, get_spec
 from ctscan.preprocessing import LUNG_V1, card_preprocessing, get_preprocessor, prepare
@@ -70,16 +70,8 @@ class SplitPredictions:
 
 
 def decode_samples(samples: list[Sample], *, workers: int = 4) -> list[DecodedImage]:
-    def one(sample: Sample) -> DecodedImage:
-        try:
-            return decode_image(sample.path.read_bytes())
-        except ImageError as exc:
-            raise DataError(f"cannot load {sample.relative_path}: {exc}") from None
-        except OSError as exc:
-            raise DataError(f"cannot read {sample.relative_path}: {exc.strerror}") from None
-
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, samples))
+        return list(pool.map(decode_sample, samples))
 
 
 def predict_split(store: ModelStore, names: list[str], samples: list[Sample]) -> SplitPredictions:
