@@ -37,7 +37,7 @@ class LoadResult:
     p99_ms: float
 
 
-def encode_request(*, host: str, port: int, path: str, model: str, image: bytes) -> bytes:
+def encode_request(*, host: str, port: int, path: str, model: str, image: bytes, api_key: str | None = None) -> bytes:
     """One complete HTTP/1.1 request: POST path?model=... with the image as multipart `file`."""
     boundary = uuid.uuid4().hex
     body = b"".join([
@@ -49,7 +49,8 @@ def encode_request(*, host: str, port: int, path: str, model: str, image: bytes)
     ])
     head = (f"POST {path}?model={model} HTTP/1.1\r\nHost: {host}:{port}\r\n"
             f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+            + (f"X-API-Key: {api_key}\r\n" if api_key else "")
+            + f"Content-Length: {len(body)}\r\n\r\n").encode()
     return head + body
 
 
@@ -67,10 +68,11 @@ async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, 
 
 
 async def _run(*, url: str, model: str, images: list[bytes], concurrency: int, total: int,
-               path: str, warmup: int) -> tuple[list[float], int, float]:
+               path: str, warmup: int, api_key: str | None) -> tuple[list[float], int, float]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    encoded = [encode_request(host=host, port=port, path=path, model=model, image=image) for image in images]
+    encoded = [encode_request(host=host, port=port, path=path, model=model, image=image, api_key=api_key)
+               for image in images]
     latencies: list[float] = []
     errors = 0
     next_index = 0
@@ -103,7 +105,7 @@ async def _run(*, url: str, model: str, images: list[bytes], concurrency: int, t
 
 
 def run_load(*, url: str, model: str, images: list[bytes], concurrency: int, total: int,
-             path: str = "/predict", warmup: int = 4) -> LoadResult:
+             path: str = "/predict", warmup: int = 4, api_key: str | None = None) -> LoadResult:
     """Send `total` timed requests over `concurrency` connections cycling through `images`."""
     loop_factory = None  # plain asyncio works too, with a little more client CPU
     try:
@@ -114,7 +116,8 @@ def run_load(*, url: str, model: str, images: list[bytes], concurrency: int, tot
         pass
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         latencies, errors, elapsed = runner.run(_run(url=url, model=model, images=images, concurrency=concurrency,
-                                                     total=total, path=path, warmup=warmup))
+                                                     total=total, path=path, warmup=warmup,
+                                                     api_key=api_key))
     milliseconds = np.array(latencies) * 1000
     return LoadResult(model=model, concurrency=concurrency, requests=total, errors=errors,
                       seconds=elapsed, throughput_rps=total / elapsed,

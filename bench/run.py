@@ -191,7 +191,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     url = f"http://127.0.0.1:{port}"
     service = _start([sys.executable, "-m", "ctscan.cli", "serve", "inference", "--port", str(port)],
                      {"CTSCAN_MODEL_STORE": args.store, "INFERENCE_RELOAD_POLL_SECONDS": "0",
-                      "INFERENCE_LOG_LEVEL": "warning"}, url, "/readyz", logs / "service.log")
+                      "INFERENCE_LOG_LEVEL": "warning",
+                      # Like the naive server it is compared with: no API keys.
+                      "INFERENCE_AUTH": "off"}, url, "/readyz", logs / "service.log")
     try:
         report["backends"] = requests.get(url + "/readyz", timeout=10).json()["backends"]
         report["rss_after_warmup_mb"] = _rss_mb(service.pid)

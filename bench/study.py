@@ -143,7 +143,8 @@ def main() -> None:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     log = RESULTS_DIR / f"study-service-{port}.log"
     env = {"CTSCAN_MODEL_STORE": str(args.store), "INFERENCE_RELOAD_POLL_SECONDS": "0", "TF_CPP_MIN_LOG_LEVEL": "2",
-           "INFERENCE_MAX_STUDY_BYTES": str(1 << 30)}
+           "INFERENCE_MAX_STUDY_BYTES": str(1 << 30),
+           "INFERENCE_AUTH": "off"}  # the in-process limit it is compared with has no keys either
     process = _start([sys.executable, "-m", "ctscan.cli", "serve", "inference", "--port", str(port)], env, url,
                      "/readyz", log)
     try:

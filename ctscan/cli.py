@@ -266,23 +266,30 @@ def _require_admin(store: Any) -> None:
     except ValidationError as exc:
         raise CTScanError(describe_settings_error(exc)) from None
     if not token:
-        raise CTScanError("set CTSCAN_ADMIN_TOKEN: promoting and rolling back need the admin credential")
+        raise CTScanError("set CTSCAN_ADMIN_TOKEN: changing production, API keys or accounts needs the admin "
+                          "credential")
     if JobRecords.for_store(store.url).token_accepted(token) is False:
         raise CTScanError("admin token rejected: the trainer workers of this store hold another CTSCAN_ADMIN_TOKEN")
 
 
 def cmd_models_promote(args: argparse.Namespace) -> int:
+    from ctscan.cli_access import record_admin_action
+
     store = _store(args)
     _require_admin(store)
     store.promote(args.name, args.version, reason="promoted by an admin")
+    record_admin_action("promote", model=args.name, model_version=args.version)
     print(f"{args.name}: production is now {args.version}")
     return 0
 
 
 def cmd_models_rollback(args: argparse.Namespace) -> int:
+    from ctscan.cli_access import record_admin_action
+
     store = _store(args)
     _require_admin(store)
     version = store.rollback(args.name)
+    record_admin_action("rollback", model=args.name, model_version=version)
     print(f"{args.name}: production rolled back to {version}")
     return 0
 
@@ -453,6 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--data", help="real CT images to check the copies on (default: CTSCAN_DATA_DIR)")
     export.add_argument("--store")
     export.set_defaults(func=cmd_models_export_onnx)
+
+    from ctscan.cli_access import add_access_commands
+
+    add_access_commands(sub, _positive_int)
 
     serve = sub.add_parser("serve", help="run a service")
     serve.add_argument("service", choices=[entry.name for entry in _plugins(SERVICES_GROUP)])

@@ -6,6 +6,7 @@ Shared sections, each variable read here and nowhere else:
     S3Settings      CTSCAN_S3_*, AWS_DEFAULT_REGION            how S3 is reached (credentials: boto3)
     AdminSettings   CTSCAN_ADMIN_TOKEN                         the admin credential for training jobs
     CoreSettings    CTSCAN_DATA_DIR, CTSCAN_RELEASE_DIR, CTSCAN_RUNS_DIR   the CLI's local folders
+    AuditSettings   CTSCAN_AUDIT_DIR                           where the audit trail is appended
 
 Service sections (each service reads its own, plus the shared ones it names as fields):
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -140,6 +141,12 @@ class CoreSettings(Section):
     runs_dir: Path = Field(default_factory=lambda: data_home() / "runs", validation_alias="CTSCAN_RUNS_DIR")
 
 
+class AuditSettings(Section):
+    # The append-only audit trail (ctscan.audit_trail): a folder every service process can
+    # write; in containers a mounted volume, never the image.
+    audit_dir: Path = Field(default_factory=lambda: data_home() / "audit", validation_alias="CTSCAN_AUDIT_DIR")
+
+
 # --- services ---------------------------------------------------------------------------------
 class InferenceSettings(Section):
     model_config = SettingsConfigDict(env_prefix="INFERENCE_", env_file=".env", extra="ignore")
@@ -178,9 +185,17 @@ class InferenceSettings(Section):
     reload_poll_seconds: float = Field(default=30.0, ge=0.0)
     warmup_gradcam: bool = True
     log_level: str = "info"
+    # Who may call /predict: "keys" (an API key from `ctscan keys create`, sent as X-API-Key
+    # or Authorization: Bearer) or "off" (anyone who reaches the port: local use only).
+    auth: Literal["keys", "off"] = "keys"
+    # A revoked key stops working within this many seconds (each replica re-reads the store).
+    key_reload_seconds: float = Field(default=5.0, gt=0, le=300)
+    # Requests a minute per key (per replica) unless the key has its own limit.
+    rate_limit_per_minute: int = Field(default=120, ge=1)
 
     store: StoreSettings = _shared(StoreSettings)
     core: CoreSettings = _shared(CoreSettings)
+    audit: AuditSettings = _shared(AuditSettings)
 
     @field_validator("models", mode="before")
     @classmethod
@@ -207,8 +222,21 @@ class InferenceSettings(Section):
 class WebSettings(Section):
     # Signs the session cookie and the CSRF tokens.
     secret_key: SecretStr = Field(validation_alias="WEB_SECRET_KEY")
-    # The admins' console password (there is one admin role; the password is the credential).
-    admin_password: SecretStr = Field(validation_alias="WEB_ADMIN_PASSWORD")
+    # Who may use the page. "accounts": people log in with an account from
+    # `ctscan accounts create` (roles clinician / admin); "proxy": an authenticating reverse
+    # proxy (e.g. an OIDC proxy) has logged them in and sends their name in
+    # `proxy_user_header` (admins: `proxy_admin_group` in `proxy_groups_header`); the proxy
+    # must drop these headers from clients. "off": no login, local use only.
+    auth: Literal["accounts", "proxy", "off"] = Field(default="accounts", validation_alias="WEB_AUTH")
+    # The built-in account "admin" (role admin) has this password; optional once admins have
+    # accounts of their own.
+    admin_password: SecretStr | None = Field(default=None, validation_alias="WEB_ADMIN_PASSWORD")
+    proxy_user_header: str = Field(default="X-Forwarded-User", validation_alias="WEB_PROXY_USER_HEADER")
+    proxy_groups_header: str = Field(default="X-Forwarded-Groups", validation_alias="WEB_PROXY_GROUPS_HEADER")
+    proxy_admin_group: str = Field(default="ctscan-admins", validation_alias="WEB_PROXY_ADMIN_GROUP")
+    # The page's own API key for the inference service; registered in the store (as key
+    # "web") when the page starts, so one Secret configures both sides.
+    inference_api_key: SecretStr | None = Field(default=None, validation_alias="WEB_INFERENCE_API_KEY")
 
     inference_url: str = Field(default="http://127.0.0.1:8000", validation_alias="INFERENCE_URL")
     # Connect fails fast (the service is down); reading waits for Grad-CAM on a CPU.
@@ -227,11 +255,16 @@ class WebSettings(Section):
     # Behind TLS in production: send the session cookie over HTTPS only.
     session_cookie_secure: bool = Field(default=False, validation_alias="WEB_SESSION_COOKIE_SECURE")
     session_hours: float = Field(default=8.0, gt=0, validation_alias="WEB_SESSION_HOURS")
+    # Reverse proxies in front of the page (the ingress: 1) whose X-Forwarded-For/-Proto are
+    # believed: the login throttle then sees each person's address, not the proxy's, and
+    # HTTPS is recognised. 0 (no proxy) believes no such header.
+    trusted_proxy_hops: int = Field(default=0, ge=0, le=5, validation_alias="WEB_TRUSTED_PROXY_HOPS")
 
     # The console lists, promotes and rolls back models in store.model_store and offers the
     # dataset versions published in store.datasets_url; it queues jobs with admin's token.
     store: StoreSettings = _shared(StoreSettings)
     admin: AdminSettings = _shared(AdminSettings)
+    audit: AuditSettings = _shared(AuditSettings)
 
     @field_validator("secret_key")
     @classmethod
@@ -240,8 +273,17 @@ class WebSettings(Section):
 
     @field_validator("admin_password")
     @classmethod
-    def _check_admin_password(cls, value: SecretStr) -> SecretStr:
+    def _check_admin_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
         return refuse_placeholder(value, name="WEB_ADMIN_PASSWORD", min_length=MIN_PASSWORD_LENGTH)
+
+    @field_validator("inference_api_key")
+    @classmethod
+    def _check_api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value().strip():
+            return None
+        return refuse_placeholder(value, name="WEB_INFERENCE_API_KEY", min_length=24)
 
     @field_validator("inference_url")
     @classmethod
@@ -360,6 +402,11 @@ def get_core_settings() -> CoreSettings:
 
 
 @lru_cache
+def get_audit_settings() -> AuditSettings:
+    return AuditSettings()
+
+
+@lru_cache
 def get_inference_settings() -> InferenceSettings:
     return InferenceSettings()
 
@@ -387,5 +434,6 @@ def describe_settings_error(exc: ValidationError) -> str:
 def clear_caches() -> None:
     """Forget every section read so far (tests that change the environment call this)."""
     for getter in (get_store_settings, get_s3_settings, get_admin_settings, get_core_settings, get_promotion_settings,
+                   get_audit_settings,
                    get_inference_settings, get_web_settings, get_trainer_settings):
         getter.cache_clear()

@@ -30,7 +30,7 @@ FROM python:3.11-slim-bookworm AS runtime
 RUN groupadd --system --gid 10001 ctscan \
     && useradd --system --uid 10001 --gid ctscan --home-dir /home/ctscan --create-home \
        --shell /usr/sbin/nologin ctscan \
-    && mkdir -p /data/model-store \
+    && mkdir -p /data/model-store /data/audit \
     && chown -R ctscan:ctscan /data
 COPY --from=builder /opt/venv /opt/venv
 COPY docker/healthcheck.py /opt/ctscan/healthcheck.py

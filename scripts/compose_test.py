@@ -207,6 +207,7 @@ def write_env_file(folder: Path, data_dir: Path) -> tuple[Path, dict[str, str]]:
         "WEB_SECRET_KEY": secrets.token_urlsafe(32),
         "WEB_ADMIN_PASSWORD": secrets.token_urlsafe(16),
         "CTSCAN_ADMIN_TOKEN": secrets.token_urlsafe(24),
+        "WEB_INFERENCE_API_KEY": secrets.token_urlsafe(32),
         "MINIO_ROOT_USER": "ctscan",
         "MINIO_ROOT_PASSWORD": secrets.token_urlsafe(24),
         "CTSCAN_BUCKET": "ctscan",
@@ -303,6 +304,8 @@ def user_checks(engine: Engine, values: dict[str, str], containers: dict[str, st
         "CTSCAN_STACK_WEB_URL": f"http://127.0.0.1:{values['WEB_PORT']}",
         "CTSCAN_STACK_INFERENCE_URL": f"http://127.0.0.1:{values['INFERENCE_PORT']}",
         "CTSCAN_STACK_ADMIN_PASSWORD": values["WEB_ADMIN_PASSWORD"],
+        # The page's key, registered by the web container at start: the stack's one key.
+        "CTSCAN_STACK_API_KEY": values["WEB_INFERENCE_API_KEY"],
         "CTSCAN_STACK_BUCKET": values["CTSCAN_BUCKET"],
         "CTSCAN_STACK_S3_USER": values["MINIO_ROOT_USER"],
         "CTSCAN_STACK_S3_PASSWORD": values["MINIO_ROOT_PASSWORD"],

@@ -29,8 +29,14 @@ Environment (all optional):
     CTSCAN_DATASETS_URL, CTSCAN_TRAINER_WORK_DIR, CTSCAN_BROKER_DIR
                          default <var>/datasets, <var>/trainer, <var>/broker
     CTSCAN_DATA_DIR      real CT slices for the smoke predictions (`make up` passes DATA)
-    WEB_SECRET_KEY, WEB_ADMIN_PASSWORD, CTSCAN_ADMIN_TOKEN
+    WEB_SECRET_KEY, WEB_ADMIN_PASSWORD, CTSCAN_ADMIN_TOKEN, WEB_INFERENCE_API_KEY, DEVSTACK_API_KEY
                          generated into <var>/dev-secrets.env when not set (kept for reuse)
+    CTSCAN_AUDIT_DIR     the audit trail (default <var>/audit)
+
+Access control is on, as in production: the page asks for a login (account "admin", password
+WEB_ADMIN_PASSWORD; more with `ctscan accounts create`) and the API for a key (the stack
+registers DEVSTACK_API_KEY as key "local"; more with `ctscan keys create`). Both are printed
+when the stack is ready.
 """
 
 from __future__ import annotations
@@ -56,7 +62,10 @@ from urllib.parse import urlparse
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-SECRET_NAMES = ("WEB_SECRET_KEY", "WEB_ADMIN_PASSWORD", "CTSCAN_ADMIN_TOKEN")
+# WEB_INFERENCE_API_KEY is the page's key (the page registers it); DEVSTACK_API_KEY is
+# registered as key "local" for programs and printed at start.
+SECRET_NAMES = ("WEB_SECRET_KEY", "WEB_ADMIN_PASSWORD", "CTSCAN_ADMIN_TOKEN", "WEB_INFERENCE_API_KEY",
+                "DEVSTACK_API_KEY")
 # The machine's Redis database for `make up` when REDIS_URL is not given: not 0, which every
 # program that does not choose one shares.
 DEFAULT_REDIS_DB = 1
@@ -327,6 +336,19 @@ def seed_store(env: dict[str, str]) -> None:
 
 
 # --- dataset ------------------------------------------------------------------------------
+def register_local_key(env: dict[str, str]) -> None:
+    """DEVSTACK_API_KEY becomes the store's key "local" (once; a revoked one is replaced)."""
+    from ctscan.access import AccessError, open_access
+
+    access = open_access(env["CTSCAN_MODEL_STORE"])
+    try:
+        access.register_key("local", env["DEVSTACK_API_KEY"])
+    except AccessError as exc:
+        raise DevstackError(f"the local API key cannot be registered ({exc}); remove DEVSTACK_API_KEY from "
+                            "the dev-secrets file to get a new one") from None
+    say("API key \"local\" registered for programs (DEVSTACK_API_KEY)")
+
+
 def publish_dataset(env: dict[str, str]) -> None:
     """Publish the local data set once, so the console's queue form has a version to offer."""
     from ctscan.datasets import publish_once
@@ -442,6 +464,7 @@ def cmd_up(layout: Layout) -> int:
     env.setdefault("CTSCAN_DATASETS_URL", str(layout.var_dir / "datasets"))
     env.setdefault("CTSCAN_TRAINER_WORK_DIR", str(layout.var_dir / "trainer"))
     env.setdefault("CTSCAN_BROKER_DIR", str(layout.var_dir / "broker"))
+    env.setdefault("CTSCAN_AUDIT_DIR", str(layout.var_dir / "audit"))
     env["PYTHONUNBUFFERED"] = "1"
     env.update(dev_secrets(layout, env))
     env["INFERENCE_URL"] = layout.url(layout.inference_port)
@@ -451,6 +474,7 @@ def cmd_up(layout: Layout) -> int:
     status = 0
     try:
         seed_store(env)
+        register_local_key(env)
         publish_dataset(env)
         broker = choose_broker(layout, env)
         env.update(broker.env)
@@ -474,9 +498,11 @@ def cmd_up(layout: Layout) -> int:
         }, layout.timeout_s, lambda: stop_requested)
         say("ready:")
         say(f"  web UI         {layout.url(layout.web_port)}/")
-        say(f"  inference API  {layout.url(layout.inference_port)}/docs  (POST /predict)")
-        say(f"  admin console  {layout.url(layout.web_port)}/admin  (password: WEB_ADMIN_PASSWORD in "
-            f"{layout.secrets_file})")
+        say(f"  inference API  {layout.url(layout.inference_port)}/docs  (POST /predict, header "
+            f"X-API-Key: {env['DEVSTACK_API_KEY']})")
+        say(f"  admin console  {layout.url(layout.web_port)}/admin  (user admin, password "
+            f"{env['WEB_ADMIN_PASSWORD']}; kept in {layout.secrets_file})")
+        say(f"  audit trail    {env['CTSCAN_AUDIT_DIR']}  (ctscan audit-log)")
         say("Ctrl-C (or `make down`) stops everything")
         while not stop_requested:
             dead = [name for name, child in children.items() if not child.running()]

@@ -23,6 +23,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CTSCAN = str(Path(sys.executable).with_name("ctscan"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"]
+SCREENSHOT_USER = "dr.example"
 
 
 def free_port() -> int:
@@ -75,8 +76,13 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ctscan-shots-"))
     api_port, web_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WEB_", "INFERENCE_", "CTSCAN_"))}
+    # Nothing is written into the store (by default the shipped release): no API key and no
+    # account are registered there. The services listen on 127.0.0.1 only, the inference
+    # service without keys, and the page in proxy mode with the browser sending the header an
+    # authenticating proxy would, so the pages show a clinician logged in as people see them.
     env |= {"CTSCAN_MODEL_STORE": args.store, "TF_CPP_MIN_LOG_LEVEL": "2",
-            "WEB_SECRET_KEY": secrets.token_hex(32), "WEB_ADMIN_PASSWORD": secrets.token_urlsafe(16),
+            "WEB_SECRET_KEY": secrets.token_hex(32), "WEB_AUTH": "proxy", "INFERENCE_AUTH": "off",
+            "CTSCAN_AUDIT_DIR": str(work / "audit"),
             "CTSCAN_ADMIN_TOKEN": secrets.token_urlsafe(24), "INFERENCE_URL": f"http://127.0.0.1:{api_port}"}
     processes = [
         subprocess.Popen([CTSCAN, "serve", "inference", "--host", "127.0.0.1", "--port", str(api_port)], env=env,
@@ -98,7 +104,8 @@ def main() -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page = browser.new_page(viewport={"width": 1200, "height": 900},
+                                    extra_http_headers={"X-Forwarded-User": SCREENSHOT_USER})
             page.set_default_timeout(600_000)
             for upload, name in ((borderline, "page-indeterminate.png"), (photo, "page-refused.png")):
                 page.goto(web + "/")

@@ -10,11 +10,14 @@ test-fast` (`pytest -m "not slow"`). Tests get the mark from the fixtures they u
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Services started by tests append their audit events here unless a test chooses a folder.
+os.environ.setdefault("CTSCAN_AUDIT_DIR", tempfile.mkdtemp(prefix="ctscan-test-audit-"))
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"

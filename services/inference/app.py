@@ -14,13 +14,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ctscan import DISCLAIMER
 from ctscan.settings import InferenceSettings, get_inference_settings
 from ctscan.store import open_store
+from services.inference.auth import AccessControl, action_of
 from services.inference.docs import install_offline_docs
-from services.inference.errors import error_response, install_error_handlers
+from services.inference.errors import APIError, error_response, install_error_handlers
 from services.inference.metrics import InferenceMetrics
 from services.inference.registry import ModelRegistry
 from services.inference.routes import request_id_from, router
 
 logger = logging.getLogger(__name__)
+# Everything that takes patient data or tells what is served needs a key; probes and metrics
+# do not (k8s keeps /metrics inside the cluster: k8s/networkpolicy.yaml, k8s/ingress.yaml).
+PROTECTED_PATHS = frozenset({"/predict", "/predict/study", "/models"})
 # Multipart framing around the file; anything announced above limit + this is refused unread.
 MULTIPART_OVERHEAD = 64 * 1024
 
@@ -32,10 +36,12 @@ class RequestContext:
     request in extra tasks and streams, a measurable cost on the /predict hot path.
     """
 
-    def __init__(self, app: ASGIApp, *, max_upload_bytes: int, metrics: InferenceMetrics) -> None:
+    def __init__(self, app: ASGIApp, *, max_upload_bytes: int, metrics: InferenceMetrics,
+                 access: AccessControl) -> None:
         self.app = app
         self.max_upload_bytes = max_upload_bytes
         self.metrics = metrics
+        self.access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,6 +64,13 @@ class RequestContext:
             await send(message)
 
         try:
+            if scope["path"] in PROTECTED_PATHS:
+                admitted = await self.access.admit(headers, path=scope["path"], request_id=request_id)
+                if isinstance(admitted, APIError):
+                    await error_response(admitted.status_code, admitted.code, admitted.message,
+                                         headers=admitted.headers)(scope, receive, send_with_id)
+                    return
+                state["caller"] = admitted
             announced = headers.get("content-length", "")
             if is_predict and announced.isdigit() and int(announced) > self.max_upload_bytes + MULTIPART_OVERHEAD:
                 response = error_response(413, "upload_too_large",
@@ -75,6 +88,8 @@ class RequestContext:
                 logger.info("predict %s model=%s status=%s", request_id, model, status)
             elif is_study:
                 logger.info("study %s model=%s status=%s", request_id, state.get("model", "invalid"), status)
+            if (is_predict or is_study) and "caller" in state:  # refusals at the door are audited by admit
+                self.access.audit_request(state, action=action_of(scope["path"]), status=status)
 
 
 def create_app(settings: InferenceSettings | None = None) -> FastAPI:
@@ -104,9 +119,12 @@ def create_app(settings: InferenceSettings | None = None) -> FastAPI:
     install_offline_docs(app)
     app.state.settings = settings
     app.state.metrics = metrics
+    access = AccessControl(settings)
+    app.state.access = access
     install_error_handlers(app)
     app.include_router(router)
 
     # Inside only the error middleware: it counts every answer, 422s and 500s included.
-    app.add_middleware(RequestContext, max_upload_bytes=settings.max_upload_bytes, metrics=metrics)
+    app.add_middleware(RequestContext, max_upload_bytes=settings.max_upload_bytes, metrics=metrics,
+                       access=access)
     return app

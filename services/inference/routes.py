@@ -7,9 +7,11 @@ import re
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, Response, Security, UploadFile
+from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ctscan.audit_trail import upload_digest
 from ctscan.errors import ImageError
 from ctscan.formats import describe_formats
 from ctscan.models import ENSEMBLE, architecture_names
@@ -32,6 +34,11 @@ from services.inference.study import SliceError, predict_study, study_blobs
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
+# Documents the key in the OpenAPI schema ("Authorize" in /docs); the check itself runs in the
+# request middleware, before the upload is read (services/inference/auth.py).
+API_KEY = [Security(APIKeyHeader(name="X-API-Key", auto_error=False, description=(
+    "An API key from `ctscan keys create` (or Authorization: Bearer KEY); not needed when the "
+    "service runs with INFERENCE_AUTH=off")))]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _READ_CHUNK = 1 << 20
@@ -40,6 +47,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for status, description in (
         (400, "Unknown model"), (413, "Upload or image dimensions too large"),
         (415, f"Not a {describe_formats()} file"), (422, "Undecodable image or invalid request"),
+        (401, "No valid API key"), (429, "Rate limit of this API key reached (see Retry-After)"),
         (503, "Model not loaded yet"))
 }
 
@@ -70,7 +78,7 @@ async def readyz(registry: RegistryDep) -> Any:
                      backends={n: m.predictor.backend for n, m in models.items()})
 
 
-@router.get("/models", response_model=ModelsResponse, tags=["models"])
+@router.get("/models", response_model=ModelsResponse, tags=["models"], dependencies=API_KEY)
 async def list_models(registry: RegistryDep) -> ModelsResponse:
     """The loaded models (version, input size, threshold, card metrics) and the ensemble."""
     models = [
@@ -111,7 +119,7 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-@router.post("/predict", response_model=Prediction, responses=ERRORS, tags=["predict"])
+@router.post("/predict", response_model=Prediction, responses=ERRORS, tags=["predict"], dependencies=API_KEY)
 async def predict(
     request: Request,
     registry: RegistryDep,
@@ -128,6 +136,7 @@ async def predict(
     request_id = request.state.request_id
     request.state.model = model_name if model_name in registry.servable_names() else "invalid"
     data = await _read_limited(file, settings.max_upload_bytes)
+    request.state.upload_sha256 = upload_digest([data])
     try:
         answer = await predict_upload(registry=registry, data=data, model=model_name,
                                       explain=want_heatmap, request_id=request_id)
@@ -139,10 +148,12 @@ async def predict(
         raise APIError(415, "unsupported_media_type", str(exc)) from None
     except ImageError as exc:
         raise image_error(exc) from None
+    request.state.outcome, request.state.model_version = answer.outcome, answer.model_version
     return answer
 
 
-@router.post("/predict/study", response_model=StudyPrediction, responses=ERRORS, tags=["predict"])
+@router.post("/predict/study", response_model=StudyPrediction, responses=ERRORS, tags=["predict"],
+             dependencies=API_KEY)
 async def predict_study_route(
     request: Request,
     registry: RegistryDep,
@@ -169,12 +180,15 @@ async def predict_study_route(
                                                     "limit (INFERENCE_MAX_STUDY_BYTES)") from None
         remaining -= len(data)
         parts.append(data)
+    request.state.upload_sha256 = upload_digest(parts)
     limits = StudyLimits(max_slices=settings.max_study_slices, max_total_bytes=settings.max_study_bytes,
                          max_ratio=settings.max_zip_ratio)
     try:
         blobs = study_blobs(parts, limits)
-        return await predict_study(registry=registry, blobs=blobs, model=model_name, explain=want_heatmaps,
-                                   request_id=request.state.request_id, limits=limits)
+        answer = await predict_study(registry=registry, blobs=blobs, model=model_name, explain=want_heatmaps,
+                                     request_id=request.state.request_id, limits=limits)
+        request.state.outcome, request.state.model_version = answer.outcome, answer.model_version
+        return answer
     except ModelNotServedError as exc:
         raise APIError(400, "unknown_model", str(exc)) from None
     except ModelNotReadyError as exc:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -13,11 +11,14 @@ from typing import Any
 from flask import Flask, Response, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect  # type: ignore[import-untyped]
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ctscan import DISCLAIMER
+from ctscan.audit_trail import AuditTrail
 from ctscan.formats import accept_attribute
 from ctscan.settings import WebSettings, get_web_settings
 from ctscan.store import ModelStore
+from services.web.auth import Authenticator, LoginThrottle, register_page_key
 from services.web.console import JobsClientLike, default_jobs_client, default_store
 from services.web.inference_client import InferenceClient
 
@@ -28,30 +29,6 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 
                            "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
 
-class LoginThrottle:
-    """Slows password guessing: after `limit` failures from one address, refuse for a while."""
-
-    def __init__(self, limit: int = 5, window_s: float = 300.0) -> None:
-        self.limit, self.window_s = limit, window_s
-        self._failures: dict[str, list[float]] = {}
-        self._lock = threading.Lock()
-
-    def blocked(self, address: str) -> bool:
-        now = time.monotonic()
-        with self._lock:
-            recent = [t for t in self._failures.get(address, []) if now - t < self.window_s]
-            self._failures[address] = recent
-            return len(recent) >= self.limit
-
-    def fail(self, address: str) -> None:
-        with self._lock:
-            self._failures.setdefault(address, []).append(time.monotonic())
-
-    def clear(self, address: str) -> None:
-        with self._lock:
-            self._failures.pop(address, None)
-
-
 @dataclass
 class WebServices:
     """What the routes use, created once per app (tests pass their own)."""
@@ -60,8 +37,17 @@ class WebServices:
     inference: InferenceClient
     jobs_client_factory: Callable[[], JobsClientLike] = default_jobs_client
     store_factory: Callable[[str], ModelStore] = default_store
+    # Failed logins per address, and per user name (guessing from many addresses); the second
+    # also lets a stranger lock an account for a while, the usual price of this defence.
     login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    username_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(limit=10, window_s=900.0))
+    auth: Authenticator = field(init=False)
+    trail: AuditTrail = field(init=False)
     _jobs_client: JobsClientLike | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.auth = Authenticator(self.settings)
+        self.trail = AuditTrail(self.settings.audit.audit_dir, service="web")
 
     def jobs(self) -> JobsClientLike:
         if self._jobs_client is None:
@@ -99,18 +85,29 @@ def create_app(settings: WebSettings | None = None, *, inference: InferenceClien
         WTF_CSRF_TIME_LIMIT=int(settings.session_hours * 3600),
     )
     CSRFProtect(app)
+    if settings.trusted_proxy_hops:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops,  # type: ignore[method-assign]
+                                x_proto=settings.trusted_proxy_hops)
+    api_key = settings.inference_api_key.get_secret_value().strip() if settings.inference_api_key else None
     app.extensions["ctscan_web"] = WebServices(
         settings=settings,
         inference=inference or InferenceClient(
             settings.inference_url, connect_timeout_s=settings.inference_connect_timeout_s,
             read_timeout_s=settings.inference_read_timeout_s, retries=settings.inference_retries,
-            study_timeout_s=settings.inference_study_timeout_s),
+            study_timeout_s=settings.inference_study_timeout_s, api_key=api_key),
         jobs_client_factory=jobs_client_factory or default_jobs_client,
         store_factory=store_factory or default_store,
     )
+    register_page_key(settings)
+    if settings.auth != "accounts":
+        log.warning("WEB_AUTH=%s: %s", settings.auth,
+                    "people are named by the proxy's headers, which it must strip from clients"
+                    if settings.auth == "proxy" else "no login; everyone is clinician and admin (local use only)")
 
+    from services.web.access_views import account, current_user
     from services.web.views import admin, clinic
 
+    app.register_blueprint(account)
     app.register_blueprint(clinic)
     app.register_blueprint(admin)
 
@@ -118,14 +115,20 @@ def create_app(settings: WebSettings | None = None, *, inference: InferenceClien
     def _globals() -> dict[str, Any]:
         return {"disclaimer": DISCLAIMER, "max_upload_mb": settings.max_upload_mb,
                 "max_study_mb": settings.max_study_mb, "max_study_files": settings.max_study_files,
-                "accept_formats": accept_attribute()}
+                "accept_formats": accept_attribute(), "current_user": current_user(),
+                "auth_mode": settings.auth}
 
     @app.after_request
     def _security_headers(response: Response) -> Response:
         response.headers.setdefault("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        # Same-origin only: Flask-WTF refuses an HTTPS form post without a Referer from this
+        # site (WTF_CSRF_SSL_STRICT), and other sites still learn nothing.
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        if request.is_secure or settings.session_cookie_secure:
+            # Browsers then refuse plain HTTP to this host for a year: no downgrade of the login.
+            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
         if not request.path.startswith("/static/"):
             # Result pages hold a patient's image: no browser or proxy cache may keep them.
             response.headers["Cache-Control"] = "no-store"
@@ -154,7 +157,11 @@ def _register_error_pages(app: Flask) -> None:
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(_: RequestEntityTooLarge) -> tuple[Any, int]:
+        from services.web.access_views import current_user
+
         limit = app.extensions["ctscan_web"].settings.max_upload_mb
+        if current_user() is None:  # raised before the route's guard ran: no form for strangers
+            return _error_page(413, "Too large", f"The request is larger than the {limit:g} MB limit.")
         if request.path == "/study":
             from services.web.views import render_study
 
@@ -174,8 +181,8 @@ def _register_error_pages(app: Flask) -> None:
         titles = {404: "Page not found", 405: "Not allowed", 401: "Login required", 403: "Not allowed"}
         messages = {404: "There is no page at this address.",
                     405: "This address does not accept that kind of request.",
-                    401: "Please log in as an administrator.",
-                    403: "Please log in as an administrator to do this."}
+                    401: "Please log in to use this page.",
+                    403: "Your account may not do this."}
         return _error_page(status, titles.get(status, "Request refused"),
                            messages.get(status, exc.description or "The request was refused."))
 

@@ -62,7 +62,8 @@ class StudyForm(FlaskForm):
 
 
 class LoginForm(FlaskForm):
-    password = PasswordField("Admin password", validators=[DataRequired("Please enter the password.")])
+    username = StringField("User name", validators=[DataRequired("Please enter your user name."), Length(max=64)])
+    password = PasswordField("Password", validators=[DataRequired("Please enter the password."), Length(max=1024)])
     next = HiddenField()
 
 

@@ -2,7 +2,8 @@
 
 Answers are parsed with the service's own response models (`ctscan.schemas`). Every failure
 becomes an `InferenceError` subclass whose message is fit to show a clinician; routes never
-see a `requests` exception or a traceback.
+see a `requests` exception or a traceback. The page calls with its own API key (X-API-Key)
+and names each request (X-Request-ID) so that both services' audit events share the id.
 """
 
 from __future__ import annotations
@@ -18,19 +19,43 @@ from ctscan.errors import CTScanError
 from ctscan.models import ENSEMBLE, architecture_names
 from ctscan.schemas import ModelsResponse, Prediction, StudyPrediction
 
+KEY_HEADER = "X-API-Key"
+REQUEST_ID_HEADER = "X-Request-ID"
+
 
 class InferenceError(CTScanError):
-    """The analysis could not be done; `status` is the HTTP status the web page answers with."""
+    """The analysis could not be done; `status` is the HTTP status the web page answers with,
+    `outcome` what the audit trail records."""
 
     status = 502
+    outcome = "error"
 
 
 class InferenceUnavailableError(InferenceError):
     status = 503
+    outcome = "unavailable"
 
 
 class InferenceTimeoutError(InferenceError):
     status = 504
+    outcome = "timeout"
+
+
+class InferenceCredentialsError(InferenceError):
+    """The service refused the page's API key (missing, unknown, revoked or expired)."""
+
+    outcome = "unauthorised"
+
+
+class InferenceBusyError(InferenceError):
+    """The service rate-limits the page's key: everyone on the page is asking at once."""
+
+    status = 503
+    outcome = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class InferenceRejectedError(InferenceError):
@@ -40,11 +65,12 @@ class InferenceRejectedError(InferenceError):
         super().__init__(message)
         self.status = status
         self.code = code
+        self.outcome = code
 
 
 class InferenceClient:
     def __init__(self, base_url: str, *, connect_timeout_s: float = 3.0, read_timeout_s: float = 60.0,
-                 retries: int = 2, study_timeout_s: float = 600.0) -> None:
+                 retries: int = 2, study_timeout_s: float = 600.0, api_key: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout = (connect_timeout_s, read_timeout_s)
         self.study_timeout = (connect_timeout_s, study_timeout_s)
@@ -62,6 +88,8 @@ class InferenceClient:
         adapter = HTTPAdapter(max_retries=retry)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
+        if api_key:
+            self.session.headers[KEY_HEADER] = api_key
 
     # --- low level --------------------------------------------------------------------
     def _request(self, method: str, path: str, *, timeout: tuple[float, float] | None = None,
@@ -90,6 +118,14 @@ class InferenceClient:
         except (ValueError, KeyError, TypeError, AttributeError):
             pass
         status = response.status_code
+        if status == 401:
+            # The page's key is missing, unknown or revoked: nothing a clinician can fix.
+            return InferenceCredentialsError(
+                "The analysis service refused this page's credentials; tell the service desk.")
+        if status == 429:
+            wait = _retry_after(response)
+            return InferenceBusyError(f"The analysis service is busy. Please try again in {wait} s.",
+                                      retry_after_s=wait)
         if study and status in (413, 415, 422):  # the service names the slice or entry at fault
             return InferenceRejectedError(f"This study could not be analysed: {message or code}.",
                                           status=status, code=code)
@@ -111,12 +147,13 @@ class InferenceClient:
         return InferenceError("The analysis service had a problem with this request. Please try again.")
 
     # --- contract ---------------------------------------------------------------------
-    def predict(self, *, data: bytes, filename: str, model: str = ENSEMBLE, explain: bool = True) -> Prediction:
+    def predict(self, *, data: bytes, filename: str, model: str = ENSEMBLE, explain: bool = True,
+                request_id: str | None = None) -> Prediction:
         if model != ENSEMBLE and model not in architecture_names():
             raise InferenceRejectedError(f"Unknown model {model!r}.", status=400, code="unknown_model")
         response = self._request(
             "POST", "/predict", params={"model": model, "explain": "true" if explain else "false"},
-            files={"file": (filename, data, "application/octet-stream")},
+            files={"file": (filename, data, "application/octet-stream")}, headers=_named(request_id),
         )
         if response.status_code != 200:
             raise self._error_from(response)
@@ -129,7 +166,8 @@ class InferenceClient:
         except ValidationError:
             raise InferenceError("The analysis service sent an incomplete answer.") from None
 
-    def predict_study(self, *, files: list[bytes], model: str = ENSEMBLE, explain: bool = True) -> StudyPrediction:
+    def predict_study(self, *, files: list[bytes], model: str = ENSEMBLE, explain: bool = True,
+                      request_id: str | None = None) -> StudyPrediction:
         """A whole study: several slices, or one ZIP of a series (file names are not sent)."""
         if model != ENSEMBLE and model not in architecture_names():
             raise InferenceRejectedError(f"Unknown model {model!r}.", status=400, code="unknown_model")
@@ -137,6 +175,7 @@ class InferenceClient:
             "POST", "/predict/study", timeout=self.study_timeout,
             params={"model": model, "explain": "true" if explain else "false"},
             files=[("file", (f"part{index}", data, "application/octet-stream")) for index, data in enumerate(files)],
+            headers=_named(request_id),
         )
         if response.status_code != 200:
             raise self._error_from(response, study=True)
@@ -162,3 +201,13 @@ class InferenceClient:
         except requests.RequestException:
             return False
         return response.status_code == 200
+
+
+def _named(request_id: str | None) -> dict[str, str]:
+    return {REQUEST_ID_HEADER: request_id} if request_id else {}
+
+
+def _retry_after(response: requests.Response) -> int:
+    """Seconds from the Retry-After header (the service sends whole seconds); 60 without one."""
+    value = response.headers.get("Retry-After", "").strip()
+    return max(1, min(int(value), 3600)) if value.isdigit() else 60

@@ -1,33 +1,24 @@
 """HTTP routes: the clinicians' page (`clinic`) and the admins' console (`admin`).
 
 Routes translate HTTP to the plain functions in `uploads`, `inference_client` and `console`
-and turn their exceptions into friendly pages; they hold no domain logic.
+and turn their exceptions into friendly pages; they hold no domain logic. Who may call them
+is decided before each route (`access_views.require`); every prediction sent and every admin
+action is written to the audit trail (`access_views.audit`).
 """
 
 from __future__ import annotations
 
-import functools
-import hmac
 import logging
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
-from urllib.parse import urlsplit
+import uuid
+from typing import Any
 
-from flask import (
-    Blueprint,
-    abort,
-    flash,
-    jsonify,
-    redirect,
-    render_template,
-    request,
-    session,
-    url_for,
-)
+from flask import Blueprint, flash, redirect, render_template, request, url_for
 
+from ctscan.audit_trail import upload_digest
 from ctscan.errors import CTScanError, StoreError, UnsupportedImageError
 from ctscan.records import EnsembleRecord
+from services.web.access_views import audit, current_name, require
 from services.web.app import services
 from services.web.console import (
     QUEUE_ERRORS,
@@ -40,7 +31,6 @@ from services.web.console import (
 )
 from services.web.forms import (
     ActionForm,
-    LoginForm,
     PredictForm,
     PromoteForm,
     QueueJobForm,
@@ -57,7 +47,27 @@ clinic = Blueprint("clinic", __name__)
 admin = Blueprint("admin", __name__, url_prefix="/admin")
 
 RouteResult = Any
-F = TypeVar("F", bound=Callable[..., RouteResult])
+
+
+# Every route of each blueprint, present and future, needs its role (access_views.require).
+@clinic.before_request
+def _clinicians_only() -> RouteResult | None:
+    return require("clinician")
+
+
+@admin.before_request
+def _admins_only() -> RouteResult | None:
+    return require("admin")
+
+
+def new_request_id() -> str:
+    # Sent to the inference service as X-Request-ID: both services' audit events share it.
+    return uuid.uuid4().hex
+
+
+def echo(answered: str, sent: str) -> dict[str, str]:
+    # The service keeps the id it is sent; one that answers with another is named beside it.
+    return {} if answered == sent else {"service_request_id": answered}
 
 
 # --- clinicians ---------------------------------------------------------------------------
@@ -95,14 +105,21 @@ def predict() -> RouteResult:
         upload = check_upload(data=data)
     except UnsupportedImageError as exc:
         return render_index(form=form, error=str(exc), status=415)
+    request_id, sha256 = new_request_id(), upload_digest([upload.data])
     started = time.perf_counter()
     try:
         answer = services().inference.predict(data=upload.data, filename=upload.neutral_filename,
-                                              model=form.model.data, explain=form.explain.data)
+                                              model=form.model.data, explain=form.explain.data,
+                                              request_id=request_id)
     except InferenceError as exc:
-        log.warning("prediction failed: %s (%s)", type(exc).__name__, exc.status)
+        log.warning("prediction failed: request_id=%s %s (%s)", request_id, type(exc).__name__, exc.status)
+        audit(action="predict", outcome=exc.outcome, request_id=request_id, model=form.model.data,
+              upload_sha256=sha256, status=exc.status)
         return render_index(form=form, error=str(exc), status=exc.status)
     round_trip_ms = (time.perf_counter() - started) * 1000
+    audit(action="predict", outcome=answer.outcome, request_id=request_id, model=answer.model,
+          model_version=answer.model_version, upload_sha256=sha256, status=200,
+          detail=echo(answer.request_id, request_id))
     # Only identifiers and timings are logged; never the image, its name or DICOM tags.
     log.info("prediction request_id=%s model=%s version=%s format=%s round_trip_ms=%.0f",
              answer.request_id, answer.model, answer.model_version, upload.source_format, round_trip_ms)
@@ -139,13 +156,20 @@ def study() -> RouteResult:
     if len(files) > limit:
         return render_study(form=form, error=f"{len(files)} files were sent; at most {limit} slices per study.",
                             status=413)
+    request_id, sha256 = new_request_id(), upload_digest(files)
     started = time.perf_counter()
     try:
-        answer = services().inference.predict_study(files=files, model=form.model.data, explain=form.explain.data)
+        answer = services().inference.predict_study(files=files, model=form.model.data, explain=form.explain.data,
+                                                    request_id=request_id)
     except InferenceError as exc:
-        log.warning("study prediction failed: %s (%s)", type(exc).__name__, exc.status)
+        log.warning("study prediction failed: request_id=%s %s (%s)", request_id, type(exc).__name__, exc.status)
+        audit(action="predict_study", outcome=exc.outcome, request_id=request_id, model=form.model.data,
+              upload_sha256=sha256, status=exc.status, detail={"files": len(files)})
         return render_study(form=form, error=str(exc), status=exc.status)
     round_trip_ms = (time.perf_counter() - started) * 1000
+    audit(action="predict_study", outcome=answer.outcome, request_id=request_id, model=answer.model,
+          model_version=answer.model_version, upload_sha256=sha256, status=200,
+          detail={"files": len(files), "slices": answer.slice_count, **echo(answer.request_id, request_id)})
     # Only identifiers, counts and timings are logged; never the images, names or DICOM tags.
     log.info("study request_id=%s model=%s slices=%d outcome=%s round_trip_ms=%.0f",
              answer.request_id, answer.model, answer.slice_count, answer.outcome, round_trip_ms)
@@ -156,72 +180,7 @@ def study() -> RouteResult:
     return render_study(form=form, result=result)
 
 
-@clinic.get("/healthz")
-def healthz() -> RouteResult:
-    # Liveness of the web process only: a slow inference service must not get it restarted.
-    return jsonify({"status": "ok"})
-
-
 # --- admins -------------------------------------------------------------------------------
-def _is_admin() -> bool:
-    return bool(session.get("admin"))
-
-
-def admin_required(view: F) -> F:
-    """GET pages redirect to the login; anything else (actions, polling) answers 401."""
-
-    @functools.wraps(view)
-    def wrapper(*args: Any, **kwargs: Any) -> RouteResult:
-        if not _is_admin():
-            if request.method == "GET" and not request.path.endswith("/jobs/table"):
-                return redirect(url_for("admin.login", next=request.path))
-            abort(401)
-        return view(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
-
-
-
-
-def _safe_next(target: str | None) -> str:
-    # Only local console paths: never redirect a logged-in admin to another site.
-    if target and target.startswith("/admin") and not urlsplit(target).netloc and "//" not in target:
-        return target
-    return url_for("admin.console")
-
-
-@admin.route("/login", methods=["GET", "POST"])
-def login() -> RouteResult:
-    form = LoginForm()
-    if request.method == "GET":
-        form.next.data = request.args.get("next", "")
-        return render_template("login.html", form=form, error=None)
-    address = request.remote_addr or "unknown"
-    if services().login_throttle.blocked(address):
-        return render_template("login.html", form=form,
-                               error="Too many failed attempts. Please wait a few minutes."), 429
-    if not form.validate_on_submit():
-        return render_template("login.html", form=form, error="Please enter the password."), 400
-    expected = services().settings.admin_password.get_secret_value()
-    if not hmac.compare_digest(form.password.data.encode(), expected.encode()):
-        services().login_throttle.fail(address)
-        log.warning("admin login refused from %s", address)
-        return render_template("login.html", form=form, error="That password is not correct."), 401
-    services().login_throttle.clear(address)
-    session.clear()  # a fresh session on login: no fixation of an earlier cookie
-    session["admin"] = True
-    session.permanent = True
-    return redirect(_safe_next(form.next.data))
-
-
-@admin.post("/logout")
-def logout() -> RouteResult:
-    # CSRFProtect has already checked the token before this runs.
-    session.clear()
-    flash("You have been logged out.", "info")
-    return redirect(url_for("admin.login"))
-
-
 def _jobs_view() -> tuple[list[dict[str, Any]], str | None]:
     try:
         jobs = services().jobs().list_jobs(limit=50)
@@ -246,7 +205,6 @@ def _models_view() -> tuple[list[dict[str, Any]], EnsembleRecord | None, str | N
 
 @admin.get("/")  # registered second: url_for builds "/admin"
 @admin.get("")
-@admin_required
 def console() -> RouteResult:
     settings = services().settings
     dataset_versions = published_dataset_versions(datasets_url=settings.store.datasets_url,
@@ -266,7 +224,6 @@ def console() -> RouteResult:
 
 
 @admin.get("/jobs/table")
-@admin_required
 def jobs_table() -> RouteResult:
     """The jobs table alone, for the page's polling script."""
     jobs, jobs_error = _jobs_view()
@@ -278,19 +235,25 @@ def _trainer_token() -> str | None:
 
 
 @admin.post("/jobs")
-@admin_required
 def queue_job() -> RouteResult:
     form = QueueJobForm()
     if not form.validate_on_submit():
         problems = "; ".join(f"{form[name].label.text}: {errors[0]}" for name, errors in form.errors.items())
+        audit(action="job_queue", outcome="refused", status=302, detail={"reason": "invalid form"})
         flash(f"The job was not queued. {problems}", "error")
         return redirect(url_for("admin.console"))
+    job_detail = {"dataset": form.dataset.data, "dataset_version": form.dataset_version.data,
+                  "epochs": form.epochs.data, "init": form.init.data}
     token = _trainer_token()
     if token is None:
+        audit(action="job_queue", outcome="refused", model=form.model.data, status=302,
+              detail={**job_detail, "reason": "CTSCAN_ADMIN_TOKEN is not set"})
         flash("Queueing is not configured: CTSCAN_ADMIN_TOKEN is not set for the web service.", "error")
         return redirect(url_for("admin.console"))
     problem = input_size_problem(model=form.model.data, input_size=form.input_size.data)
     if problem:
+        audit(action="job_queue", outcome="refused", model=form.model.data, status=302,
+              detail={**job_detail, "reason": problem})
         flash(f"The job was not queued. {problem}", "error")
         return redirect(url_for("admin.console"))
     hyperparameters: dict[str, Any] = {}
@@ -305,60 +268,78 @@ def queue_job() -> RouteResult:
             model=form.model.data, dataset=form.dataset.data, dataset_version=form.dataset_version.data,
             init=form.init.data, epochs=form.epochs.data, hyperparameters=hyperparameters, admin_token=token)
     except CTScanError as exc:
+        audit(action="job_queue", outcome="refused", model=form.model.data, status=302,
+              detail={**job_detail, "reason": str(exc)})
         flash(f"The job was not queued: {form_words(str(exc))}", "error")
     except QUEUE_ERRORS as exc:
         log.warning("queueing a job failed: %s", type(exc).__name__)
+        audit(action="job_queue", outcome="error", model=form.model.data, status=302,
+              detail={**job_detail, "reason": type(exc).__name__})
         flash("The job was not queued: the training queue cannot be reached right now.", "error")
     else:
+        audit(action="job_queue", outcome="ok", model=form.model.data, status=302,
+              detail={**job_detail, "job_id": job.id})
         flash(f"Queued job {job.id} ({form.model.data}, {form.epochs.data} epochs).", "success")
     return redirect(url_for("admin.console"))
 
 
 @admin.post("/jobs/<job_id>/cancel")
-@admin_required
 def cancel_job(job_id: str) -> RouteResult:
     token = _trainer_token()
     if token is None:
+        audit(action="job_cancel", outcome="refused", status=302,
+              detail={"job_id": job_id, "reason": "CTSCAN_ADMIN_TOKEN is not set"})
         flash("Cancelling is not configured: CTSCAN_ADMIN_TOKEN is not set for the web service.", "error")
         return redirect(url_for("admin.console"))
     try:
         job = services().jobs().cancel(job_id, admin_token=token)
     except CTScanError as exc:
+        audit(action="job_cancel", outcome="refused", status=302, detail={"job_id": job_id, "reason": str(exc)})
         flash(f"Job {job_id} was not cancelled: {exc}", "error")
     except QUEUE_ERRORS as exc:
         log.warning("cancelling a job failed: %s", type(exc).__name__)
+        audit(action="job_cancel", outcome="error", status=302,
+              detail={"job_id": job_id, "reason": type(exc).__name__})
         flash("The job was not cancelled: the training queue cannot be reached right now.", "error")
     else:
+        audit(action="job_cancel", outcome="ok", model=job.model, status=302,
+              detail={"job_id": job_id, "state": job.state})
         flash(f"Job {job_id} is {job.state}.", "success")
     return redirect(url_for("admin.console"))
 
 
 @admin.post("/models/<name>/promote")
-@admin_required
 def promote(name: str) -> RouteResult:
     form = PromoteForm()
     if not form.validate_on_submit():
+        audit(action="promote", outcome="refused", model=name[:100], status=302,
+              detail={"reason": "no valid version"})
         flash("Promotion refused: no valid version was given.", "error")
         return redirect(url_for("admin.console"))
+    version = form.version.data
     try:
-        services().store().promote(name, form.version.data, reason="promoted from the web console")
+        services().store().promote(name, version, reason=f"promoted from the web console by {current_name()}")
     except StoreError as exc:
+        audit(action="promote", outcome="refused", model=name[:100], model_version=version, status=302,
+              detail={"reason": str(exc)})
         flash(f"Promotion refused: {exc}", "error")
     else:
-        log.info("admin promoted %s %s", name, form.version.data)
-        flash(f"{name}: production is now {form.version.data}. The inference service picks it "
+        log.info("%s promoted %s %s", current_name(), name, version)
+        audit(action="promote", outcome="ok", model=name, model_version=version, status=302)
+        flash(f"{name}: production is now {version}. The inference service picks it "
               "up when it reloads its models.", "success")
     return redirect(url_for("admin.console"))
 
 
 @admin.post("/models/<name>/rollback")
-@admin_required
 def rollback(name: str) -> RouteResult:
     try:
         version = services().store().rollback(name)
     except StoreError as exc:
+        audit(action="rollback", outcome="refused", model=name[:100], status=302, detail={"reason": str(exc)})
         flash(f"Rollback refused: {exc}", "error")
     else:
-        log.info("admin rolled back %s to %s", name, version)
+        log.info("%s rolled back %s to %s", current_name(), name, version)
+        audit(action="rollback", outcome="ok", model=name, model_version=version, status=302)
         flash(f"{name}: production rolled back to {version}.", "success")
     return redirect(url_for("admin.console"))

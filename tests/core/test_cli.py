@@ -143,7 +143,7 @@ def test_a_failed_run_leaves_the_store_untouched(data_dir: Path, tmp_path: Path)
 @pytest.mark.slow  # eight CLI processes
 def test_models_list_promote_and_rollback(tmp_path: Path) -> None:
     store = tmp_path / "store"
-    admin = {"CTSCAN_ADMIN_TOKEN": "cli-test-admin-token-0123456789"}
+    admin = {"CTSCAN_ADMIN_TOKEN": "cli-test-admin-token-0123456789", "CTSCAN_AUDIT_DIR": str(tmp_path / "audit")}
     versions_saved = saved_versions(store, "mobilenetv2", 2)
     # Without the admin credential nothing changes production.
     _one_line_error(ctscan("models", "promote", "mobilenetv2", versions_saved[0], "--store", str(store),
@@ -160,5 +160,11 @@ def test_models_list_promote_and_rollback(tmp_path: Path) -> None:
     assert rolled.returncode == 0 and versions[0] in rolled.stdout
     promoted = ctscan("models", "promote", "mobilenetv2", versions[1], "--store", str(store), env=admin)
     assert promoted.returncode == 0
+    # Each change of production is in the audit trail, by the operating-system user.
+    from ctscan.audit_trail import read_events
+
+    changes = [(e.action, e.model, e.model_version, e.actor_kind) for e in read_events(tmp_path / "audit")]
+    assert changes == [("promote", "mobilenetv2", versions[0], "cli"), ("promote", "mobilenetv2", versions[1], "cli"),
+                       ("rollback", "mobilenetv2", versions[0], "cli"), ("promote", "mobilenetv2", versions[1], "cli")]
     _one_line_error(ctscan("models", "promote", "mobilenetv2", "nope", "--store", str(store), env=admin),
                     "no version nope")

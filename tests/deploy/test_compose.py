@@ -22,7 +22,8 @@ BASE = REPO_ROOT / "docker-compose.yml"
 GPU = REPO_ROOT / "docker-compose.gpu.yml"
 SERVES = {"inference": "inference", "web": "web", "trainer": "worker"}
 ONE_SHOT = {"seed"}
-REQUIRED_SECRETS = {"WEB_SECRET_KEY", "WEB_ADMIN_PASSWORD", "CTSCAN_ADMIN_TOKEN", "MINIO_ROOT_PASSWORD"}
+REQUIRED_SECRETS = {"WEB_SECRET_KEY", "WEB_ADMIN_PASSWORD", "CTSCAN_ADMIN_TOKEN", "MINIO_ROOT_PASSWORD",
+                    "WEB_INFERENCE_API_KEY"}
 
 
 def load(path: Path) -> dict[str, Any]:

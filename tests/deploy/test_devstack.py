@@ -141,7 +141,8 @@ def queue_a_job_with_the_console_defaults(web_url: str, password: str) -> tuple[
         try:
             page = browser.new_page()
             page.set_default_timeout(120_000)
-            page.goto(web_url + "/admin")
+            page.goto(web_url + "/admin")  # asks for a login first
+            page.fill("#username", "admin")
             page.fill("#password", password)
             page.click("button[type=submit]")
             page.wait_for_selector("#queue-form")
@@ -171,8 +172,9 @@ def test_make_up_serves_a_real_ct_image_and_stops_cleanly(
             pytest.fail(f"services/{service}/main.py does not exist yet: the stack cannot start")
     var_dir = tmp_path / "var"
     inference_port, web_port, redis_port = free_port(), free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k not in ("WEB_SECRET_KEY", "WEB_ADMIN_PASSWORD",
-                                                            "CTSCAN_ADMIN_TOKEN", "CELERY_BROKER_URL")}
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "WEB_SECRET_KEY", "WEB_ADMIN_PASSWORD", "CTSCAN_ADMIN_TOKEN", "CELERY_BROKER_URL", "WEB_INFERENCE_API_KEY",
+        "DEVSTACK_API_KEY", "CTSCAN_AUDIT_DIR", "WEB_AUTH", "INFERENCE_AUTH")}
     env.update({
         "DEVSTACK_VAR_DIR": str(var_dir), "INFERENCE_PORT": str(inference_port), "WEB_PORT": str(web_port),
         # Nothing answers on this port, so devstack starts (and later stops) its own redis-server.
@@ -209,9 +211,14 @@ def test_make_up_serves_a_real_ct_image_and_stops_cleanly(
         image = real_ct_images.get("CT_COVID_png") or next(iter(real_ct_images.values()))
         data = image.read_bytes()
 
-        # The API.
-        answer = requests.post(f"http://127.0.0.1:{inference_port}/predict", timeout=120,
-                               files={"file": (image.name, data)}, data={"model": "mobilenetv2"})
+        # The API asks for a key; the stack's own is printed when it is ready.
+        predict_url = f"http://127.0.0.1:{inference_port}/predict"
+        refused = requests.post(predict_url, timeout=60, files={"file": (image.name, data)})
+        assert refused.status_code == 401, refused.text
+        key = devstack_secret(var_dir, "DEVSTACK_API_KEY")
+        assert f"X-API-Key: {key}" in log
+        answer = requests.post(predict_url, timeout=120, files={"file": (image.name, data)},
+                               data={"model": "mobilenetv2"}, headers={"X-API-Key": key})
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert body["label"] in ("COVID", "non-COVID")
@@ -219,9 +226,15 @@ def test_make_up_serves_a_real_ct_image_and_stops_cleanly(
         assert body["disclaimer"] == DISCLAIMER
 
         # The web page, as a browser sends the form (session cookie + CSRF token).
+        password = devstack_secret(var_dir, "WEB_ADMIN_PASSWORD")
+        assert password in log  # local mode prints the generated credentials
         with requests.Session() as browser:
+            login = browser.get(f"http://127.0.0.1:{web_port}/", timeout=30)  # -> the login page
+            assert login.status_code == 200 and "/login" in login.url
+            browser.post(login.url, timeout=30, data={"csrf_token": csrf_token(login.text), "username": "admin",
+                                                      "password": password})
             page = browser.get(f"http://127.0.0.1:{web_port}/", timeout=30)
-            assert page.status_code == 200
+            assert page.status_code == 200 and "/login" not in page.url
             result = browser.post(f"http://127.0.0.1:{web_port}/predict", timeout=180,
                                   data={"csrf_token": csrf_token(page.text), "model": "mobilenetv2"},
                                   files={"file": (image.name, data, "image/png")})
@@ -238,10 +251,17 @@ def test_make_up_serves_a_real_ct_image_and_stops_cleanly(
         # The console right after `make up`, no manual step: the local data set is published
         # and a job queued with the form's defaults is trained by the stack's own worker.
         assert re.search(r"devstack: dataset ucsd-covid-ct version \S+ published in ", log), log
-        password = devstack_secret(var_dir, "WEB_ADMIN_PASSWORD")
         job_id, row = queue_a_job_with_the_console_defaults(f"http://127.0.0.1:{web_port}", password)
         assert job_id in row and "succeeded" in row and "mobilenetv2" in row and "init none" in row, row
         assert re.search(r"AUC [0-9.]+", row), row
+
+        # The audit trail: the program's and the page's predictions, the admin's job.
+        from ctscan.audit_trail import read_events
+
+        events = list(read_events(var_dir / "audit"))
+        who = {(e.service, e.action, e.actor) for e in events}
+        assert {("inference", "predict", "local"), ("web", "predict", "admin"), ("inference", "predict", "web"),
+                ("web", "job_queue", "admin")} <= who, who
     finally:
         down = subprocess.run([sys.executable, str(DEVSTACK), "down"], cwd=REPO_ROOT, env=env,
                               capture_output=True, text=True, timeout=180, check=False)

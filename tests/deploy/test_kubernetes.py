@@ -18,7 +18,7 @@ KUBERNETES_VERSION = "1.33.0"
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 SERVES = {"inference": "inference", "web": "web", "trainer": "worker"}
 SECRET_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "WEB_SECRET_KEY", "WEB_ADMIN_PASSWORD",
-                    "CTSCAN_ADMIN_TOKEN"}
+                    "CTSCAN_ADMIN_TOKEN", "WEB_INFERENCE_API_KEY"}
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +127,58 @@ def test_credentials_come_from_the_secret(manifests: list[dict[str, Any]]) -> No
         if workload in services_needing_s3:
             names = {v["name"] for v in container.get("env", [])}
             assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= names, workload
+
+
+def _allowed_sources(policies: list[dict[str, Any]], target: str, port: int) -> set[str]:
+    """Who the NetworkPolicies let reach pods named `target` on `port`: pod names and
+    namespace names (as "ns:NAME")."""
+    sources: set[str] = set()
+    for policy in policies:
+        if policy["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/name") != target:
+            continue
+        for rule in policy["spec"].get("ingress", []):
+            if port not in {p["port"] for p in rule.get("ports", [])}:
+                continue
+            for peer in rule.get("from", []):
+                if "podSelector" in peer:
+                    sources.add(peer["podSelector"]["matchLabels"]["app.kubernetes.io/name"])
+                if "namespaceSelector" in peer:
+                    sources.add("ns:" + peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"])
+    return sources
+
+
+def test_network_policies_let_only_the_right_pods_in(manifests: list[dict[str, Any]]) -> None:
+    policies = [doc for doc in manifests if doc["kind"] == "NetworkPolicy"]
+    deny = [p for p in policies if p["spec"]["podSelector"] == {} and "ingress" not in p["spec"]]
+    assert deny and deny[0]["spec"]["policyTypes"] == ["Ingress"], "no default deny for the namespace"
+    assert _allowed_sources(policies, "inference", 8000) == {"ns:ingress-nginx", "web", "ns:monitoring"}
+    assert _allowed_sources(policies, "web", 8080) == {"ns:ingress-nginx"}
+    assert _allowed_sources(policies, "redis", 6379) == {"trainer", "web"}
+    assert _allowed_sources(policies, "trainer", 8000) == set()
+    # Every selector names pods that exist.
+    pods = {doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"]
+            for doc in manifests if doc["kind"] in ("Deployment", "StatefulSet")}
+    assert {"inference", "web", "redis", "trainer"} <= pods
+
+
+def test_ingress_publishes_the_api_but_not_metrics(manifests: list[dict[str, Any]]) -> None:
+    ingress = next(doc for doc in manifests if doc["kind"] == "Ingress")
+    api = next(rule for rule in ingress["spec"]["rules"] if rule["host"].startswith("api."))
+    paths = {entry["path"] for entry in api["http"]["paths"]}
+    assert "/predict" in paths and "/models" in paths
+    assert "/" not in paths and not any(path.startswith("/metrics") for path in paths)
+    config = next(doc for doc in manifests if doc["kind"] == "ConfigMap")["data"]
+    assert config["INFERENCE_AUTH"] == "keys" and config["WEB_AUTH"] in ("accounts", "proxy")
+    assert config["WEB_SESSION_COOKIE_SECURE"] == "true"
+
+
+def test_audit_trail_is_on_a_shared_persistent_volume(manifests: list[dict[str, Any]]) -> None:
+    claim = next(doc for doc in manifests if doc["kind"] == "PersistentVolumeClaim"
+                 and doc["metadata"]["name"] == "ctscan-audit")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]  # every replica appends its own file
+    audit_dir = next(doc for doc in manifests if doc["kind"] == "ConfigMap")["data"]["CTSCAN_AUDIT_DIR"]
+    for workload, pod, container in containers(manifests):
+        if workload in ("inference", "web"):
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            assert volumes[mounts[audit_dir]]["persistentVolumeClaim"]["claimName"] == "ctscan-audit", workload

@@ -127,7 +127,9 @@ def test_the_web_extra_installs_no_machine_learning_stack(web_venv: WebVenv) -> 
 def test_the_page_renders_from_the_installed_wheel(wheel_web: WheelWeb,
                                                    web_venv: WebVenv) -> None:
     url, _, _ = wheel_web
-    page = requests.get(url + "/", timeout=30)
+    with requests.Session() as browser:
+        assert browser.get(url + "/", timeout=30, allow_redirects=False).headers["Location"] == "/login?next=/"
+        page = log_in_as_admin(browser, url, next_page="/")
     assert page.status_code == 200, page.text[-2000:]
     assert 'id="predict-form"' in page.text and DISCLAIMER in page.text
     stylesheet = re.search(r'href="(/static/style\.css[^"]*)"', page.text)
@@ -147,15 +149,20 @@ def csrf_token(html: str) -> str:
     return token.group(1)
 
 
+def log_in_as_admin(browser: requests.Session, url: str, *, next_page: str) -> requests.Response:
+    """The built-in account "admin" (WEB_ADMIN_PASSWORD), through the login form."""
+    login = browser.get(url + "/login", timeout=30)
+    return browser.post(url + "/login", timeout=30, data={
+        "csrf_token": csrf_token(login.text), "username": "admin", "password": ADMIN_PASSWORD, "next": next_page})
+
+
 @pytest.mark.slow
 def test_the_admin_console_queues_a_job_without_tensorflow(wheel_web: WheelWeb, private_queue: str) -> None:
     import redis
 
     url, _, _ = wheel_web
     with requests.Session() as browser:
-        login = browser.get(url + "/admin/login", timeout=30)
-        answer = browser.post(url + "/admin/login", timeout=30, data={
-            "csrf_token": csrf_token(login.text), "password": ADMIN_PASSWORD, "next": "/admin"})
+        answer = log_in_as_admin(browser, url, next_page="/admin")
         assert answer.status_code == 200 and "Training console" in answer.text, answer.text[-2000:]
         # The trainer's JobsClient answered (no jobs yet), without TensorFlow in this environment.
         assert 'id="no-jobs"' in answer.text and 'id="queue-form"' in answer.text

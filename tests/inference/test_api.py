@@ -216,7 +216,8 @@ def test_upload_over_the_limit_is_413(inference_service: RunningService) -> None
 def test_missing_file_is_422_json(inference_service: RunningService) -> None:
     import requests
 
-    response = requests.post(inference_service.url + "/predict", data={"model": "ensemble"}, timeout=30)
+    response = requests.post(inference_service.url + "/predict", data={"model": "ensemble"}, timeout=30,
+                             headers=inference_service.headers)
     assert response.status_code == 422
     assert response.json()["error"]["code"] == "invalid_request"
     assert "file" in response.json()["error"]["message"]
@@ -269,14 +270,14 @@ def test_request_ids_are_echoed_on_answers_and_errors(inference_service: Running
     content = _first(real_ct_images, "png").read_bytes()
     url = inference_service.url + "/predict"
     ok = requests.post(url, params={"model": "mobilenetv2"}, files={"file": ("a.png", content)},
-                       headers={"X-Request-ID": "ward-7.scan-42"}, timeout=60)
+                       headers={"X-Request-ID": "ward-7.scan-42", **inference_service.headers}, timeout=60)
     assert ok.status_code == 200 and ok.headers["X-Request-ID"] == "ward-7.scan-42"
     assert ok.json()["request_id"] == "ward-7.scan-42"
     unknown = requests.post(url, params={"model": "bogus"}, files={"file": ("a.png", content)},
-                            headers={"X-Request-ID": "bad id with spaces"}, timeout=60)
+                            headers={"X-Request-ID": "bad id with spaces", **inference_service.headers}, timeout=60)
     generated = unknown.headers["X-Request-ID"]
     assert unknown.status_code == 400 and generated != "bad id with spaces" and len(generated) == 32
-    missing_file = requests.post(url, headers={"X-Request-ID": "no-file-1"}, timeout=60)
+    missing_file = requests.post(url, headers={"X-Request-ID": "no-file-1", **inference_service.headers}, timeout=60)
     assert missing_file.status_code == 422 and missing_file.headers["X-Request-ID"] == "no-file-1"
 
 

@@ -16,7 +16,8 @@ from .conftest import RunningService
 def test_load_generator_drives_the_real_service(inference_service: RunningService,
                                                 real_ct_images: dict[str, Path]) -> None:
     images = [path.read_bytes() for path in real_ct_images.values()]
-    result = run_load(url=inference_service.url, model="mobilenetv2", images=images, concurrency=4, total=24)
+    result = run_load(url=inference_service.url, api_key=inference_service.api_key,
+                      model="mobilenetv2", images=images, concurrency=4, total=24)
     assert result.requests == 24 and result.errors == 0
     assert 0 < result.p50_ms <= result.p95_ms <= result.p99_ms and result.throughput_rps > 0
 
@@ -24,9 +25,11 @@ def test_load_generator_drives_the_real_service(inference_service: RunningServic
 def test_load_generator_counts_refused_requests_as_errors(inference_service: RunningService,
                                                           real_ct_images: dict[str, Path]) -> None:
     images = [path.read_bytes() for path in real_ct_images.values()]
-    unknown = run_load(url=inference_service.url, model="resnet50", images=images, concurrency=2, total=6, warmup=0)
+    unknown = run_load(url=inference_service.url, api_key=inference_service.api_key,
+                       model="resnet50", images=images, concurrency=2, total=6, warmup=0)
     assert unknown.errors == 6
-    broken = run_load(url=inference_service.url, model="mobilenetv2", images=[b"\x89PNG\r\n\x1a\nbroken"],
+    broken = run_load(url=inference_service.url, api_key=inference_service.api_key,
+                      model="mobilenetv2", images=[b"\x89PNG\r\n\x1a\nbroken"],
                       concurrency=2, total=4, warmup=0)
     assert broken.errors == 4
     assert inference_service.get("/healthz").status_code == 200

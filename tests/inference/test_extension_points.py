@@ -74,7 +74,7 @@ def _app(store: Path, data_dir: Path, **settings: object) -> object:
     from services.inference.app import create_app
 
     return create_app(InferenceSettings.from_values(
-        _env_file=None, models=["mobilenetv2"], reload_poll_seconds=0, verification_dir=str(data_dir),
+        _env_file=None, models=["mobilenetv2"], reload_poll_seconds=0, verification_dir=str(data_dir), auth="off",
         store=StoreSettings.from_values(_env_file=None, model_store=str(store)), **settings))
 
 

@@ -226,12 +226,14 @@ def test_raw_body_and_broken_multipart_are_4xx(inference_service: RunningService
     import requests
 
     url = inference_service.url + "/predict"
-    raw = requests.post(url, data=_png(), headers={"Content-Type": "image/png"}, timeout=30)
+    key = inference_service.headers
+    raw = requests.post(url, data=_png(), headers={"Content-Type": "image/png", **key}, timeout=30)
     assert raw.status_code == 422 and "error" in raw.json()
     broken = requests.post(url, data=b"--xyz\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nabc",
-                           headers={"Content-Type": "multipart/form-data; boundary=xyz"}, timeout=30)
+                           headers={"Content-Type": "multipart/form-data; boundary=xyz", **key}, timeout=30)
     assert 400 <= broken.status_code < 500 and "error" in broken.json()
-    no_boundary = requests.post(url, data=b"abc", headers={"Content-Type": "multipart/form-data"}, timeout=30)
+    no_boundary = requests.post(url, data=b"abc", headers={"Content-Type": "multipart/form-data", **key},
+                                timeout=30)
     assert 400 <= no_boundary.status_code < 500 and "error" in no_boundary.json()
 
 

@@ -14,7 +14,8 @@ def api_schema(inference_service: RunningService) -> schemathesis.schemas.BaseSc
     return schemathesis.openapi.from_url(inference_service.url + "/openapi.json")
 
 
-def test_openapi_fuzzing_finds_no_server_error(api_schema: schemathesis.schemas.BaseSchema) -> None:
+def test_openapi_fuzzing_finds_no_server_error(api_schema: schemathesis.schemas.BaseSchema,
+                                                inference_service: RunningService) -> None:
     failures: list[str] = []
     checked = 0
     for operation in api_schema.get_all_operations():
@@ -25,7 +26,7 @@ def test_openapi_fuzzing_finds_no_server_error(api_schema: schemathesis.schemas.
         @given(case=api_operation.as_strategy())
         def run(case: schemathesis.Case) -> None:
             nonlocal checked
-            response = case.call(timeout=60)
+            response = case.call(timeout=60, headers=inference_service.headers)
             checked += 1
             if response.status_code >= 500:
                 failures.append(f"{case.method} {case.path} -> {response.status_code}: {response.text[:200]}")

@@ -1,11 +1,13 @@
-"""Fixtures for the web service: settings, a misbehaving inference server, the real services.
+"""Fixtures for the web service: settings, accounts, a misbehaving inference server, the
+real services.
 
-The real inference service (`ctscan serve inference` on the tiny model store) answers the
-happy paths. `contract_server` is a small HTTP server speaking the inference contract that
-can be told to be slow, broken or refusing: the real service cannot be made to do that on
-demand, and those are the paths the web page must survive. Its answers are built from the
-service's own response models (`ctscan.schemas`), so they cannot drift from the real ones.
-"""
+The real inference service (`ctscan serve inference` on the tiny model store, API keys
+checked) answers the happy paths; the real web service in front of it logs people in with
+accounts made in that store and calls it with its own key. `contract_server` is a small HTTP
+server speaking the inference contract that can be told to be slow, broken or refusing: the
+real service cannot be made to do that on demand, and those are the paths the web page must
+survive. Its answers are built from the service's own response models (`ctscan.schemas`), so
+they cannot drift from the real ones."""
 
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flask import Flask
+from flask.testing import FlaskClient
 from harness import ServiceProcess, chromium_executable, free_port, start_service_process, stop_service_process
 
 from ctscan import DISCLAIMER
@@ -31,15 +35,46 @@ from ctscan.schemas import MemberPrediction, Prediction, Timings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CTSCAN = str(REPO_ROOT / ".venv" / "bin" / "ctscan")
-ADMIN_PASSWORD = "correct-horse-battery-staple"
+ADMIN_PASSWORD = "correct-horse-battery-staple"  # the built-in account "admin" (WEB_ADMIN_PASSWORD)
 TRAINER_TOKEN = "web-tests-trainer-token-" + "x" * 8
 SECRET_KEY = "web-tests-secret-key-0123456789abcdef"
+# Accounts the tests create in the store with the library (`ctscan accounts create` does the same).
+CLINICIAN = ("dr.jones", "clinician-pass-0123")
+ADMIN_ACCOUNT = ("ada.admin", "admin-account-pass-0123")
+# The page's own key for the inference service (WEB_INFERENCE_API_KEY); the page registers it.
+WEB_API_KEY = "ctk_web-tests-page-key-" + "k" * 16
 
 
 def csrf_token(html: str) -> str:
     match = re.search(r'name="csrf_token" type="hidden" value="([^"]+)"', html)
     assert match, "page has no CSRF token"
     return match.group(1)
+
+
+def ensure_account(store_url: str, username: str, password: str, *, role: str = "clinician") -> None:
+    """The account in this store (created once; a test store is shared by the tests that use it)."""
+    from ctscan.access import open_access
+
+    access = open_access(store_url)
+    if access.account(username) is None:
+        access.create_account(username, role=role, password=password)
+
+
+def log_in(client: FlaskClient, username: str, password: str, *, next_page: str = "/",
+           **request_options: Any) -> Any:
+    """Log in through the real form (CSRF token from the login page)."""
+    token = csrf_token(client.get("/login", **request_options).get_data(as_text=True))
+    return client.post("/login", data={"csrf_token": token, "username": username, "password": password,
+                                       "next": next_page}, **request_options)
+
+
+def clinician_client(app: Flask) -> FlaskClient:
+    """A test client logged in as the clinician (the account made in the app's store)."""
+    ensure_account(app.extensions["ctscan_web"].settings.store.model_store, *CLINICIAN)
+    client = app.test_client()
+    response = log_in(client, *CLINICIAN)
+    assert response.status_code == 302, response.get_data(as_text=True)[-1500:]
+    return client
 
 
 def tiny_png() -> bytes:
@@ -50,11 +85,46 @@ def tiny_png() -> bytes:
     return buffer.getvalue()
 
 
+# Fake patient data: must never reach a page, a log or the audit trail.
+FAKE_PATIENT_NAME, FAKE_PATIENT_ID = "Doe^Jane", "FAKE-123456"
+
+
+def phi_dicom(rows: int = 96, columns: int = 96) -> bytes:
+    """A CT slice as DICOM (lungs dark, body soft tissue, scanner noise) whose header carries
+    a fake patient's name and id, as a real export from the PACS would."""
+    import numpy as np
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = FileDataset("slice.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    dataset.SOPClassUID, dataset.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+    dataset.PatientName, dataset.PatientID, dataset.Modality = FAKE_PATIENT_NAME, FAKE_PATIENT_ID, "CT"
+    y, x = np.mgrid[0:rows, 0:columns]
+    body = ((x - columns / 2) / (columns * 0.45)) ** 2 + ((y - rows / 2) / (rows * 0.35)) ** 2 < 1
+    lungs = (((x - columns * 0.32) ** 2 + (y - rows / 2) ** 2) < (rows / 6) ** 2) | \
+            (((x - columns * 0.68) ** 2 + (y - rows / 2) ** 2) < (rows / 6) ** 2)
+    hounsfield = np.where(lungs, -850, np.where(body, 40, -1000))
+    hounsfield = (hounsfield + np.random.default_rng(7).normal(0, 15, (rows, columns))).round()
+    dataset.Rows, dataset.Columns, dataset.SamplesPerPixel = rows, columns, 1
+    dataset.PhotometricInterpretation = "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 1
+    dataset.RescaleSlope, dataset.RescaleIntercept = 1, -1024
+    dataset.PixelData = (hounsfield + 1024).astype(np.int16).tobytes()
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 # --- a server speaking the inference contract, steerable per test -----------------------------
 @dataclass
 class ContractServer:
     url: str
-    mode: str = "ok"  # ok | refused | slow | error500 | reject415 | reject413 | notready | garbage
+    # ok | refused | slow | error500 | reject415 | reject413 | notready | garbage | unauthorised | busy
+    mode: str = "ok"
     delay_s: float = 0.0
     requests_seen: list[dict[str, Any]] = field(default_factory=list)
 
@@ -123,9 +193,12 @@ def contract_server() -> Iterator[ContractServer]:
         def log_message(self, *args: Any) -> None:
             pass
 
-        def _send(self, status: int, body: Any, raw: bytes | None = None) -> None:
+        def _send(self, status: int, body: Any, raw: bytes | None = None,
+                  headers: dict[str, str] | None = None) -> None:
             payload = raw if raw is not None else json.dumps(body).encode()
             self.send_response(status)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
@@ -138,14 +211,21 @@ def contract_server() -> Iterator[ContractServer]:
             length = int(self.headers.get("Content-Length", 0))
             body = self.rfile.read(length)
             query = dict(p.split("=", 1) for p in self.path.partition("?")[2].split("&") if "=" in p)
-            state.requests_seen.append({"path": self.path, "query": query, "body": body})
+            state.requests_seen.append({"path": self.path, "query": query, "body": body,
+                                        "headers": dict(self.headers.items())})
             if state.mode == "slow":
                 time.sleep(state.delay_s)
             errors = {"reject415": (415, "unsupported_image", "cannot decode image"),
                       "reject413": (413, "too_large", "upload too large"),
                       "notready": (503, "not_ready", "models are loading"),
                       "error500": (500, "internal", "boom")}
-            if state.mode in errors:
+            if state.mode == "unauthorised":  # what the real service answers a wrong key
+                self._send(401, {"error": {"code": "unauthorised", "message": "this API key is not valid"}},
+                           headers={"WWW-Authenticate": "Bearer"})
+            elif state.mode == "busy":
+                self._send(429, {"error": {"code": "rate_limited", "message": "too many requests for key 'web'"}},
+                           headers={"Retry-After": "7"})
+            elif state.mode in errors:
                 status, code, message = errors[state.mode]
                 self._send(status, {"error": {"code": code, "message": message}})
             elif state.mode == "garbage":
@@ -168,19 +248,22 @@ def contract_server() -> Iterator[ContractServer]:
 # --- settings and app -----------------------------------------------------------------------
 @pytest.fixture()
 def make_settings(tmp_path: Path) -> Callable[..., Any]:
-    """The web service's settings; `model_store`, `datasets_url` and `admin_token` go to the
-    shared sections it holds."""
-    from ctscan.settings import AdminSettings, StoreSettings, WebSettings
+    """The web service's settings; `model_store`, `datasets_url`, `admin_token` and `audit_dir`
+    go to the shared sections it holds (the audit trail: tmp_path/audit)."""
+    from ctscan.settings import AdminSettings, AuditSettings, StoreSettings, WebSettings
 
     def build(*, model_store: str | None = None, datasets_url: str | None = None,
-              admin_token: str | None = TRAINER_TOKEN, **overrides: Any) -> WebSettings:
+              admin_token: str | None = TRAINER_TOKEN, audit_dir: Path | None = None,
+              **overrides: Any) -> WebSettings:
         store = StoreSettings.from_values(_env_file=None, model_store=model_store or str(tmp_path / "store"),
                                           datasets_url=datasets_url or str(tmp_path / "datasets"))
         values: dict[str, Any] = {
-            "secret_key": SECRET_KEY, "admin_password": ADMIN_PASSWORD,
+            "secret_key": SECRET_KEY, "admin_password": ADMIN_PASSWORD, "auth": "accounts",
+            "inference_api_key": None,
             "inference_url": f"http://127.0.0.1:{free_port()}", "inference_read_timeout_s": 5.0,
             "inference_retries": 1, "max_upload_mb": 1.0,
             "store": store, "admin": AdminSettings.from_values(_env_file=None, admin_token=admin_token),
+            "audit": AuditSettings.from_values(_env_file=None, audit_dir=audit_dir or tmp_path / "audit"),
         }
         values.update(overrides)
         return WebSettings.from_values(_env_file=None, **values)
@@ -210,15 +293,30 @@ def _base_env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def inference_service(tiny_model_store: Path, data_dir: Path,
+def service_audit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The audit trail folder the real services share (each process writes its own file)."""
+    return tmp_path_factory.mktemp("audit")
+
+
+@pytest.fixture(scope="session")
+def service_accounts(tiny_model_store: Path) -> None:
+    """The clinician and the admin account in the store the real services read."""
+    ensure_account(str(tiny_model_store), *CLINICIAN)
+    ensure_account(str(tiny_model_store), *ADMIN_ACCOUNT, role="admin")
+
+
+@pytest.fixture(scope="session")
+def inference_service(tiny_model_store: Path, data_dir: Path, service_audit_dir: Path,
                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """The real inference service (`ctscan serve inference`) on the tiny model store."""
+    """The real inference service (`ctscan serve inference`) on the tiny model store, checking
+    API keys: the page must send the key it registers in that store (WEB_API_KEY)."""
     if not (REPO_ROOT / "services" / "inference" / "main.py").is_file():
         pytest.fail("services/inference is not there yet: the browser tests need the real service")
     workdir = tmp_path_factory.mktemp("inference")
     env = _base_env() | {
         "CTSCAN_MODEL_STORE": str(tiny_model_store), "CTSCAN_DATA_DIR": str(data_dir),
-        "INFERENCE_RELOAD_POLL_SECONDS": "0",
+        "INFERENCE_RELOAD_POLL_SECONDS": "0", "INFERENCE_AUTH": "keys",
+        "CTSCAN_AUDIT_DIR": str(service_audit_dir),
     }
     service = start_service_process([CTSCAN, "serve", "inference"], env=env, log_path=workdir / "inference.log",
                                     ready_path="/readyz", timeout_s=300)
@@ -251,11 +349,14 @@ def trainer_queue() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def web_service(inference_service: Service, tiny_model_store: Path, published_datasets: tuple[str, str, str],
-                trainer_queue: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """The real web service (`ctscan serve web`, waitress) in front of the real inference."""
+                trainer_queue: str, service_audit_dir: Path, service_accounts: None,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The real web service (`ctscan serve web`, waitress) in front of the real inference, with
+    accounts (and the built-in admin) and its own API key, which it registers when it starts."""
     workdir = tmp_path_factory.mktemp("web")
     env = _base_env() | {
-        "WEB_SECRET_KEY": SECRET_KEY, "WEB_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "WEB_SECRET_KEY": SECRET_KEY, "WEB_ADMIN_PASSWORD": ADMIN_PASSWORD, "WEB_AUTH": "accounts",
+        "WEB_INFERENCE_API_KEY": WEB_API_KEY, "CTSCAN_AUDIT_DIR": str(service_audit_dir),
         "CTSCAN_ADMIN_TOKEN": TRAINER_TOKEN, "INFERENCE_URL": inference_service.url,
         "CTSCAN_MODEL_STORE": str(tiny_model_store), "CTSCAN_DATASETS_URL": published_datasets[0],
         "WEB_DEFAULT_DATASET": published_datasets[1], "WEB_DEFAULT_DATASET_VERSION": published_datasets[2],

@@ -16,7 +16,7 @@ from ctscan.store import ModelStore, open_store
 from services.web.app import create_app
 from services.web.console import ConsoleUnavailableError
 
-from .conftest import ADMIN_PASSWORD, TRAINER_TOKEN, csrf_token, trainer_settings_for
+from .conftest import ADMIN_PASSWORD, TRAINER_TOKEN, csrf_token, log_in, trainer_settings_for
 
 
 @pytest.fixture()
@@ -68,9 +68,9 @@ def client(make_app: Callable[..., Any]) -> Iterator[FlaskClient]:
     yield make_app().test_client()
 
 
-def login(client: FlaskClient, password: str = ADMIN_PASSWORD) -> Any:
-    token = csrf_token(client.get("/admin/login").get_data(as_text=True))
-    return client.post("/admin/login", data={"csrf_token": token, "password": password, "next": "/admin"})
+def login(client: FlaskClient, password: str = ADMIN_PASSWORD, username: str = "admin") -> Any:
+    """Log in as the built-in admin (WEB_ADMIN_PASSWORD) through the login form."""
+    return log_in(client, username, password, next_page="/admin")
 
 
 def console_token(client: FlaskClient) -> str:
@@ -89,13 +89,13 @@ def queue_form(token: str, **overrides: Any) -> dict[str, Any]:
 def test_console_redirects_to_login_without_a_session(client: FlaskClient) -> None:
     response = client.get("/admin")
     assert response.status_code == 302
-    assert response.headers["Location"].startswith("/admin/login?next=/admin")
+    assert response.headers["Location"].startswith("/login?next=/admin")
     assert client.get("/admin/jobs/table").status_code == 401
 
 
 def test_actions_without_login_are_refused(client: FlaskClient, store: ModelStore,
                                            jobs_client: Any) -> None:
-    token = csrf_token(client.get("/admin/login").get_data(as_text=True))
+    token = csrf_token(client.get("/login").get_data(as_text=True))
     assert client.post("/admin/jobs", data=queue_form(token)).status_code == 401
     assert client.post("/admin/models/mobilenetv2/promote",
                        data={"csrf_token": token, "version": "20260102T000000Z-aaaa"}).status_code == 401
@@ -108,13 +108,22 @@ def test_actions_without_login_are_refused(client: FlaskClient, store: ModelStor
 def test_wrong_password_is_refused(client: FlaskClient) -> None:
     response = login(client, "not-the-password")
     assert response.status_code == 401
-    assert "That password is not correct" in response.get_data(as_text=True)
+    assert "That user name or password is not correct" in response.get_data(as_text=True)
     assert client.get("/admin").status_code == 302
 
 
+def test_the_old_admin_login_address_still_logs_in(client: FlaskClient) -> None:
+    page = client.get("/admin/login?next=/admin")
+    assert page.status_code == 200 and 'id="login-form"' in page.get_data(as_text=True)
+    response = client.post("/admin/login", data={"csrf_token": csrf_token(page.get_data(as_text=True)),
+                                                 "username": "admin", "password": ADMIN_PASSWORD, "next": "/admin"})
+    assert response.status_code == 302 and response.headers["Location"] == "/admin"
+    assert "Training console" in client.get("/admin").get_data(as_text=True)
+
+
 def test_login_without_csrf_token_is_refused(client: FlaskClient) -> None:
-    client.get("/admin/login")
-    response = client.post("/admin/login", data={"password": ADMIN_PASSWORD})
+    client.get("/login")
+    response = client.post("/login", data={"username": "admin", "password": ADMIN_PASSWORD})
     assert response.status_code == 400
     assert client.get("/admin").status_code == 302
 
@@ -134,16 +143,24 @@ def test_login_sets_a_protected_session_cookie_and_logout_ends_it(client: FlaskC
     assert cookie.startswith("ctscan_session=") and "HttpOnly" in cookie and "SameSite=Lax" in cookie
     page = client.get("/admin").get_data(as_text=True)
     assert "Training console" in page
-    response = client.post("/admin/logout", data={"csrf_token": csrf_token(page)})
-    assert response.status_code == 302
+    response = client.post("/logout", data={"csrf_token": csrf_token(page)})
+    assert response.status_code == 302 and response.headers["Location"] == "/login"
     assert client.get("/admin").status_code == 302
 
 
+def test_logout_needs_its_csrf_token(client: FlaskClient) -> None:
+    login(client)
+    assert client.post("/logout").status_code == 400
+    assert client.get("/admin").status_code == 200  # still logged in
+
+
 def test_login_never_redirects_off_site(client: FlaskClient) -> None:
-    token = csrf_token(client.get("/admin/login").get_data(as_text=True))
-    response = client.post("/admin/login", data={"csrf_token": token, "password": ADMIN_PASSWORD,
-                                                 "next": "//evil.example/admin"})
-    assert response.headers["Location"] == "/admin"
+    for target in ("//evil.example/admin", "https://evil.example/", "/\\evil.example"):
+        client.post("/logout", data={"csrf_token": csrf_token(client.get("/login").get_data(as_text=True))})
+        token = csrf_token(client.get("/login").get_data(as_text=True))
+        response = client.post("/login", data={"csrf_token": token, "username": "admin",
+                                                "password": ADMIN_PASSWORD, "next": target})
+        assert response.status_code == 302 and response.headers["Location"] == "/", target
 
 
 def test_queue_form_offers_the_published_dataset_versions(make_settings: Callable[..., Any], store: ModelStore,

@@ -1,5 +1,6 @@
 """The real pages in headless Chromium (Debian's package, driven by Playwright), against the
-real web service (`ctscan serve web`) in front of the real inference service.
+real web service (`ctscan serve web`) in front of the real inference service (API keys on).
+People log in through the real login form first.
 
 Screenshots land in test-artifacts/ for people to look at.
 """
@@ -16,11 +17,21 @@ from harness import CHROMIUM_ARGS
 
 from ctscan import DISCLAIMER
 
-from .conftest import ADMIN_PASSWORD, TRAINER_TOKEN, Service, trainer_settings_for
+from .conftest import ADMIN_PASSWORD, CLINICIAN, TRAINER_TOKEN, Service, trainer_settings_for
 
 pytestmark = pytest.mark.timeout(900)
 
 
+def log_in(page: Any, web_url: str, username: str = CLINICIAN[0], password: str = CLINICIAN[1],
+           path: str = "/") -> None:
+    """Ask for `path`, get sent to the login form, fill it in, land on `path`."""
+    page.goto(web_url + path)
+    assert "/login?next=" in page.url
+    page.fill("#username", username)
+    page.fill("#password", password)
+    page.click("#login-button")
+    page.wait_for_selector("#signed-in")
+    assert page.url == web_url + path
 
 @pytest.fixture(scope="module")
 def browser(chromium_path: str) -> Iterator[Any]:
@@ -57,8 +68,10 @@ def image_loaded(page: Any, selector: str) -> bool:
 def test_upload_a_real_ct_image_and_see_result_and_heatmap(page: Any, web_service: Service,
                                                            real_ct_images: dict[str, Path],
                                                            artifacts_dir: Path) -> None:
-    page.goto(web_service.url + "/")
+    log_in(page, web_service.url)
     assert page.get_by_role("note", name="Intended use").is_visible()
+    assert CLINICIAN[0] in page.inner_text("#signed-in")
+    assert page.locator("nav >> text=Admin console").count() == 0  # clinicians get no console link
     page.screenshot(path=str(artifacts_dir / "web-upload.png"), full_page=True)
 
     page.set_input_files("#file", str(pick_image(real_ct_images)))
@@ -90,7 +103,7 @@ def test_the_result_fits_a_390_px_phone_screen(browser: Any, web_service: Servic
     try:
         page = context.new_page()
         page.set_default_timeout(120_000)
-        page.goto(web_service.url + "/")
+        log_in(page, web_service.url)
         page.set_input_files("#file", str(pick_image(real_ct_images)))
         page.select_option("#model", "ensemble")
         page.click("#analyse-button")
@@ -108,7 +121,7 @@ def test_the_result_fits_a_390_px_phone_screen(browser: Any, web_service: Servic
 
 def test_drag_and_drop_upload(page: Any, web_service: Service, real_ct_images: dict[str, Path]) -> None:
     image = pick_image(real_ct_images)
-    page.goto(web_service.url + "/")
+    log_in(page, web_service.url)
     payload = base64.b64encode(image.read_bytes()).decode()
     transfer = page.evaluate_handle(
         """([payload, name]) => {
@@ -132,7 +145,7 @@ def test_page_works_without_javascript(browser: Any, web_service: Service, real_
     try:
         page = context.new_page()
         page.set_default_timeout(120_000)
-        page.goto(web_service.url + "/")
+        log_in(page, web_service.url)  # a plain form post: no script needed
         page.set_input_files("#file", str(pick_image(real_ct_images)))
         page.select_option("#model", "densenet121")
         page.click("#analyse-button")
@@ -147,7 +160,7 @@ def test_unsupported_file_message_in_the_browser(page: Any, web_service: Service
                                                  artifacts_dir: Path) -> None:
     document = tmp_path / "notes.txt"
     document.write_text("not an image")
-    page.goto(web_service.url + "/")
+    log_in(page, web_service.url)
     page.set_input_files("#file", str(document))
     page.click("#analyse-button")
     page.wait_for_selector("#error-message")
@@ -162,14 +175,18 @@ def test_admin_logs_in_and_queues_a_job(page: Any, web_service: Service, tiny_mo
     from services.trainer.api import JobsClient
 
     page.goto(web_service.url + "/admin")
-    assert page.url.endswith("/admin/login?next=/admin")
+    assert page.url.endswith("/login?next=/admin")
     page.screenshot(path=str(artifacts_dir / "web-admin-login.png"), full_page=True)
+    page.fill("#username", "admin")
     page.fill("#password", "wrong-password")
-    page.click("button[type=submit]")
-    assert "That password is not correct" in page.inner_text("main")
+    page.click("#login-button")
+    assert "That user name or password is not correct" in page.inner_text("#login-error")
+    page.fill("#username", "admin")  # the built-in admin (WEB_ADMIN_PASSWORD)
     page.fill("#password", ADMIN_PASSWORD)
-    page.click("button[type=submit]")
+    page.click("#login-button")
     page.wait_for_selector("#queue-form")
+    assert page.url == web_service.url + "/admin"
+    assert "admin" in page.inner_text("#signed-in")
     assert page.locator("#model-mobilenetv2").is_visible()  # the tiny store's versions
 
     page.select_option("#job-model", "mobilenetv2")
@@ -211,3 +228,15 @@ def test_admin_logs_in_and_queues_a_job(page: Any, web_service: Service, tiny_mo
     assert "1/4" in page.inner_text(f'tr[data-job-id="{second_id}"]')
     assert "val AUC 0.705" in page.inner_text(f'tr[data-job-id="{second_id}"]')
     page.screenshot(path=str(artifacts_dir / "web-admin-progress.png"), full_page=True)
+
+
+def test_a_clinician_is_kept_out_of_the_console_and_logs_out(page: Any, web_service: Service) -> None:
+    log_in(page, web_service.url)
+    response = page.goto(web_service.url + "/admin")
+    assert response.status == 403
+    assert "Administrators only" in page.inner_text("main") and not page.locator("#queue-form").count()
+    page.click("#logout-button")
+    page.wait_for_selector("#login-form")
+    assert "You have been logged out" in page.inner_text("main")
+    page.goto(web_service.url + "/study")
+    assert "/login?next=/study" in page.url  # the session is gone

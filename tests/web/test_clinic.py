@@ -15,13 +15,14 @@ from flask.testing import FlaskClient
 from ctscan import DISCLAIMER
 from services.web.app import create_app
 
-from .conftest import ContractServer, csrf_token, tiny_png
+from .conftest import WEB_API_KEY, ContractServer, clinician_client, csrf_token, tiny_png
 
 TRACEBACK_MARKERS = ("Traceback", 'File "', "requests.exceptions", "urllib3")
 
 
 def client_for(settings: Any) -> FlaskClient:
-    return create_app(settings).test_client()
+    """The page, with a clinician logged in through the login form."""
+    return clinician_client(create_app(settings))
 
 
 def post_image(client: FlaskClient, data: bytes, *, filename: str = "scan.png", model: str = "ensemble",
@@ -51,8 +52,8 @@ def test_index_offers_upload_models_and_disclaimer(make_settings: Callable[..., 
     assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
 
 
-def test_healthz(make_settings: Callable[..., Any]) -> None:
-    response = client_for(make_settings()).get("/healthz")
+def test_healthz_needs_no_login(make_settings: Callable[..., Any]) -> None:
+    response = create_app(make_settings()).test_client().get("/healthz")
     assert response.status_code == 200
     assert response.get_json() == {"status": "ok"}
 
@@ -242,7 +243,7 @@ def test_unexpected_error_never_shows_a_traceback(make_settings: Callable[..., A
         raise RuntimeError("secret internals")
 
     app.extensions["ctscan_web"].inference.predict = broken
-    client = app.test_client()
+    client = clinician_client(app)
     response = post_image(client, tiny_png())
     html = response.get_data(as_text=True)
     assert response.status_code == 500
@@ -251,9 +252,11 @@ def test_unexpected_error_never_shows_a_traceback(make_settings: Callable[..., A
 
 
 def test_real_inference_service_answers_a_real_ct_image(make_settings: Callable[..., Any],
-                                                       inference_service: Any,
+                                                       inference_service: Any, tiny_model_store: Path,
                                                        real_ct_images: dict[str, Path]) -> None:
-    client = client_for(make_settings(inference_url=inference_service.url, inference_read_timeout_s=120))
+    # The page registers its key in the store the service reads; the service checks it.
+    client = client_for(make_settings(inference_url=inference_service.url, inference_read_timeout_s=120,
+                                      model_store=str(tiny_model_store), inference_api_key=WEB_API_KEY))
     image = real_ct_images["covid_png"] if "covid_png" in real_ct_images else next(iter(real_ct_images.values()))
     response = post_image(client, image.read_bytes(), filename=image.name)
     html = response.get_data(as_text=True)

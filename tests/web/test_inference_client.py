@@ -7,7 +7,9 @@ import time
 import pytest
 
 from services.web.inference_client import (
+    InferenceBusyError,
     InferenceClient,
+    InferenceCredentialsError,
     InferenceError,
     InferenceRejectedError,
     InferenceTimeoutError,
@@ -63,3 +65,39 @@ def test_unreadable_answer_is_an_error(contract_server: ContractServer) -> None:
     client = InferenceClient(contract_server.url, retries=0)
     with pytest.raises(InferenceError, match="could not be read"):
         client.predict(data=tiny_png(), filename="upload.png")
+
+
+def test_the_pages_key_and_request_id_are_sent(contract_server: ContractServer) -> None:
+    client = InferenceClient(contract_server.url, retries=0, api_key="ctk_page-key-for-this-test-0123")
+    client.predict(data=tiny_png(), filename="upload.png", request_id="web-req-0001")
+    client.predict_study(files=[tiny_png(), tiny_png()], request_id="web-req-0002")
+    headers = [seen["headers"] for seen in contract_server.requests_seen]
+    assert [h["X-API-Key"] for h in headers] == ["ctk_page-key-for-this-test-0123"] * 2
+    assert [h["X-Request-ID"] for h in headers] == ["web-req-0001", "web-req-0002"]
+
+
+def test_without_a_key_none_is_sent(contract_server: ContractServer) -> None:
+    InferenceClient(contract_server.url, retries=0).predict(data=tiny_png(), filename="upload.png")
+    assert "X-API-Key" not in contract_server.requests_seen[0]["headers"]
+
+
+def test_a_refused_key_tells_the_clinician_whom_to_call(contract_server: ContractServer) -> None:
+    contract_server.mode = "unauthorised"
+    client = InferenceClient(contract_server.url, retries=2, api_key="ctk_revoked-page-key-0123456789")
+    with pytest.raises(InferenceCredentialsError) as caught:
+        client.predict(data=tiny_png(), filename="upload.png")
+    assert str(caught.value) == "The analysis service refused this page's credentials; tell the service desk."
+    assert caught.value.status == 502 and caught.value.outcome == "unauthorised"
+    assert len(contract_server.requests_seen) == 1  # a wrong key is not retried
+    with pytest.raises(InferenceCredentialsError):
+        client.predict_study(files=[tiny_png()])
+
+
+def test_rate_limited_says_when_to_try_again(contract_server: ContractServer) -> None:
+    contract_server.mode = "busy"
+    client = InferenceClient(contract_server.url, retries=2, api_key="ctk_busy-page-key-0123456789")
+    with pytest.raises(InferenceBusyError) as caught:
+        client.predict(data=tiny_png(), filename="upload.png")
+    assert str(caught.value) == "The analysis service is busy. Please try again in 7 s."
+    assert caught.value.retry_after_s == 7 and caught.value.outcome == "rate_limited"
+    assert len(contract_server.requests_seen) == 1

@@ -25,19 +25,34 @@ def test_placeholder_or_empty_secret_key_is_refused(secret: str) -> None:
         settings_from(secret_key=secret, admin_password=ADMIN_PASSWORD)
 
 
-@pytest.mark.parametrize("password", ["", "changeme", "password", "admin", "abc"])
+@pytest.mark.parametrize("password", ["changeme", "password", "admin", "abc"])
 def test_placeholder_admin_password_is_refused(password: str) -> None:
     with pytest.raises(ValidationError, match="WEB_ADMIN_PASSWORD"):
         settings_from(secret_key=SECRET_KEY, admin_password=password)
 
 
+@pytest.mark.parametrize("key", ["changeme", "too-short-key"])
+def test_placeholder_inference_api_key_is_refused(key: str) -> None:
+    with pytest.raises(ValidationError, match="WEB_INFERENCE_API_KEY"):
+        settings_from(secret_key=SECRET_KEY, inference_api_key=key)
+
+
 def test_secrets_have_no_default(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("WEB_SECRET_KEY", raising=False)
-    monkeypatch.delenv("WEB_ADMIN_PASSWORD", raising=False)
+    for name in ("WEB_SECRET_KEY", "WEB_ADMIN_PASSWORD", "WEB_AUTH", "WEB_INFERENCE_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValidationError) as caught:
         settings_from()
-    missing = {error["loc"][0] for error in caught.value.errors()}
-    assert {"WEB_SECRET_KEY", "WEB_ADMIN_PASSWORD"} <= missing
+    assert {error["loc"][0] for error in caught.value.errors()} == {"WEB_SECRET_KEY"}
+    # Without WEB_ADMIN_PASSWORD there is no built-in admin: admins log in with their accounts.
+    settings = settings_from(secret_key=SECRET_KEY, admin_password="")
+    assert settings.admin_password is None and settings.auth == "accounts"
+    assert settings.inference_api_key is None
+
+
+def test_an_unknown_auth_mode_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WEB_AUTH", "none")
+    with pytest.raises(ValidationError, match="WEB_AUTH"):
+        settings_from(secret_key=SECRET_KEY)
 
 
 def test_settings_read_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

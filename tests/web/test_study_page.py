@@ -14,7 +14,7 @@ from flask.testing import FlaskClient
 
 from ctscan import DISCLAIMER
 
-from .conftest import ContractServer, csrf_token
+from .conftest import WEB_API_KEY, ContractServer, csrf_token
 from .test_clinic import assert_friendly, client_for
 
 
@@ -79,8 +79,10 @@ def test_no_files_get_a_plain_message(make_settings: Callable[..., Any]) -> None
 
 @pytest.mark.slow
 def test_a_real_ct_md_study_through_the_real_service(make_settings: Callable[..., Any], inference_service: Any,
-                                                      ctmd_dir: Path, ctmd_slices: dict) -> None:
-    client = client_for(make_settings(inference_url=inference_service.url, inference_read_timeout_s=300))
+                                                      tiny_model_store: Path, ctmd_dir: Path,
+                                                      ctmd_slices: dict) -> None:
+    client = client_for(make_settings(inference_url=inference_service.url, inference_read_timeout_s=300,
+                                      model_store=str(tiny_model_store), inference_api_key=WEB_API_KEY))
     rows = ctmd_slices["P001"][::3]
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as handle:

@@ -24,6 +24,7 @@ class Stack:
     web_url: str
     inference_url: str
     admin_password: str
+    api_key: str
     bucket: str
     s3_user: str
     s3_password: str
@@ -55,6 +56,7 @@ def stack() -> Stack:
         web_url=os.environ["CTSCAN_STACK_WEB_URL"],
         inference_url=os.environ["CTSCAN_STACK_INFERENCE_URL"],
         admin_password=os.environ["CTSCAN_STACK_ADMIN_PASSWORD"],
+        api_key=os.environ["CTSCAN_STACK_API_KEY"],
         bucket=os.environ["CTSCAN_STACK_BUCKET"],
         s3_user=os.environ["CTSCAN_STACK_S3_USER"],
         s3_password=os.environ["CTSCAN_STACK_S3_PASSWORD"],

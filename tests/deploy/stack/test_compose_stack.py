@@ -25,12 +25,14 @@ def slice_image(real_ct_images: dict[str, Path]) -> Path:
 
 
 def test_predict_a_real_slice_with_each_model(stack: Stack, real_ct_images: dict[str, Path]) -> None:
+    key = {"X-API-Key": stack.api_key}
+    assert requests.get(stack.inference_url + "/models", timeout=30).status_code == 401  # no key
     production = {entry["name"]: entry["version"] for entry in
-                  requests.get(stack.inference_url + "/models", timeout=30).json()["models"]}
+                  requests.get(stack.inference_url + "/models", timeout=30, headers=key).json()["models"]}
     assert set(MODELS) <= set(production)
     image = slice_image(real_ct_images)
     for model in ("ensemble", *MODELS):
-        answer = requests.post(stack.inference_url + "/predict", params={"model": model}, timeout=180,
+        answer = requests.post(stack.inference_url + "/predict", params={"model": model}, timeout=180, headers=key,
                                files={"file": (image.name, image.read_bytes(), "image/png")})
         assert answer.status_code == 200, f"{model}: {answer.text}"
         body = answer.json()
@@ -79,7 +81,11 @@ def test_the_page_in_chromium(stack: Stack, browser: Any, real_ct_images: dict[s
     errors: list[str] = []
     page.on("console", lambda message: message.type == "error" and errors.append(message.text))
     try:
-        page.goto(stack.web_url + "/")
+        page.goto(stack.web_url + "/")  # the login page first
+        page.fill("#username", "admin")
+        page.fill("#password", stack.admin_password)
+        page.click("button[type=submit]")
+        page.wait_for_selector("#file")
         assert page.get_by_role("note", name="Intended use").is_visible()
         page.set_input_files("#file", str(slice_image(real_ct_images)))
         page.select_option("#model", "ensemble")
@@ -112,9 +118,11 @@ def test_admin_queues_a_job_that_the_trainer_container_finishes(stack: Stack, br
     page.set_default_timeout(120_000)
     try:
         page.goto(stack.web_url + "/admin")
+        page.fill("#username", "admin")
         page.fill("#password", "not-the-password")
         page.click("button[type=submit]")
-        assert "That password is not correct" in page.inner_text("main")
+        assert "not correct" in page.inner_text("main")
+        page.fill("#username", "admin")
         page.fill("#password", stack.admin_password)
         page.click("button[type=submit]")
         page.wait_for_selector("#queue-form")
@@ -165,6 +173,9 @@ def test_admin_queues_a_job_that_the_trainer_container_finishes(stack: Stack, br
     record = stack.s3("cat", f"local/{stack.bucket}/models/.jobs/{job_id}/job.json")
     # The worker is named by its container's host name and its process (host:pid).
     assert f'"worker": "{stack.inspect("trainer", "{{.Config.Hostname}}")}:' in record
+    # The admin's login and job are in the audit trail on the shared volume.
+    trail = stack.engine_run("exec", stack.containers["web"], "sh", "-c", "cat /data/audit/*/*.jsonl").stdout
+    assert '"action":"job_queue"' in trail and '"actor":"admin"' in trail, trail[-2000:]
 
 
 @pytest.mark.parametrize("service", ["web", "inference", "trainer"])

@@ -1,0 +1,343 @@
+"""Who may use the system: API keys for programs and accounts for people.
+
+Both live in the model store under `.access/` (a dot-name: never listed as a model), one
+object per key or account, so that two admins creating keys at once cannot overwrite each
+other. Nothing secret is stored: a key is kept as its SHA-256 (keys are long random strings,
+so a fast hash is enough and lookups stay cheap), a password as a salted scrypt hash
+(werkzeug's, the one Flask already ships). A key is shown once, when it is created.
+
+Key records are found by the first characters of the key's hash, so any high-entropy string
+works as a key (an operator may also register one taken from a Secret: `register_key`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+from werkzeug.security import check_password_hash, generate_password_hash
+
+from ctscan.errors import CTScanError, VersionExistsError
+from ctscan.objects import ObjectStore, open_objects
+
+ACCESS_PREFIX = ".access"
+KEY_PREFIX = "ctk_"
+ROLES = ("clinician", "admin")
+Role = Literal["clinician", "admin"]
+MIN_KEY_LENGTH = 24
+MIN_ACCOUNT_PASSWORD_LENGTH = 12
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+_LOOKUP_CHARS = 24  # of the key's SHA-256: the record's object name
+
+
+class AccessError(CTScanError):
+    """A key or account request that cannot be done (unknown name, duplicate, weak secret)."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def check_name(kind: str, name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise AccessError(f"{kind} name {name!r} is not valid: use 1-64 letters, digits, '.', '_', '@' or '-'")
+    return name
+
+
+def key_digest(key: str) -> str:
+    return hashlib.sha256(key.strip().encode()).hexdigest()
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+class ApiKeyRecord(BaseModel):
+    name: str
+    sha256: str
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    # Requests per minute for this key; None = the service's default.
+    rate_limit_per_minute: int | None = Field(default=None, ge=1)
+
+    @property
+    def lookup(self) -> str:
+        return self.sha256[:_LOOKUP_CHARS]
+
+    def state(self, now: datetime | None = None) -> Literal["active", "revoked", "expired"]:
+        now = now or _now()
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
+
+
+class AccountRecord(BaseModel):
+    username: str
+    role: Role
+    password_hash: str
+    created_at: datetime
+    disabled_at: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.disabled_at is None
+
+
+class AccessStore:
+    """Keys and accounts on one object store (the model store's `.access/` folder)."""
+
+    def __init__(self, objects: ObjectStore) -> None:
+        self.objects = objects.child(ACCESS_PREFIX)
+        self.url = objects.url
+
+    # --- API keys ------------------------------------------------------------------------
+    def _read_key(self, name: str) -> ApiKeyRecord | None:
+        data = self.objects.get(f"keys/{name}.json")
+        if data is None:
+            return None
+        try:
+            return ApiKeyRecord.model_validate_json(data)
+        except ValidationError:
+            return None  # a damaged record authenticates nobody
+
+    def list_keys(self) -> list[ApiKeyRecord]:
+        records = (self._read_key(name.removesuffix(".json")) for name in self.objects.names("keys"))
+        return sorted((r for r in records if r is not None), key=lambda r: (r.name, r.created_at))
+
+    def _active_named(self, name: str) -> list[ApiKeyRecord]:
+        return [r for r in self.list_keys() if r.name == name and r.state() == "active"]
+
+    def register_key(self, name: str, key: str, *, expires_at: datetime | None = None,
+                     rate_limit_per_minute: int | None = None) -> ApiKeyRecord:
+        """Store the hash of `key` under `name`. Idempotent for the same name and key; refused
+        for a key that was revoked (a revoked key never comes back) or a name in use."""
+        check_name("key", name)
+        if len(key.strip()) < MIN_KEY_LENGTH:
+            raise AccessError(f"an API key must be at least {MIN_KEY_LENGTH} characters long")
+        digest = key_digest(key)
+        existing = self._read_key(digest[:_LOOKUP_CHARS])
+        if existing is not None:
+            if existing.state() == "revoked":
+                raise AccessError(f"this key was revoked on {existing.revoked_at:%Y-%m-%d}; create a new one")
+            if existing.name != name:
+                raise AccessError(f"this key is already registered as {existing.name!r}")
+            return existing
+        if self._active_named(name):
+            raise AccessError(f"an active key named {name!r} exists; revoke it first (ctscan keys revoke {name})")
+        if expires_at is not None and expires_at <= _now():
+            raise AccessError("the expiry is in the past")
+        record = ApiKeyRecord(name=name, sha256=digest, created_at=_now(), expires_at=expires_at,
+                              rate_limit_per_minute=rate_limit_per_minute)
+        try:
+            self.objects.put_new(f"keys/{record.lookup}.json", record.model_dump_json(indent=2).encode())
+        except VersionExistsError:
+            raise AccessError("this key is already registered") from None
+        return record
+
+    def create_key(self, name: str, *, expires_at: datetime | None = None,
+                   rate_limit_per_minute: int | None = None) -> tuple[ApiKeyRecord, str]:
+        """A new random key: (its record, the key itself — shown once, never stored)."""
+        key = new_key()
+        return self.register_key(name, key, expires_at=expires_at, rate_limit_per_minute=rate_limit_per_minute), key
+
+    def revoke_key(self, name: str) -> list[ApiKeyRecord]:
+        """Revoke every active key named `name`; the records stay (the audit trail names them)."""
+        active = self._active_named(check_name("key", name))
+        if not active:
+            raise AccessError(f"no active key named {name!r}")
+        revoked = []
+        for record in active:
+            updated = record.model_copy(update={"revoked_at": _now()})
+            self.objects.put(f"keys/{record.lookup}.json", updated.model_dump_json(indent=2).encode())
+            revoked.append(updated)
+        return revoked
+
+    def find_key(self, key: str) -> ApiKeyRecord | None:
+        """The record of `key` whatever its state, or None when it was never registered."""
+        digest = key_digest(key)
+        record = self._read_key(digest[:_LOOKUP_CHARS])
+        if record is None or not hmac.compare_digest(record.sha256, digest):
+            return None
+        return record
+
+    # --- accounts ------------------------------------------------------------------------
+    def account(self, username: str) -> AccountRecord | None:
+        data = self.objects.get(f"accounts/{check_name('account', username)}.json")
+        if data is None:
+            return None
+        try:
+            return AccountRecord.model_validate_json(data)
+        except ValidationError:
+            return None
+
+    def list_accounts(self) -> list[AccountRecord]:
+        records = (self.account(name.removesuffix(".json")) for name in self.objects.names("accounts"))
+        return sorted((r for r in records if r is not None), key=lambda r: r.username)
+
+    def _write_account(self, record: AccountRecord, *, new: bool) -> None:
+        data = record.model_dump_json(indent=2).encode()
+        key = f"accounts/{record.username}.json"
+        if new:
+            try:
+                self.objects.put_new(key, data)
+            except VersionExistsError:
+                raise AccessError(f"an account named {record.username!r} exists") from None
+        else:
+            self.objects.put(key, data)
+
+    def create_account(self, username: str, *, role: str, password: str) -> AccountRecord:
+        check_name("account", username)
+        if role not in ROLES:
+            raise AccessError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        check_password(password)
+        record = AccountRecord(username=username, role=role,  # type: ignore[arg-type]
+                               password_hash=generate_password_hash(password), created_at=_now())
+        self._write_account(record, new=True)
+        return record
+
+    def set_password(self, username: str, password: str) -> AccountRecord:
+        record = self._existing_account(username)
+        check_password(password)
+        updated = record.model_copy(update={"password_hash": generate_password_hash(password)})
+        self._write_account(updated, new=False)
+        return updated
+
+    def disable_account(self, username: str) -> AccountRecord:
+        record = self._existing_account(username)
+        updated = record.model_copy(update={"disabled_at": _now()})
+        self._write_account(updated, new=False)
+        return updated
+
+    def _existing_account(self, username: str) -> AccountRecord:
+        record = self.account(username)
+        if record is None:
+            raise AccessError(f"no account named {username!r}")
+        return record
+
+    def verify_login(self, username: str, password: str) -> AccountRecord | None:
+        """The account when the password is right and the account enabled, else None."""
+        try:
+            record = self.account(username)
+        except AccessError:
+            record = None
+        if record is None:
+            # Hash anyway: an unknown name must not answer faster than a wrong password.
+            check_password_hash(_DUMMY_HASH, password)
+            return None
+        if not check_password_hash(record.password_hash, password) or not record.active:
+            return None
+        return record
+
+
+_DUMMY_HASH = generate_password_hash(secrets.token_hex(8))
+
+
+def check_password(password: str) -> str:
+    if len(password) < MIN_ACCOUNT_PASSWORD_LENGTH:
+        raise AccessError(f"a password must be at least {MIN_ACCOUNT_PASSWORD_LENGTH} characters long")
+    if len(set(password)) < 4:
+        raise AccessError("this password is too simple")
+    return password
+
+
+def open_access(url: str) -> AccessStore:
+    return AccessStore(open_objects(url))
+
+
+class KeyCheck(BaseModel):
+    """What a service learns about a presented key."""
+
+    outcome: Literal["ok", "missing", "unknown", "revoked", "expired"]
+    name: str | None = None
+    rate_limit_per_minute: int | None = None
+
+
+class KeyRing:
+    """A service's cached view of the stored keys, re-read every `reload_seconds` (so a revoked
+    key stops working within that time) and at once, at most every `min_refresh_seconds`, for
+    a key it has not seen (so a new key works at once)."""
+
+    def __init__(self, access: AccessStore, *, reload_seconds: float = 5.0, min_refresh_seconds: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.access = access
+        self.reload_seconds = reload_seconds
+        self.min_refresh_seconds = min_refresh_seconds
+        self._clock = clock
+        self._cache: dict[str, tuple[ApiKeyRecord | None, float]] = {}
+        self._lock = threading.Lock()
+
+    def _record(self, digest: str) -> ApiKeyRecord | None:
+        now = self._clock()
+        with self._lock:
+            cached = self._cache.get(digest)
+        if cached is not None:
+            record, read_at = cached
+            age = now - read_at
+            if age < (self.reload_seconds if record is not None else self.min_refresh_seconds):
+                return record
+        record = self.access._read_key(digest[:_LOOKUP_CHARS])
+        if record is not None and not hmac.compare_digest(record.sha256, digest):
+            record = None
+        with self._lock:
+            if len(self._cache) > 10_000:  # unknown keys must not grow memory without bound
+                self._cache.clear()
+            self._cache[digest] = (record, now)
+        return record
+
+    def check(self, key: str | None) -> KeyCheck:
+        if not key or not key.strip():
+            return KeyCheck(outcome="missing")
+        record = self._record(key_digest(key))
+        if record is None:
+            return KeyCheck(outcome="unknown")
+        state = record.state()
+        if state != "active":
+            return KeyCheck(outcome=state, name=record.name)
+        return KeyCheck(outcome="ok", name=record.name, rate_limit_per_minute=record.rate_limit_per_minute)
+
+
+class RateLimiter:
+    """Per-key token buckets: `per_minute` requests a minute on average, bursts up to that many."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # name -> (tokens, updated)
+        self._lock = threading.Lock()
+
+    def take(self, name: str, per_minute: int) -> float:
+        """0 when the request may go ahead, else the seconds to wait before the next one."""
+        now = self._clock()
+        rate = per_minute / 60.0
+        with self._lock:
+            tokens, updated = self._buckets.get(name, (float(per_minute), now))
+            tokens = min(float(per_minute), tokens + (now - updated) * rate)
+            if tokens >= 1.0:
+                self._buckets[name] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[name] = (tokens, now)
+            return (1.0 - tokens) / rate
+
+
+def describe_key(record: ApiKeyRecord) -> dict[str, str | int | None]:
+    """A key as `ctscan keys list` shows it: never the hash."""
+    return {"name": record.name, "state": record.state(), "created_at": record.created_at.isoformat(),
+            "expires_at": record.expires_at.isoformat() if record.expires_at else None,
+            "revoked_at": record.revoked_at.isoformat() if record.revoked_at else None,
+            "rate_limit_per_minute": record.rate_limit_per_minute}
+
+
+def describe_account(record: AccountRecord) -> dict[str, str | None]:
+    return {"username": record.username, "role": record.role, "created_at": record.created_at.isoformat(),
+            "disabled_at": record.disabled_at.isoformat() if record.disabled_at else None}
+
