@@ -3,8 +3,9 @@
 Both live in the model store under `.access/` (a dot-name: never listed as a model), one
 object per key or account, so that two admins creating keys at once cannot overwrite each
 other. Nothing secret is stored: a key is kept as its SHA-256 (keys are long random strings,
-so a fast hash is enough and lookups stay cheap), a password as a salted scrypt hash
-(werkzeug's, the one Flask already ships). A key is shown once, when it is created.
+so a fast hash is enough and lookups stay cheap), a password as a salted scrypt hash (the
+standard library's, in werkzeug's format; every service image has it, not all have Flask).
+A key is shown once, when it is created.
 
 Key records are found by the first characters of the key's hash, so any high-entropy string
 works as a key (an operator may also register one taken from a Secret: `register_key`).
@@ -23,7 +24,6 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
-from werkzeug.security import check_password_hash, generate_password_hash
 
 from ctscan.errors import CTScanError, VersionExistsError
 from ctscan.objects import ObjectStore, open_objects
@@ -240,7 +240,33 @@ class AccessStore:
         return record
 
 
-_DUMMY_HASH = generate_password_hash(secrets.token_hex(8))
+# scrypt's cost: 2**15 x 8 x 1 (32 MiB, about 0.1 s a check): slow for a guesser, fine for a login.
+_SCRYPT_N, _SCRYPT_R, _SCRYPT_P = 1 << 15, 8, 1
+
+
+def _scrypt(password: str, salt: str, n: int, r: int, p: int) -> str:
+    return hashlib.scrypt(password.encode(), salt=salt.encode(), n=n, r=r, p=p, maxmem=132 * n * r * p,
+                          dklen=64).hex()
+
+
+def generate_password_hash(password: str) -> str:
+    salt = secrets.token_urlsafe(12)
+    digest = _scrypt(password, salt, _SCRYPT_N, _SCRYPT_R, _SCRYPT_P)
+    return f"scrypt:{_SCRYPT_N}:{_SCRYPT_R}:{_SCRYPT_P}${salt}${digest}"
+
+
+def check_password_hash(stored: str, password: str) -> bool:
+    try:
+        method, salt, digest = stored.split("$", 2)
+        name, n, r, p = method.split(":")
+        if name != "scrypt":
+            return False
+        return hmac.compare_digest(_scrypt(password, salt, int(n), int(r), int(p)), digest)
+    except ValueError:
+        return False  # a damaged record lets nobody in
+
+
+_DUMMY_HASH = f"scrypt:{_SCRYPT_N}:{_SCRYPT_R}:{_SCRYPT_P}$dummy-salt${'0' * 128}"
 
 
 def check_password(password: str) -> str:

@@ -8,6 +8,8 @@ import ast
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import pytest
+
 from ctscan.models import architecture_names
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -89,3 +91,18 @@ def test_services_plug_into_the_command_line_through_entry_points() -> None:
     args = build_parser().parse_args(["serve", "worker", "--concurrency", "2"])
     assert (args.service, args.concurrency) == ("worker", 2)
     assert build_parser().parse_args(["jobs", "list"]).jobs_command == "list"
+
+
+@pytest.mark.slow  # starts a Python process
+def test_access_control_runs_in_every_image() -> None:
+    """Keys, accounts and the audit trail are core: the inference and trainer images have no
+    Flask or werkzeug, and their `ctscan` command builds its parser with these modules."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules.update(flask=None, werkzeug=None, flask_wtf=None); "
+            "import ctscan.access, ctscan.audit_trail, ctscan.cli; ctscan.cli.build_parser(); "
+            "h = ctscan.access.generate_password_hash('a-long-password-1'); "
+            "assert ctscan.access.check_password_hash(h, 'a-long-password-1')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
