@@ -132,3 +132,25 @@ def test_audit_trail_appends_and_filters(tmp_path: Path) -> None:
         trail.record(action="predict", outcome="ok", actor="x", actor_kind="key", patient_name="Doe^Jane")
     long = trail.record(action="x", outcome="ok", actor="x", actor_kind="cli", detail={"note": "n" * 1000})
     assert len(str(long.detail["note"])) == 200
+
+
+def test_audit_log_command_filters_by_user_request_and_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ctscan.cli import main
+
+    trail = AuditTrail(tmp_path, service="web")
+    trail.record(action="login", outcome="ok", actor="alice", actor_kind="user", request_id="req-1")
+    trail.record(action="predict", outcome="covid", actor="alice", actor_kind="user", request_id="req-2",
+                 model="ensemble", model_version="v7", status=200)
+    trail.record(action="promote", outcome="ok", actor="bob", actor_kind="user", model="mobilenetv2")
+    assert main(["audit-log", "--dir", str(tmp_path), "--user", "alice", "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(e["action"], e["request_id"]) for e in lines] == [("login", "req-1"), ("predict", "req-2")]
+    assert main(["audit-log", "--dir", str(tmp_path), "--request-id", "req-2"]) == 0
+    captured = capsys.readouterr()
+    assert "predict" in captured.out and "ensemble v7 req-2" in captured.out and "1 events" in captured.err
+    assert main(["audit-log", "--dir", str(tmp_path), "--since", "5m", "--action", "promote", "--json"]) == 0
+    assert [json.loads(line)["actor"] for line in capsys.readouterr().out.splitlines()] == ["bob"]
+    assert main(["audit-log", "--dir", str(tmp_path), "--until", "2000-01-01T00:00", "--json"]) == 0
+    assert capsys.readouterr().out == ""
+    assert main(["audit-log", "--dir", str(tmp_path), "--since", "yesterday"]) == 2
+    assert "neither an ISO time" in capsys.readouterr().err
