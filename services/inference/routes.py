@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, Security, UploadFile
@@ -109,6 +111,28 @@ async def metrics(metrics: MetricsDep) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+@contextmanager
+def prediction_errors() -> Iterator[None]:
+    """What predicting a slice or a study may raise, as the API's errors (both routes)."""
+    try:
+        yield
+    except ModelNotServedError as exc:
+        raise APIError(400, "unknown_model", str(exc)) from None
+    except ModelNotReadyError as exc:
+        raise APIError(503, "not_ready", str(exc)) from None
+    except UnrecognisedFileError as exc:
+        raise APIError(415, "unsupported_media_type", str(exc)) from None
+    except StudyError as exc:
+        raise APIError(422, "invalid_study", str(exc)) from None
+    except ArchiveError as exc:
+        raise APIError(422, "invalid_archive", str(exc)) from None
+    except SliceError as exc:  # the status of its cause, the message naming the slice
+        cause = image_error(exc.cause)
+        raise APIError(cause.status_code, cause.code, str(exc)) from None
+    except ImageError as exc:
+        raise image_error(exc) from None
+
+
 async def _read_limited(upload: UploadFile, limit: int) -> bytes:
     chunks, total = [], 0
     while chunk := await upload.read(_READ_CHUNK):
@@ -137,17 +161,9 @@ async def predict(
     request.state.model = model_name if model_name in registry.servable_names() else "invalid"
     data = await _read_limited(file, settings.max_upload_bytes)
     request.state.upload_sha256 = upload_digest([data])
-    try:
+    with prediction_errors():
         answer = await predict_upload(registry=registry, data=data, model=model_name,
                                       explain=want_heatmap, request_id=request_id)
-    except ModelNotServedError as exc:
-        raise APIError(400, "unknown_model", str(exc)) from None
-    except ModelNotReadyError as exc:
-        raise APIError(503, "not_ready", str(exc)) from None
-    except UnrecognisedFileError as exc:
-        raise APIError(415, "unsupported_media_type", str(exc)) from None
-    except ImageError as exc:
-        raise image_error(exc) from None
     request.state.outcome, request.state.model_version = answer.outcome, answer.model_version
     return answer
 
@@ -183,24 +199,9 @@ async def predict_study_route(
     request.state.upload_sha256 = upload_digest(parts)
     limits = StudyLimits(max_slices=settings.max_study_slices, max_total_bytes=settings.max_study_bytes,
                          max_ratio=settings.max_zip_ratio)
-    try:
+    with prediction_errors():
         blobs = study_blobs(parts, limits)
         answer = await predict_study(registry=registry, blobs=blobs, model=model_name, explain=want_heatmaps,
                                      request_id=request.state.request_id, limits=limits)
-        request.state.outcome, request.state.model_version = answer.outcome, answer.model_version
-        return answer
-    except ModelNotServedError as exc:
-        raise APIError(400, "unknown_model", str(exc)) from None
-    except ModelNotReadyError as exc:
-        raise APIError(503, "not_ready", str(exc)) from None
-    except UnrecognisedFileError as exc:
-        raise APIError(415, "unsupported_media_type", str(exc)) from None
-    except StudyError as exc:
-        raise APIError(422, "invalid_study", str(exc)) from None
-    except ArchiveError as exc:
-        raise APIError(422, "invalid_archive", str(exc)) from None
-    except SliceError as exc:  # the status of its cause, the message naming the slice
-        cause = image_error(exc.cause)
-        raise APIError(cause.status_code, cause.code, str(exc)) from None
-    except ImageError as exc:
-        raise image_error(exc) from None
+    request.state.outcome, request.state.model_version = answer.outcome, answer.model_version
+    return answer
