@@ -321,12 +321,27 @@ class KeyRing:
             self._cache[digest] = (record, now)
         return record
 
+    def cached(self, key: str | None) -> KeyCheck | None:
+        """The answer for a key seen within the reload time, without touching the store; None
+        when the store must be read (callers on an event loop then read it off the loop)."""
+        if not key or not key.strip():
+            return KeyCheck(outcome="missing")
+        with self._lock:
+            cached = self._cache.get(key_digest(key))
+        if cached is None or cached[0] is None or self._clock() - cached[1] >= self.reload_seconds:
+            return None
+        return self._verdict(cached[0])
+
     def check(self, key: str | None) -> KeyCheck:
         if not key or not key.strip():
             return KeyCheck(outcome="missing")
         record = self._record(key_digest(key))
         if record is None:
             return KeyCheck(outcome="unknown")
+        return self._verdict(record)
+
+    @staticmethod
+    def _verdict(record: ApiKeyRecord) -> KeyCheck:
         state = record.state()
         if state != "active":
             return KeyCheck(outcome=state, name=record.name)

@@ -54,8 +54,12 @@ class AccessControl:
         without a valid key is refused unread."""
         if not self.enabled:
             return Caller("anonymous", "anonymous")
-        # The store may be S3: read it off the event loop.
-        check = await run_in_threadpool(self.keys.check, self.presented_key(headers))
+        # A key seen in the last seconds is answered from memory; otherwise the store (maybe
+        # S3) is read off the event loop.
+        key = self.presented_key(headers)
+        check = self.keys.cached(key)
+        if check is None:
+            check = await run_in_threadpool(self.keys.check, key)
         action = action_of(path)
         if check.outcome != "ok" or check.name is None:
             self.trail.record(action=action, outcome=f"key_{check.outcome}", actor=check.name or "anonymous",

@@ -72,12 +72,15 @@ def test_key_ring_sees_new_keys_at_once_and_revocations_within_the_reload_time(t
     assert ring.check(key).outcome == "unknown"
     access.register_key("lab", key)
     assert ring.check(key).outcome == "unknown"  # asked for less than a second ago: cached
+    assert ring.cached(key) is None  # unknown keys always go to the store (rate-limited above)
     clock.now += 1.5
     assert ring.check(key).outcome == "ok" and ring.check(key).name == "lab"
+    assert ring.cached(key) == ring.check(key) and ring.cached(None).outcome == "missing"
     access.revoke_key("lab")
     clock.now += 4
     assert ring.check(key).outcome == "ok"  # still cached
     clock.now += 2
+    assert ring.cached(key) is None  # older than the reload time: read the store again
     assert ring.check(key).outcome == "revoked"
 
 
