@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -94,6 +94,9 @@ class AccountRecord(BaseModel):
         return self.disabled_at is None
 
 
+R = TypeVar("R", bound=BaseModel)
+
+
 class AccessStore:
     """Keys and accounts on one object store (the model store's `.access/` folder)."""
 
@@ -101,15 +104,18 @@ class AccessStore:
         self.objects = objects.child(ACCESS_PREFIX)
         self.url = objects.url
 
-    # --- API keys ------------------------------------------------------------------------
-    def _read_key(self, name: str) -> ApiKeyRecord | None:
-        data = self.objects.get(f"keys/{name}.json")
+    def _read(self, key: str, cls: type[R]) -> R | None:
+        data = self.objects.get(key)
         if data is None:
             return None
         try:
-            return ApiKeyRecord.model_validate_json(data)
+            return cls.model_validate_json(data)
         except ValidationError:
             return None  # a damaged record authenticates nobody
+
+    # --- API keys ------------------------------------------------------------------------
+    def _read_key(self, name: str) -> ApiKeyRecord | None:
+        return self._read(f"keys/{name}.json", ApiKeyRecord)
 
     def list_keys(self) -> list[ApiKeyRecord]:
         records = (self._read_key(name.removesuffix(".json")) for name in self.objects.names("keys"))
@@ -173,13 +179,7 @@ class AccessStore:
 
     # --- accounts ------------------------------------------------------------------------
     def account(self, username: str) -> AccountRecord | None:
-        data = self.objects.get(f"accounts/{check_name('account', username)}.json")
-        if data is None:
-            return None
-        try:
-            return AccountRecord.model_validate_json(data)
-        except ValidationError:
-            return None
+        return self._read(f"accounts/{check_name('account', username)}.json", AccountRecord)
 
     def list_accounts(self) -> list[AccountRecord]:
         records = (self.account(name.removesuffix(".json")) for name in self.objects.names("accounts"))
