@@ -171,7 +171,11 @@ class AccessStore:
 
     def find_key(self, key: str) -> ApiKeyRecord | None:
         """The record of `key` whatever its state, or None when it was never registered."""
-        digest = key_digest(key)
+        return self.find_digest(key_digest(key))
+
+    def find_digest(self, digest: str) -> ApiKeyRecord | None:
+        """The record whose key has this SHA-256 digest, or None. The file name holds only a
+        prefix of the digest, so the full digest is compared too (in constant time)."""
         record = self._read_key(digest[:_LOOKUP_CHARS])
         if record is None or not hmac.compare_digest(record.sha256, digest):
             return None
@@ -312,9 +316,7 @@ class KeyRing:
             age = now - read_at
             if age < (self.reload_seconds if record is not None else self.min_refresh_seconds):
                 return record
-        record = self.access._read_key(digest[:_LOOKUP_CHARS])
-        if record is not None and not hmac.compare_digest(record.sha256, digest):
-            record = None
+        record = self.access.find_digest(digest)
         with self._lock:
             if len(self._cache) > 10_000:  # unknown keys must not grow memory without bound
                 self._cache.clear()
