@@ -307,15 +307,20 @@ class KeyRing:
         self._cache: dict[str, tuple[ApiKeyRecord | None, float]] = {}
         self._lock = threading.Lock()
 
-    def _record(self, digest: str) -> ApiKeyRecord | None:
-        now = self._clock()
+    def _fresh(self, digest: str, now: float) -> tuple[bool, ApiKeyRecord | None]:
+        """(whether the cache may answer for `digest` at `now`, its cached record)."""
         with self._lock:
             cached = self._cache.get(digest)
-        if cached is not None:
-            record, read_at = cached
-            age = now - read_at
-            if age < (self.reload_seconds if record is not None else self.min_refresh_seconds):
-                return record
+        if cached is None:
+            return False, None
+        record, read_at = cached
+        return now - read_at < (self.reload_seconds if record is not None else self.min_refresh_seconds), record
+
+    def _record(self, digest: str) -> ApiKeyRecord | None:
+        now = self._clock()
+        fresh, record = self._fresh(digest, now)
+        if fresh:
+            return record
         record = self.access.find_digest(digest)
         with self._lock:
             if len(self._cache) > 10_000:  # unknown keys must not grow memory without bound
@@ -328,11 +333,10 @@ class KeyRing:
         when the store must be read (callers on an event loop then read it off the loop)."""
         if not key or not key.strip():
             return KeyCheck(outcome="missing")
-        with self._lock:
-            cached = self._cache.get(key_digest(key))
-        if cached is None or cached[0] is None or self._clock() - cached[1] >= self.reload_seconds:
+        fresh, record = self._fresh(key_digest(key), self._clock())
+        if not fresh or record is None:  # unknown keys: the store, at most every min_refresh_seconds
             return None
-        return self._verdict(cached[0])
+        return self._verdict(record)
 
     def check(self, key: str | None) -> KeyCheck:
         if not key or not key.strip():
