@@ -18,22 +18,43 @@ if TYPE_CHECKING:
     from ctscan.training import Trainer
 
 
-class ValidationAUC(keras.callbacks.Callback):  # type: ignore[misc]
-    """Adds val_auc, val_loss and val_accuracy (at 0.5) to each epoch's logs: exact AUC from
-    scikit-learn over the whole val split, not Keras' binned streaming estimate."""
+SOURCE_AUC_PREFIX = "val_auc_of_"  # logs hold floats only: one key per val source
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray) -> None:
+
+def selection_auc(targets: np.ndarray, probabilities: np.ndarray,
+                  sources: np.ndarray | None) -> tuple[float, dict[str, float]]:
+    """The model-selection rule: the worst AUC among the val sources that hold both classes
+    (one source: its AUC), so no epoch or recipe wins on one source alone; and each source's."""
+    names = sorted(set(sources.tolist())) if sources is not None else []
+    per_source: dict[str, float] = {}
+    for name in names:
+        chosen = sources == name  # type: ignore[comparison-overlap]
+        if len(set(targets[chosen].tolist())) == 2:
+            per_source[name] = float(point_metrics(targets[chosen], probabilities[chosen], 0.5)["auc"])
+    if len(per_source) >= 2:
+        return min(per_source.values()), per_source
+    auc = float(point_metrics(targets, probabilities, 0.5)["auc"])
+    return (auc if not math.isnan(auc) else 0.0), per_source
+
+
+class ValidationAUC(keras.callbacks.Callback):  # type: ignore[misc]
+    """Adds val_auc (the selection rule, `selection_auc`), val_loss and val_accuracy (at 0.5)
+    to each epoch's logs: exact AUC from scikit-learn over the whole val split, not Keras'
+    binned streaming estimate; with several sources also each source's (val_sources)."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, *, sources: np.ndarray | None = None) -> None:
         super().__init__()
-        self.images, self.targets = images, targets
+        self.images, self.targets, self.sources = images, targets, sources
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         probabilities = predict_probabilities(self.model, self.images)
         metrics = point_metrics(self.targets, probabilities, 0.5)
         clipped = probabilities.clip(1e-7, 1 - 1e-7)
         loss = -np.mean(self.targets * np.log(clipped) + (1 - self.targets) * np.log(1 - clipped))
-        auc = float(metrics["auc"]) if not math.isnan(metrics["auc"]) else 0.0
+        auc, per_source = selection_auc(self.targets, probabilities, self.sources)
         if logs is not None:
             logs.update(val_auc=auc, val_loss=float(loss), val_accuracy=float(metrics["accuracy"]))
+            logs.update({f"{SOURCE_AUC_PREFIX}{name}": value for name, value in per_source.items()})
 
 
 class ResumableEarlyStopping(keras.callbacks.Callback):  # type: ignore[misc]
@@ -92,6 +113,10 @@ class RunCheckpoint(keras.callbacks.Callback):  # type: ignore[misc]
             "val_loss": val_loss, "val_auc": val_auc, "val_accuracy": float(logs["val_accuracy"]),
             "learning_rate": learning_rate, "seconds": seconds,
         }
+        per_source = {key.removeprefix(SOURCE_AUC_PREFIX): float(value) for key, value in logs.items()
+                      if key.startswith(SOURCE_AUC_PREFIX)}
+        if per_source:
+            entry["val_sources"] = per_source
         state.history.append(entry)
         self.model.save(trainer.run_dir / LAST_CHECKPOINT)
         trainer._save_state(state)
@@ -99,6 +124,7 @@ class RunCheckpoint(keras.callbacks.Callback):  # type: ignore[misc]
         if trainer.verbose:
             print(f"epoch {state.epochs_done}/{self.total_epochs} [{self.phase.name}] loss {entry['loss']:.4f} "
                   f"val_loss {val_loss:.4f} val_auc {val_auc:.4f} val_acc {entry['val_accuracy']:.4f} "
+                  + "".join(f"{name} {auc:.3f} " for name, auc in entry.get("val_sources", {}).items()) +
                   f"({seconds:.0f}s, best epoch {state.best_epoch})", flush=True)
         if trainer.on_epoch is not None:
             trainer.on_epoch(EpochReport(

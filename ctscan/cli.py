@@ -67,8 +67,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ctscan.training import TrainConfig
 
     get_spec(args.model)
+    data_dirs = args.data or [str(get_core_settings().data_dir)]
     config = TrainConfig(
-        model=args.model, data_dir=_data_dir(args), init=args.init, input_size=args.input_size,
+        model=args.model, data_dir=data_dirs[0], extra_data_dirs=data_dirs[1:], init=args.init,
+        input_size=args.input_size, anatomy_balance=args.anatomy_balance,
         epochs=args.epochs, finetune_epochs=args.finetune_epochs, batch_size=args.batch_size,
         learning_rate=args.learning_rate, finetune_learning_rate=args.finetune_learning_rate,
         patience=args.patience, seed=args.seed, threshold_rule=args.threshold_rule,
@@ -343,7 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train one model and save it to the model store")
     train.add_argument("--model", required=True, help=f"one of {names}")
-    train.add_argument("--data", help="dataset folder (default: CTSCAN_DATA_DIR)")
+    train.add_argument("--data", action="append",
+                       help="dataset folder (default: CTSCAN_DATA_DIR); repeat it to train on several "
+                            "sources at once (their train splits; selection on the worst val source)")
+    train.add_argument("--anatomy-balance", action="store_true",
+                       help="weight slices so that where a slice lies in the chest cannot predict its label")
     train.add_argument("--init", default="imagenet", help="imagenet | none | PATH to backbone weights")
     train.add_argument("--input-size", type=_positive_int)
     train.add_argument("--epochs", type=_positive_int, default=30)
@@ -359,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what the model sees of a slice (lung-v1: lung crop, standardised intensity)")
     train.add_argument("--augmentation", choices=AUGMENTATIONS[1:], default="domain",
                        help="basic: geometry, brightness, contrast; domain: also window, gamma, "
-                            "resolution, blur, noise, JPEG")
+                            "resolution, blur, noise, JPEG; lesion: domain with crops down to a third")
     train.add_argument("--no-augment", action="store_true", help="train without augmentation")
     train.add_argument("--mixup", type=float, default=0.0, help="mixup Beta(alpha, alpha); 0 = off")
     train.add_argument("--ema", action="store_true", help="keep and select the weights' moving average")

@@ -38,6 +38,7 @@ class Sample:
     relative_path: str
     label: str
     split: str
+    source: str = ""  # the data set it came from (its folder's name): kept through training
 
     @property
     def target(self) -> int:
@@ -71,6 +72,7 @@ class CTDataset:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser()
+        self.name = self.root.resolve().name
         if not self.root.is_dir():
             raise DataError(f"dataset folder not found: {self.root}")
         split_path = self.root / SPLIT_FILE
@@ -99,7 +101,7 @@ class CTDataset:
                     raise DataError(f"{where}: path {relative!r} leaves the dataset folder")
                 if not path.is_file():
                     raise DataError(f"{where}: image file not found: {relative}")
-                samples.append(Sample(path, relative, label, split))
+                samples.append(Sample(path, relative, label, split, self.name))
         if not samples:
             raise DataError(f"{split_path}: no rows")
         return samples
@@ -162,6 +164,57 @@ def load_sample_pixels(sample: Sample, size: int, preprocessing: str = DEFAULT_P
     return load_prepared(sample, preprocessing).model_input(size)
 
 
+@dataclass(frozen=True)
+class LoadedSplit:
+    """A split held in memory for training: images, targets, each slice's source and anatomy."""
+
+    images: np.ndarray  # (N, size, size, 3) uint8, or (N, variants, size, size, 3)
+    targets: np.ndarray  # (N,) float32, covid = 1
+    sources: np.ndarray  # (N,) str
+    anatomy: np.ndarray  # (N, len(ANATOMY_FEATURES)) float32
+
+    def of_source(self, source: str) -> tuple[np.ndarray, np.ndarray]:
+        chosen = self.sources == source
+        return self.images[chosen], self.targets[chosen]
+
+
+# What a slice shows of the chest, whatever its lesions: where in the chest it lies (lung area
+# against the body) and how much of the crop the lungs fill. Neither may predict the label.
+ANATOMY_FEATURES = ("lung_fraction", "crop_lung_share")
+
+
+def _anatomy(prepared: PreparedSlice) -> tuple[float, float]:
+    if prepared.findings is None or prepared.lung_mask is None:
+        return 0.0, 0.0
+    return prepared.findings.lung_fraction, float(prepared.lung_mask.mean())
+
+
+def load_split(
+    samples: Sequence[Sample], size: int, *, preprocessing: str = DEFAULT_PREPROCESSING, workers: int = 4,
+    variants: int = 1, seed: int = 0,
+) -> LoadedSplit:
+    """`load_arrays`, keeping each slice's source and anatomy (for weighting and per-source
+    validation)."""
+    preprocessor = get_preprocessor(preprocessing)
+
+    def one(index: int) -> tuple[np.ndarray, tuple[float, float]]:
+        decoded = decode_sample(samples[index])
+        rng = np.random.default_rng([seed, index])
+        copies = [decoded, *(source_variant(decoded, rng) for _ in range(variants - 1))]
+        prepared = [preprocessor(copy) for copy in copies]
+        return np.stack([p.model_input(size) for p in prepared]), _anatomy(prepared[0])
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        loaded = list(pool.map(one, range(len(samples))))
+    shape = (0, variants, size, size, 3)
+    images = np.stack([p for p, _ in loaded]).round().astype(np.uint8) if loaded else np.zeros(shape, np.uint8)
+    if variants == 1:
+        images = images[:, 0]
+    targets = np.array([s.target for s in samples], dtype=np.float32)
+    anatomy = np.array([a for _, a in loaded], dtype=np.float32).reshape(len(samples), len(ANATOMY_FEATURES))
+    return LoadedSplit(images, targets, np.array([s.source for s in samples], dtype=str), anatomy)
+
+
 def load_arrays(
     samples: Sequence[Sample], size: int, *, preprocessing: str = DEFAULT_PREPROCESSING, workers: int = 4,
     variants: int = 1, seed: int = 0,
@@ -171,22 +224,8 @@ def load_arrays(
     is, then changed at random *before* preprocessing (`source_variant`). Slices in which
     no lungs were found keep the whole (standardised) image: a training set is curated
     chest CT, so that is a segmentation miss, not a refusal."""
-    preprocessor = get_preprocessor(preprocessing)
-
-    def one(index: int) -> np.ndarray:
-        decoded = decode_sample(samples[index])
-        rng = np.random.default_rng([seed, index])
-        copies = [decoded, *(source_variant(decoded, rng) for _ in range(variants - 1))]
-        return np.stack([preprocessor(copy).model_input(size) for copy in copies])
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pixels = list(pool.map(one, range(len(samples))))
-    shape = (0, variants, size, size, 3)
-    images = np.stack(pixels).round().astype(np.uint8) if pixels else np.zeros(shape, np.uint8)
-    if variants == 1:
-        images = images[:, 0]
-    targets = np.array([s.target for s in samples], dtype=np.float32)
-    return images, targets
+    loaded = load_split(samples, size, preprocessing=preprocessing, workers=workers, variants=variants, seed=seed)
+    return loaded.images, loaded.targets
 
 
 def source_variant(decoded: DecodedImage, rng: np.random.Generator) -> DecodedImage:
@@ -203,7 +242,7 @@ def source_variant(decoded: DecodedImage, rng: np.random.Generator) -> DecodedIm
         jpeg_quality=int(rng.integers(40, 95)) if rng.random() < 0.5 else None)
 
 
-AUGMENTATIONS = ("none", "basic", "domain")
+AUGMENTATIONS = ("none", "basic", "domain", "lesion")
 
 
 def _uniform(seed: tf.Tensor, low: float, high: float) -> tf.Tensor:
@@ -269,12 +308,16 @@ def _domain_randomise(image: tf.Tensor, seeds: tf.Tensor, size: int) -> tf.Tenso
 def augment_batch(images: tf.Tensor, *, size: int, seed: tf.Tensor, recipe: str = "basic") -> tf.Tensor:
     """Training augmentation on a float32 batch (0..255). basic: random resized crop, flip,
     small rotation, brightness and contrast. domain: the same geometry plus random window,
-    gamma, resolution, blur, noise and JPEG artefacts (`_domain_randomise`). Stateless ops,
-    so a seed reproduces a run."""
+    gamma, resolution, blur, noise and JPEG artefacts (`_domain_randomise`). lesion: domain
+    with crops down to a third of the image, so how much of the frame the lungs fill (which
+    follows the slice's height in the chest, not its lesions) varies on every view. Stateless
+    ops, so a seed reproduces a run."""
     import tensorflow as tf
 
     if recipe not in AUGMENTATIONS[1:]:
         raise ValueError(f"augmentation recipe must be one of {AUGMENTATIONS[1:]}, got {recipe!r}")
+
+    min_covered = 0.33 if recipe == "lesion" else 0.6
 
     def one(args: tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
         image, image_seed = args
@@ -283,9 +326,9 @@ def augment_batch(images: tf.Tensor, *, size: int, seed: tf.Tensor, recipe: str 
             tf.shape(image),
             bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
             seed=seeds[0],
-            min_object_covered=0.6,
+            min_object_covered=min_covered,
             aspect_ratio_range=(0.85, 1.15),
-            area_range=(0.6, 1.0),
+            area_range=(min_covered, 1.0),
             use_image_if_no_bounding_boxes=True,
         )
         image = tf.slice(image, box_begin, box_size)
@@ -308,7 +351,7 @@ def augment_batch(images: tf.Tensor, *, size: int, seed: tf.Tensor, recipe: str 
             interpolation="BILINEAR",
             fill_mode="CONSTANT",
         )[0]
-        if recipe == "domain":
+        if recipe in ("domain", "lesion"):
             return _domain_randomise(image, seeds[6:], size)
         image = tf.image.stateless_random_brightness(image, 20.0, seed=seeds[3])
         image = tf.image.stateless_random_contrast(image, 0.8, 1.2, seed=seeds[4])
@@ -400,6 +443,39 @@ def make_pipeline(
 
         dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def source_weights(targets: np.ndarray, sources: np.ndarray, anatomy: np.ndarray | None = None,
+                   *, clip: float = 0.1) -> np.ndarray:
+    """Per-slice loss weights for training on several sources: within each source the two
+    classes weigh the same, and every source (with both classes) weighs the same in total,
+    so neither a source's size nor its class mix can be learnt as "this source = COVID".
+
+    With `anatomy` (see ANATOMY_FEATURES), each slice is also weighted by the inverse of the
+    probability of its label given its anatomy, fitted per source (logistic regression,
+    probabilities clipped to [clip, 1 - clip]): COVID and clean slices then look alike in
+    where they lie in the chest, and reading the slice's height stops paying."""
+    from sklearn.linear_model import LogisticRegression
+
+    targets = np.asarray(targets, dtype=np.float32)
+    weights = np.ones(len(targets), dtype=np.float64)
+    names = sorted(set(sources.tolist()))
+    for name in names:
+        chosen = sources == name
+        y = targets[chosen].astype(int)
+        if anatomy is not None and len(set(y.tolist())) == 2:
+            features = anatomy[chosen].astype(np.float64)
+            spread = features.std(axis=0)
+            features = (features - features.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+            propensity = LogisticRegression(C=1.0).fit(features, y).predict_proba(features)
+            label_probability = np.clip(propensity[np.arange(len(y)), y], clip, 1.0 - clip)
+            weights[chosen] = 1.0 / label_probability
+        for label in (0, 1):
+            group = chosen & (targets == label)
+            if group.any():
+                # Each class of the source gets half of the source's share.
+                weights[group] *= (0.5 / weights[group].sum())
+    return (weights * len(targets) / weights.sum()).astype(np.float32)
 
 
 def class_weights(targets: Iterable[float]) -> dict[int, float]:

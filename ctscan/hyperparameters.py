@@ -43,7 +43,7 @@ class HyperParameters(BaseModel):
     limit_per_class: int | None = Field(default=None, ge=1)
     augment: StrictBool | None = None
     preprocessing: str | None = None
-    augmentation: Literal["basic", "domain"] | None = None
+    augmentation: Literal["basic", "domain", "lesion"] | None = None
     mixup: Number | None = Field(default=None, ge=0, le=1)
     ema: StrictBool | None = None
     label_smoothing: Number | None = Field(default=None, ge=0, le=0.3)
@@ -51,6 +51,7 @@ class HyperParameters(BaseModel):
     source_variants: int | None = Field(default=None, ge=1, le=16)
     swa_epochs: int | None = Field(default=None, ge=0, le=1000)
     input_gate: StrictBool | None = None
+    anatomy_balance: StrictBool | None = None
 
     @model_validator(mode="after")
     def _known_preprocessing(self) -> HyperParameters:

@@ -27,6 +27,7 @@ from ctscan.imaging import DecodedImage, resize_for_model
 LEGACY = "legacy"
 LUNG_V1 = "lung-v1"
 LUNGMASK_V1 = "lungmask-v1"  # lung-v1, and blank beyond LUNGMASK_MARGIN of the lungs
+LUNG_V2 = "lung-v2"  # lung-v1, and blank everything outside the lungs' own hulls
 DEFAULT_PREPROCESSING = LUNG_V1
 
 # Segmentation runs on a copy whose longest side is at most this (fast, and plenty for masks).
@@ -41,6 +42,10 @@ MIN_COMPONENT_FRACTION = 0.008
 CORNER_AIR_FRACTION = 0.04
 CROP_MARGIN = 0.08  # of the lung box's longer side, on every side
 LUNGMASK_MARGIN = 0.04  # of the crop's side: the lungs' edge and the pleura stay visible
+# lung-v2: only the lungs (bays closed, which takes in dense lesions at the lung's edge) and a
+# rim of this share of the crop's side. Heart, chest wall and body outline differ
+# with the slice's height in the chest and between hospitals, never with the lesions.
+LUNG_V2_MARGIN = 0.01
 # Standardised intensities: lung air and soft tissue land here whatever the window was.
 AIR_LEVEL = 0.08
 TISSUE_LEVEL = 1.0  # denser than soft tissue (bone, contrast agent) says nothing here: saturate
@@ -240,6 +245,19 @@ def _lung_region(lungs: np.ndarray) -> np.ndarray:
     return region
 
 
+def _closed_lungs(lungs: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The lungs with their bays closed (a disk of 4 % of the lung box): takes in dense lesions
+    at the lung's edge without the convex hull's wedge of heart and mediastinum, whose size
+    follows the slice's height in the chest."""
+    from scipy import ndimage
+    from skimage.morphology import disk
+
+    radius = max(2, round(0.04 * max(box[2] - box[0], box[3] - box[1])))
+    padded = np.pad(lungs, radius)
+    closed = ndimage.binary_closing(padded, structure=disk(radius))[radius:-radius, radius:-radius]
+    return ndimage.binary_fill_holes(closed | lungs)
+
+
 def _square_box(box: tuple[int, int, int, int], margin: float) -> tuple[int, int, int, int]:
     top, left, bottom, right = box
     side = max(bottom - top, right - left)
@@ -316,8 +334,9 @@ class LungPreprocessor:
     crop's side from the lungs: heart, mediastinum and chest wall say nothing about
     COVID-19 and differ between hospitals."""
 
-    def __init__(self, name: str = LUNG_V1, *, mask_margin: float | None = None) -> None:
-        self.name, self.mask_margin = name, mask_margin
+    def __init__(self, name: str = LUNG_V1, *, mask_margin: float | None = None,
+                 closed_lungs: bool = False) -> None:
+        self.name, self.mask_margin, self.closed_lungs = name, mask_margin, closed_lungs
 
     def __call__(self, decoded: DecodedImage) -> PreparedSlice:
         from scipy import ndimage
@@ -362,7 +381,8 @@ class LungPreprocessor:
             if self.mask_margin is not None:
                 reach = self.mask_margin * max(work_box[2] - work_box[0], work_box[3] - work_box[1]) \
                     * (1 + 2 * CROP_MARGIN)
-                keep &= ndimage.distance_transform_edt(~lung_region) <= reach
+                shown = _closed_lungs(lungs, work_box) if self.closed_lungs else lung_region
+                keep &= ndimage.distance_transform_edt(~shown) <= reach
         else:
             box = (0, 0, *intensity.shape)
         square = _square_box(box, CROP_MARGIN if visible else 0.0)  # type: ignore[arg-type]
@@ -391,6 +411,7 @@ PREPROCESSORS: dict[str, Preprocessor] = {
     LEGACY: LegacyPreprocessor(),
     LUNG_V1: LungPreprocessor(),
     LUNGMASK_V1: LungPreprocessor(LUNGMASK_V1, mask_margin=LUNGMASK_MARGIN),
+    LUNG_V2: LungPreprocessor(LUNG_V2, mask_margin=LUNG_V2_MARGIN, closed_lungs=True),
 }
 
 

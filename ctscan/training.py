@@ -21,7 +21,16 @@ from typing import Any
 import numpy as np
 
 from ctscan import DISCLAIMER
-from ctscan.data import AUGMENTATIONS, CTDataset, Sample, class_weights, load_arrays, make_pipeline
+from ctscan.data import (
+    AUGMENTATIONS,
+    CTDataset,
+    LoadedSplit,
+    Sample,
+    class_weights,
+    load_split,
+    make_pipeline,
+    source_weights,
+)
 from ctscan.errors import CTScanError
 from ctscan.metrics import THRESHOLD_RULES, choose_threshold, full_report
 from ctscan.models import (
@@ -48,7 +57,7 @@ class TrainingCancelled(CTScanError):
 @dataclass
 class TrainConfig:
     model: str
-    data_dir: str
+    data_dir: str  # the first source
     init: str = "imagenet"
     input_size: int | None = None
     epochs: int = 30
@@ -64,7 +73,7 @@ class TrainConfig:
     augment: bool = True
     # The recipe (see README, "Training recipe"): each switch measured on UCSD val.
     preprocessing: str = DEFAULT_PREPROCESSING
-    augmentation: str = "domain"  # basic | domain (used when augment is true)
+    augmentation: str = "domain"  # basic | domain | lesion (used when augment is true)
     mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0 = off
     ema: bool = False  # evaluate and keep the exponential moving average of the weights
     label_smoothing: float = 0.0
@@ -72,6 +81,14 @@ class TrainConfig:
     source_variants: int = 1  # copies of each training slice changed before preprocessing; 1 = none
     swa_epochs: int = 0  # average the weights of the last N epochs (then BatchNorm re-estimated); 0 = off
     input_gate: bool = True  # fit the out-of-distribution gate (smoke runs on a few images switch it off)
+    # More sources trained on at once (their train splits) and selected on (their val splits,
+    # by the worst source's AUC: no epoch can win on one source alone).
+    extra_data_dirs: list[str] = field(default_factory=list)
+    anatomy_balance: bool = False  # weight slices so anatomy cannot predict the label (data.source_weights)
+
+    @property
+    def data_dirs(self) -> list[str]:
+        return [self.data_dir, *self.extra_data_dirs]
 
     def validate(self) -> None:
         get_spec(self.model)
@@ -97,6 +114,9 @@ class TrainConfig:
             raise CTScanError(f"swa_epochs must be a whole number in 0..epochs, got {self.swa_epochs!r}")
         if not isinstance(self.source_variants, int) or not 1 <= self.source_variants <= 16:
             raise CTScanError(f"source_variants must be a whole number in 1..16, got {self.source_variants!r}")
+        names = [Path(d).expanduser().resolve().name for d in self.data_dirs]
+        if len(set(names)) != len(names):
+            raise CTScanError(f"each data folder must be another source; got {', '.join(names)}")
         if not 0.0 <= self.weight_decay <= 1.0:
             raise CTScanError(f"weight_decay must lie in 0..1, got {self.weight_decay!r}")
 
@@ -178,6 +198,24 @@ def _subset(samples: list[Sample], limit: int | None, seed: int) -> list[Sample]
         index = rng.permutation(len(group))[:limit]
         chosen.extend(group[i] for i in sorted(index))
     return chosen
+
+
+def combined_fingerprint(sources: list[dict[str, Any]]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for source in sorted(sources, key=lambda s: str(s["fingerprint"])):
+        digest.update(str(source["fingerprint"]).encode())
+    return digest.hexdigest()
+
+
+def split_report(split: LoadedSplit, probabilities: np.ndarray, threshold: float) -> dict[str, Any]:
+    """`full_report` per source of a split (several sources only)."""
+    names = sorted(set(split.sources.tolist()))
+    if len(names) < 2:
+        return {}
+    return {name: full_report(split.targets[split.sources == name], probabilities[split.sources == name], threshold)
+            for name in names}
 
 
 def git_commit() -> str | None:
@@ -283,23 +321,41 @@ class Trainer:
 
     def _load_data(self) -> None:
         config = self.config
-        dataset = CTDataset(config.data_dir)
-        dataset.verify_checksums()
-        train_samples = _subset(dataset.split("train"), config.limit_per_class, config.seed)
-        val_samples = _subset(dataset.split("val"), config.limit_per_class, config.seed)
+        train_samples: list[Sample] = []
+        val_samples: list[Sample] = []
+        sources: list[dict[str, Any]] = []
+        for data_dir in config.data_dirs:
+            dataset = CTDataset(data_dir)
+            dataset.verify_checksums()
+            train = _subset(dataset.split("train"), config.limit_per_class, config.seed)
+            val = _subset(dataset.split("val"), config.limit_per_class, config.seed)
+            train_samples += train
+            val_samples += val
+            sources.append({"name": dataset.name, "path": str(dataset.root), "fingerprint": dataset.fingerprint(),
+                            "counts": dataset.counts(), "train_images": len(train), "val_images": len(val)})
         variants = config.source_variants if config.augment else 1
-        self.train_x, self.train_y = load_arrays(train_samples, self.input_size, preprocessing=config.preprocessing,
-                                                 variants=variants, seed=config.seed)
-        self.val_data = load_arrays(val_samples, self.input_size, preprocessing=config.preprocessing)
+        self.train_split = load_split(train_samples, self.input_size, preprocessing=config.preprocessing,
+                                      variants=variants, seed=config.seed)
+        self.train_x, self.train_y = self.train_split.images, self.train_split.targets
+        self.val_split = load_split(val_samples, self.input_size, preprocessing=config.preprocessing)
+        self.val_data = (self.val_split.images, self.val_split.targets)
         weights = class_weights(self.train_y)
         self.class_weights = weights
+        self.sample_weights = source_weights(
+            self.train_y, self.train_split.sources,
+            self.train_split.anatomy if config.anatomy_balance else None)
+        first = sources[0]
         self.data_summary = {
-            "path": str(dataset.root),
-            "fingerprint": dataset.fingerprint(),
-            "counts": dataset.counts(),
+            "path": first["path"],
+            # One source: its own fingerprint (cards before multi-source training read the same);
+            # several: one over theirs, so the promotion gate compares like with like.
+            "fingerprint": first["fingerprint"] if len(sources) == 1 else combined_fingerprint(sources),
+            "counts": first["counts"],
             "train_images": len(train_samples),
             "val_images": len(val_samples),
             "class_weights": weights,
+            "sources": sources,
+            "weighting": "per source and class" + (", inverse anatomy propensity" if config.anatomy_balance else ""),
         }
 
     def run(self, *, resume: bool = False) -> tuple[Any, RunState, dict[str, Any]]:
@@ -327,7 +383,7 @@ class Trainer:
             _set_phase_trainability(model, config, self.phases[0])
             self._compile(model, self.phases[0].learning_rate)
 
-        sample_weights = np.array([self.class_weights[int(t)] for t in self.train_y], np.float32)
+        sample_weights = self.sample_weights
         epoch_variable = keras.Variable(state.epochs_done, dtype="int64", trainable=False, name="epoch")
         pipeline = make_pipeline(self.train_x, self.train_y, batch_size=config.batch_size, training=True,
                                  seed=config.seed, sample_weights=sample_weights, recipe=config.recipe,
@@ -402,7 +458,7 @@ class Trainer:
         return [
             *callbacks,  # first: every callback below sees the EMA weights at the end of an epoch
             keras.callbacks.LearningRateScheduler(cosine),
-            ValidationAUC(*self.val_data),
+            ValidationAUC(*self.val_data, sources=self.val_split.sources),
             keras.callbacks.ModelCheckpoint(
                 self.run_dir / BEST_WEIGHTS, monitor="val_auc", mode="max", save_best_only=True,
                 save_weights_only=True, initial_value_threshold=state.best_val_auc
@@ -465,6 +521,8 @@ def build_card(
         "uncertainty": {**band, "fitted_on": "val"},
         "gate": gate.to_dict() if gate is not None else None,
         "metrics": {"val": full_report(val_y, val_probabilities, threshold)},
+        "selection": {"rule": "worst val source's AUC" if len(config.data_dirs) > 1 else "val AUC",
+                      "sources": [s["name"] for s in trainer.data_summary["sources"]]},
         "history": state.history,
         "training_seconds": round(state.training_seconds, 1),
         "git_commit": git_commit(),
@@ -472,10 +530,15 @@ def build_card(
         "created_at": datetime.now(UTC).isoformat(),
         "intended_use": DISCLAIMER,
     }
+    by_source = split_report(trainer.val_split, val_probabilities, threshold)
+    if by_source:
+        card["metrics"]["val_sources"] = by_source
     if config.report_test:
-        dataset = CTDataset(config.data_dir)
-        test_samples = _subset(dataset.split("test"), config.limit_per_class, config.seed)
-        test_x, test_y = load_arrays(test_samples, trainer.input_size, preprocessing=config.preprocessing)
-        card["metrics"]["test"] = full_report(
-            test_y, calibration.apply(predict_probabilities(model, test_x)), threshold)
+        test_samples = [sample for data_dir in config.data_dirs
+                        for sample in _subset(CTDataset(data_dir).split("test"), config.limit_per_class, config.seed)]
+        test = load_split(test_samples, trainer.input_size, preprocessing=config.preprocessing)
+        test_probabilities = calibration.apply(predict_probabilities(model, test.images))
+        card["metrics"]["test"] = full_report(test.targets, test_probabilities, threshold)
+        if by_source:
+            card["metrics"]["test_sources"] = split_report(test, test_probabilities, threshold)
     return card
