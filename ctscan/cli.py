@@ -96,15 +96,46 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --- evaluate -----------------------------------------------------------------------------
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ctscan.evaluation import evaluate_store
+    from ctscan.evaluation import evaluate_store, lesion_evaluation
+    from ctscan.settings import get_core_settings
 
-    report = evaluate_store(
-        store=_store(args), data_dir=_data_dir(args), models=args.model, split=args.split,
-        out_dir=args.out, resamples=args.resamples, robustness=args.robustness, attention=args.attention,
-    )
+    folders = args.data or [str(get_core_settings().data_dir)]
+    store = _store(args)
+    reports = {}
+    for folder in folders:
+        reports[folder] = evaluate_store(
+            store=store, data_dir=folder, models=args.model, split=args.split,
+            out_dir=args.out / Path(folder).name if args.out and len(folders) > 1 else args.out,
+            resamples=args.resamples, robustness=args.robustness, attention=args.attention,
+        )
+    lesions = lesion_evaluation(store=store, data_dirs=folders, split=args.split, models=args.model,
+                                baseline_folders=args.baseline_train) if args.lesions else None
     if args.json:
-        print(json.dumps(report, indent=2))
+        if len(folders) == 1:
+            report = reports[folders[0]]
+            if lesions is not None:
+                report["lesions"] = lesions
+        else:
+            report = {"datasets": {Path(f).name: r for f, r in reports.items()}, "lesions": lesions}
+        print(json.dumps(report, indent=2, default=_json_default))
         return 0
+    for folder, report in reports.items():
+        print(f"{Path(folder).name} ({args.split}, {report['dataset']['images']} slices)")
+        _print_models(report)
+    if lesions is not None:
+        _print_lesions(lesions)
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+def _print_models(report: dict[str, Any]) -> None:
     for name, metrics in report["models"].items():
         if "error" in metrics:
             print(f"{name:12s} not evaluated: {metrics['error']}")
@@ -117,7 +148,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if metrics.get("attention", {}).get("mean") is not None:
             line += f" gradcam-in-lungs {metrics['attention']['mean']:.3f}"
         print(line)
-    return 0
+
+
+def _print_lesions(lesions: dict[str, Any]) -> None:
+    def shown(value: Any, digits: int = 3) -> str:
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    for name, entry in lesions["datasets"].items():
+        print(f"\nlesion-true: {name} ({lesions['split']}, {entry['slices']} slices, "
+              f"{entry['screened_out']} refused by the lung screening)")
+        print(f"  {'row':20s} {'pooled AUC':>10s} {'within-patient':>15s} {'pairs':>6s} {'concordance':>11s} "
+              f"{'clean->covid':>12s} {'recall':>7s}")
+        for row, metrics in entry["rows"].items():
+            inside = metrics.get("within_patient", {})
+            pairs = metrics.get("matched_pairs") or {}
+            served = metrics.get("served", {})
+            clean, infected = served.get("clean", {}), served.get("infected", {})
+            print(f"  {row:20s} {shown(metrics['pooled_auc']):>10s} {shown(inside.get('mean_auc')):>15s} "
+                  f"{pairs.get('pairs', '-')!s:>6s} {shown(pairs.get('concordance')):>11s} "
+                  f"{shown(clean.get('share_called_covid')):>12s} {shown(infected.get('recall')):>7s}")
 
 
 # --- audit --------------------------------------------------------------------------------
@@ -387,7 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="evaluate production models on a split")
     evaluate.add_argument("--model", default="all", help=f"all or one of {names}")
     evaluate.add_argument("--split", default="test", choices=("train", "val", "test"))
-    evaluate.add_argument("--data")
+    evaluate.add_argument("--data", action="append",
+                          help="dataset folder (default: CTSCAN_DATA_DIR); repeat it for several")
+    evaluate.add_argument("--lesions", action="store_true",
+                          help="lesion-true numbers too: within-patient AUC, matched-pair concordance, "
+                               "served outcomes, and the density and histogram baselines")
+    evaluate.add_argument("--baseline-train", action="append",
+                          help="train split(s) for the histogram baseline (default: the models' sources)")
     evaluate.add_argument("--store")
     evaluate.add_argument("--json", action="store_true")
     evaluate.add_argument("--out", type=Path, help="folder for ROC and confusion-matrix PNGs")

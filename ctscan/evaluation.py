@@ -285,3 +285,116 @@ def evaluate_store(
             _save_plots(Path(out_dir), ENSEMBLE, targets, probabilities, metrics,
                         raw=mean if record.get("calibration") else None)
     return report
+
+
+def baseline_sources(store: ModelStore, names: list[str]) -> list[str]:
+    """The data folders the production models were trained on (their cards' sources), where
+    they exist on this machine: the histogram baseline is trained on the same train splits."""
+    folders: list[str] = []
+    for name in names:
+        card = store.card(name, str(store.production(name)))
+        data = card.dataset or {}
+        for source in data.get("sources") or [{"path": data.get("path")}]:
+            path = source.get("path")
+            if path and (Path(path) / "split.csv").is_file() and path not in folders:
+                folders.append(str(path))
+    return folders
+
+
+def fit_histogram_baseline(folders: list[str]) -> Any:
+    """The lung-histogram logistic regression on the train splits of `folders`, each slice
+    weighted like the networks' (classes balanced within each source, sources alike)."""
+    from ctscan.data import source_weights
+    from ctscan.lesion_metrics import HistogramBaseline, histogram_features, prepared_for_baselines
+
+    samples = [s for folder in folders for s in CTDataset(folder).split("train")]
+    if not samples:
+        return None
+    prepared = prepared_for_baselines(decode_samples(samples))
+    targets = np.array([s.target for s in samples], np.float32)
+    weights = source_weights(targets, np.array([s.source for s in samples]))
+    features = np.stack([histogram_features(p) for p in prepared])
+    return HistogramBaseline().fit(features, targets, weights, [Path(f).name for f in folders])
+
+
+def _served_scores(results: list[Any], rule: Any) -> np.ndarray:
+    """The served probability of each slice; for slices a model's gate refused, the one it
+    would have given (the members' outputs exist); NaN where the lung screening refused
+    (no model saw the slice)."""
+    scores = []
+    for result in results:
+        if result.decision.probability_covid is not None:
+            scores.append(float(result.decision.probability_covid))
+        elif result.members:
+            mean = float(np.mean([o.probability for o in result.members]))
+            scores.append(float(rule.calibration.apply(np.array([mean]))[0]) if rule is not None else mean)
+        else:
+            scores.append(np.nan)
+    return np.array(scores, np.float64)
+
+
+def lesion_evaluation(*, store: ModelStore, data_dirs: list[str], split: str = "test", models: str = "all",
+                      baseline_folders: list[str] | None = None) -> dict[str, Any]:
+    """Lesion-true numbers (`ctscan.lesion_metrics`) of each served model, the ensemble and
+    the two baselines on each data set: pooled AUC, AUC within each patient, matched-pair
+    concordance, and what the served answers were (share of clean slices called COVID-19,
+    recall, specificity; refusals and indeterminate answers apart). Scores are the served
+    probabilities (screening, gate, calibration as the service applies them)."""
+    from ctscan.lesion_metrics import (
+        DENSITY,
+        HISTOGRAM,
+        density_score,
+        histogram_features,
+        lesion_set,
+        outcome_report,
+        prepared_for_baselines,
+        score_report,
+    )
+    from ctscan.predictor import Predictor
+
+    names = _resolve_models(store, models)
+    predictor = Predictor.from_store(store, names)
+    served = [*predictor.models, *([ENSEMBLE] if predictor.ensemble is not None and len(names) > 1 else [])]
+    folders = baseline_folders if baseline_folders is not None else baseline_sources(store, names)
+    histogram = fit_histogram_baseline(folders) if folders else None
+    report: dict[str, Any] = {
+        "split": split, "intended_use": DISCLAIMER,
+        "models": {n: {"version": m.version, "init": m.card.get("init"), "input_size": m.input_size,
+                       "preprocessing": m.preprocessing} for n, m in predictor.models.items()},
+        "baselines": {DENSITY: "mean lung-v1 intensity inside the lung mask (no training)",
+                      HISTOGRAM: f"logistic regression on the {16}-bin lung histogram, trained on the train "
+                                 f"split of {', '.join(Path(f).name for f in folders) or 'nothing (not fitted)'}"},
+        "datasets": {},
+    }
+    for folder in data_dirs:
+        dataset = CTDataset(folder)
+        dataset.verify_checksums()
+        lesions = lesion_set(dataset, split)
+        decoded = decode_samples(lesions.samples)
+        screened = np.ones(len(decoded), bool)
+        rows: dict[str, Any] = {}
+        for model in served:
+            results = predictor.classify(decoded, model=model)
+            scores = _served_scores(results, predictor.ensemble if model == ENSEMBLE else None)
+            screened &= np.isfinite(scores)
+            rows[model] = {"scores": scores, "outcomes": [r.decision.outcome for r in results]}
+        prepared = prepared_for_baselines(decoded)
+        baseline_scores = {DENSITY: np.array([density_score(p) for p in prepared])}
+        if histogram is not None:
+            baseline_scores[HISTOGRAM] = histogram.score(np.stack([histogram_features(p) for p in prepared]))
+        scored = lesions.subset(screened)
+        entry: dict[str, Any] = {
+            "path": str(dataset.root), "fingerprint": dataset.fingerprint(),
+            "slices": int(lesions.in_split.sum()), "extra_within_patient_slices": int((~lesions.in_split).sum()),
+            "screened_out": int((~screened).sum()), "rows": {},
+        }
+        for model, row in rows.items():
+            entry["rows"][model] = {**score_report(scored, row["scores"][screened]),
+                                    "served": outcome_report(lesions.targets[lesions.in_split],
+                                                             [o for o, keep in zip(row["outcomes"], lesions.in_split,
+                                                                                   strict=True) if keep])}
+        for name, scores in baseline_scores.items():
+            entry["rows"][name] = score_report(scored, scores[screened])
+        report["datasets"][dataset.name] = entry
+    return report
+

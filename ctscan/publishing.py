@@ -135,7 +135,11 @@ def decide_promotion(store: ModelStore, name: str, version: str, card: ModelCard
     floors = floors or get_promotion_settings()
     val = card.metrics.get("val") or {}
     auc = card.val_metric("auc")
-    balanced = balanced_accuracy(val)
+    # Several val sources: every floor must hold on each of them (the worst one counts).
+    per_source = [b for b in (balanced_accuracy(m) for m in (card.metrics.get("val_sources") or {}).values())
+                  if b is not None]
+    balanced = min(per_source) if per_source else balanced_accuracy(val)
+    worst = card.worst_val_source("auc")
     measured = {"min_auc": floors.min_auc, "auc": auc,
                 "min_balanced_accuracy": floors.min_balanced_accuracy, "balanced_accuracy": balanced}
     candidate = card.val_metric(metric)
@@ -152,7 +156,8 @@ def decide_promotion(store: ModelStore, name: str, version: str, card: ModelCard
                                 ("balanced accuracy", balanced, floors.min_balanced_accuracy)):
         if floor > 0 and (value is None or value != value or value < floor):  # NaN: one class only
             shown = "unknown" if value is None or value != value else f"{value:.3f}"
-            return decided(False, f"val {label} {shown} is below the promotion floor {floor:.3f}")
+            where = f" (worst val source: {worst})" if worst else ""
+            return decided(False, f"val {label} {shown}{where} is below the promotion floor {floor:.3f}")
     if candidate is None:
         return decided(False, f"the candidate has no val {metric}")
     if current is None:

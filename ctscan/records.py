@@ -93,8 +93,20 @@ class ModelCard(Record):
     uncertainty: dict[str, Any] | None = None  # the indeterminate band, chosen on val
 
     def val_metric(self, metric: str) -> float | None:
+        """A val metric as the selection rule reads it: with several val sources, the worst
+        source's (among those where it is defined), so no source can carry a model alone."""
+        per_source = [float(m[metric]) for m in (self.metrics.get("val_sources") or {}).values()
+                      if m.get(metric) is not None and m[metric] == m[metric]]  # NaN: one class only
+        if per_source:
+            return min(per_source)
         value = (self.metrics.get("val") or {}).get(metric)
         return None if value is None else float(value)
+
+    def worst_val_source(self, metric: str) -> str | None:
+        """Which val source gives `val_metric` (None with one source)."""
+        per_source = {name: float(m[metric]) for name, m in (self.metrics.get("val_sources") or {}).items()
+                      if m.get(metric) is not None and m[metric] == m[metric]}
+        return min(per_source, key=lambda name: per_source[name]) if per_source else None
 
 
 class ProductionPointer(Record):
@@ -175,6 +187,13 @@ class JobAttempt(Record):
     outcome: str | None = None
 
 
+class DatasetRef(Record):
+    """A published dataset version a job also trains on (besides its main one)."""
+
+    dataset: str
+    dataset_version: str
+
+
 class JobRecord(Record):
     """`<store>/.jobs/<id>/job.json`: a training job, the source of truth for its state."""
 
@@ -186,6 +205,8 @@ class JobRecord(Record):
     init: str
     epochs: int
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    # More sources trained on at once (their train splits; selection on the worst val source).
+    extra_datasets: list[DatasetRef] = Field(default_factory=list)
     progress: list[JobProgress] = Field(default_factory=list)
     created_at: str
     started_at: str | None = None
@@ -215,6 +236,9 @@ class JobRecord(Record):
 
     def request_fields(self) -> dict[str, Any]:
         """What the submitter asked for (the part the signature covers)."""
-        return {"id": self.id, "model": self.model, "dataset": self.dataset,
-                "dataset_version": self.dataset_version, "init": self.init, "epochs": self.epochs,
-                "hyperparameters": self.hyperparameters}
+        fields = {"id": self.id, "model": self.model, "dataset": self.dataset,
+                  "dataset_version": self.dataset_version, "init": self.init, "epochs": self.epochs,
+                  "hyperparameters": self.hyperparameters}
+        if self.extra_datasets:  # only then: records signed before multi-source jobs still verify
+            fields["extra_datasets"] = [ref.model_dump() for ref in self.extra_datasets]
+        return fields

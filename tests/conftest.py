@@ -63,6 +63,35 @@ def ctmd_dir() -> Path:
     return path
 
 
+def _shared_data_root() -> Path:
+    return Path(os.environ.get("CTSCAN_TEST_DATA_ROOT", REPO_ROOT.parent / "shared" / "data"))
+
+
+def _named_data_set(name: str) -> Path:
+    path = _shared_data_root() / name
+    if not (path / "split.csv").is_file():
+        pytest.fail(f"data set {name} not found at {path}; set CTSCAN_TEST_DATA_ROOT")
+    return path
+
+
+@pytest.fixture(scope="session")
+def radiopaedia_dir() -> Path:
+    """Radiopaedia COVID-19 scans: infected and clean slices of the same patients, lung masks."""
+    return _named_data_set("radiopaedia-covid-seg")
+
+
+@pytest.fixture(scope="session")
+def sirm_dir() -> Path:
+    """SIRM COVID-19 slices (Italy): COVID only."""
+    return _named_data_set("sirm-covid-ct")
+
+
+@pytest.fixture(scope="session")
+def ccccii_dir() -> Path:
+    """CC-CCII: one patient with another (non-COVID) pneumonia; test only."""
+    return _named_data_set("ccccii-pneumonia-sample")
+
+
 @pytest.fixture(scope="session")
 def ctmd_slices(ctmd_dir: Path) -> dict[str, list[dict[str, str]]]:
     """labels.csv rows by study, ordered from the abdomen up to the neck."""

@@ -11,6 +11,7 @@ only jobs signed with their own token. When a worker has published its token's v
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from ctscan.datasets import open_dataset
@@ -18,7 +19,7 @@ from ctscan.errors import CTScanError, DataError
 from ctscan.hyperparameters import HyperParameterError, checked_hyperparameters, estimated_data_bytes
 from ctscan.job_records import FINISHED_STATES, JobNotFoundError, JobRecords, new_job_id, now, sign
 from ctscan.models import get_spec, parse_init
-from ctscan.records import DatasetManifest, JobRecord
+from ctscan.records import DatasetManifest, DatasetRef, JobRecord
 from ctscan.settings import TrainerSettings, get_trainer_settings
 from services.trainer.jobs import train_config
 from services.trainer.liveness import lease_holder
@@ -57,7 +58,8 @@ class JobsClient:
         return admin_token
 
     def submit(self, *, model: str, dataset: str, dataset_version: str, init: str, epochs: int,
-               hyperparameters: dict[str, Any], admin_token: str | None) -> JobRecord:
+               hyperparameters: dict[str, Any], admin_token: str | None,
+               extra_datasets: Sequence[tuple[str, str]] = ()) -> JobRecord:
         """Check the arguments, write a signed `queued` record, then queue the job by its ID."""
         token = self._check_admin(admin_token)
         spec = get_spec(model)
@@ -66,11 +68,16 @@ class JobsClient:
         # The one check of the hyper-parameters (the worker repeats it on the record).
         given = checked_hyperparameters(model=model, epochs=epochs, values=hyperparameters,
                                         max_input_size=self.settings.max_input_size)
-        manifest = self._check_dataset(dataset, dataset_version)
-        self._check_memory(given, default_size=spec.input_size, images=_train_and_val_images(manifest.counts))
+        sources = [(dataset, dataset_version), *extra_datasets]
+        if len({name for name, _ in sources}) != len(sources):
+            raise DataError("each dataset of a job must be another one (a dataset named twice)")
+        manifests = [self._check_dataset(name, version) for name, version in sources]
+        self._check_memory(given, default_size=spec.input_size,
+                           images=sum(_train_and_val_images(m.counts) for m in manifests))
         record = JobRecord(id=new_job_id(), state="queued", model=model, dataset=dataset,
                            dataset_version=dataset_version, init=init, epochs=epochs,
-                           hyperparameters=given, created_at=now())
+                           hyperparameters=given, created_at=now(),
+                           extra_datasets=[DatasetRef(dataset=n, dataset_version=v) for n, v in extra_datasets])
         train_config(record, data_dir="(checked by the worker)")
         record.signature = sign(record, token)
         self.records.create(record)  # durable before it is queued: the worker reads it

@@ -36,12 +36,23 @@ def register(commands: Any) -> None:
     jobs.set_defaults(func=run_jobs_command)
 
 
+def _dataset_ref(text: str) -> tuple[str, str]:
+    name, sep, version = text.partition("@")
+    if not sep or not name or not version:
+        raise argparse.ArgumentTypeError(f"expected NAME@VERSION, got {text!r}")
+    return name, version
+
+
 def add_jobs_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="jobs_command", required=True)
     submit = sub.add_parser("submit", help="queue a training job (needs CTSCAN_ADMIN_TOKEN)")
     submit.add_argument("--model", required=True)
     submit.add_argument("--dataset", required=True, help="dataset name (see `ctscan data upload`)")
     submit.add_argument("--dataset-version", required=True)
+    submit.add_argument("--also", dest="extra_datasets", action="append", type=_dataset_ref, default=[],
+                        metavar="NAME@VERSION",
+                        help="another published dataset version to train on as well (repeatable); "
+                             "the epoch is chosen on the worst dataset's val AUC")
     submit.add_argument("--init", default="imagenet", help="imagenet | none | PATH to backbone weights")
     submit.add_argument("--epochs", type=int, default=30)
     submit.add_argument("--hp", "--hyperparameter", dest="hyperparameters", action="append",
@@ -129,7 +140,7 @@ def run_jobs_command(args: argparse.Namespace) -> int:
     command = args.jobs_command
     if command == "submit":
         record = client.submit(model=args.model, dataset=args.dataset, dataset_version=args.dataset_version,
-                               init=args.init, epochs=args.epochs,
+                               init=args.init, epochs=args.epochs, extra_datasets=args.extra_datasets,
                                hyperparameters=dict(args.hyperparameters), admin_token=_token())
         if args.wait:
             record = _follow(client, record.id)

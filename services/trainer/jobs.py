@@ -38,17 +38,17 @@ log = logging.getLogger(__name__)
 
 # TrainConfig fields a job may set through `hyperparameters` (the rest come from the job).
 HYPERPARAMETERS = tuple(f.name for f in fields(TrainConfig)
-                        if f.name not in ("model", "data_dir", "init", "epochs", "report_test"))
+                        if f.name not in ("model", "data_dir", "extra_data_dirs", "init", "epochs", "report_test"))
 CHECKPOINT_FILES = (LAST_CHECKPOINT, BEST_WEIGHTS, STATE_FILE)  # state last: it names the epoch
 
 
-def train_config(record: JobRecord, data_dir: str) -> TrainConfig:
+def train_config(record: JobRecord, data_dir: str, extra_data_dirs: list[str] | None = None) -> TrainConfig:
     """The job's training configuration; raises a clear CTScanError on bad hyper-parameters."""
     hyperparameters = checked_hyperparameters(model=record.model, epochs=record.epochs,
                                               values=dict(record.hyperparameters))
     try:
         config = TrainConfig(model=record.model, data_dir=data_dir, init=record.init,
-                             epochs=record.epochs, **hyperparameters)
+                             epochs=record.epochs, extra_data_dirs=list(extra_data_dirs or []), **hyperparameters)
     except TypeError as exc:
         raise CTScanError(f"bad job arguments: {exc}") from None
     config.validate()
@@ -307,9 +307,11 @@ def _train(
     guard.check()
     records.save(record)
 
-    data_dir = fetch_dataset(settings.store.datasets_url, record.dataset, record.dataset_version,
-                             cache_dir=Path(settings.work_dir) / "datasets")
-    config = train_config(record, str(data_dir))
+    data_dir, *extra_dirs = (
+        str(fetch_dataset(settings.store.datasets_url, name, version, cache_dir=Path(settings.work_dir) / "datasets"))
+        for name, version in [(record.dataset, record.dataset_version),
+                              *((ref.dataset, ref.dataset_version) for ref in record.extra_datasets)])
+    config = train_config(record, data_dir, extra_dirs)
 
     def on_epoch(report: EpochReport) -> None:
         guard.check()  # a worker that lost the job writes nothing more
@@ -334,6 +336,7 @@ def _train(
     weights = pack_weights(model)
     card = build_card(config=config, trainer=trainer, state=state, model=model, store_weights=weights)
     card["job"] = {"id": job_id, "dataset": record.dataset, "dataset_version": record.dataset_version,
+                   "extra_datasets": [ref.model_dump() for ref in record.extra_datasets],
                    "resumed_from_epoch": resumed_from, "wall_seconds": round(time.monotonic() - started, 1)}
     val_x, val_y = trainer.val_data
     guard.check()

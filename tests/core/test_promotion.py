@@ -64,3 +64,29 @@ def test_a_production_card_without_the_metric_is_replaced(tmp_path: Path) -> Non
     store.promote("mobilenetv2", old)
     new = _save(store, "v2", 0.75)
     assert should_promote(store, "mobilenetv2", store.card("mobilenetv2", new)) is True
+
+
+def test_with_several_val_sources_every_floor_holds_on_the_worst_one(tmp_path: Path) -> None:
+    from ctscan.publishing import decide_promotion
+
+    store = open_store(tmp_path)
+    good = {"auc": 0.85, "confusion_matrix": [[45, 13], [12, 48]]}
+    sources = {"ucsd-covid-ct": good, "radiopaedia-covid-seg": {"auc": 0.62, "confusion_matrix": [[12, 13], [12, 35]]},
+               "sirm-covid-ct": {"auc": float("nan"), "confusion_matrix": [[0, 0], [3, 25]]}}  # COVID only
+    version = store.save("mobilenetv2", weights=b"w", version="v1", card={
+        "architecture": "mobilenetv2", "input_size": 32, "threshold": 0.5,
+        "dataset": {"fingerprint": "f" * 64, "val_images": 218},
+        "metrics": {"val": {"auc": 0.80, "confusion_matrix": [[60, 23], [24, 83]]}, "val_sources": sources}})
+    card = store.card("mobilenetv2", version)
+    assert card.val_metric("auc") == 0.62 and card.worst_val_source("auc") == "radiopaedia-covid-seg"
+    decision = decide_promotion(store, "mobilenetv2", version, card)
+    assert not decision.promote
+    assert "0.620 (worst val source: radiopaedia-covid-seg) is below the promotion floor" in decision.reason
+    sources["radiopaedia-covid-seg"]["auc"] = 0.75
+    store.save("mobilenetv2", weights=b"w2", version="v2", card={**card.model_dump(), "version": "v2",
+                                                                  "metrics": {"val": card.metrics["val"],
+                                                                              "val_sources": sources}})
+    card = store.card("mobilenetv2", "v2")
+    # Radiopaedia's balanced accuracy (0.61) is now the worst: still refused, on that floor.
+    decision = decide_promotion(store, "mobilenetv2", "v2", card)
+    assert not decision.promote and "balanced accuracy" in decision.reason
