@@ -333,6 +333,31 @@ def _served_scores(results: list[Any], rule: Any) -> np.ndarray:
     return np.array(scores, np.float64)
 
 
+def _served_rows(predictor: Any, decoded: list[DecodedImage], served: list[str]) -> dict[str, Any]:
+    """Each served model's scores and outcomes. The members run once: a member's own answer
+    is the decision rule applied to its output alone, as the service does for that model."""
+    from ctscan.predictor import slice_decision
+
+    model = ENSEMBLE if ENSEMBLE in served else served[0]
+    results = predictor.classify(decoded, model=model)
+    rule = predictor.ensemble if model == ENSEMBLE else None
+    rows = {model: {"scores": _served_scores(results, rule), "outcomes": [r.decision.outcome for r in results]}}
+    for name in served:
+        if name == model:
+            continue
+        outcomes, scores = [], []
+        for result in results:
+            output = next((m for m in result.members if m.name == name), None)
+            if output is None:  # refused before any model ran
+                outcomes.append(result.decision.outcome)
+                scores.append(np.nan)
+                continue
+            outcomes.append(slice_decision([output], ensemble=None).outcome)
+            scores.append(output.probability)
+        rows[name] = {"scores": np.array(scores, np.float64), "outcomes": outcomes}
+    return rows
+
+
 def lesion_evaluation(*, store: ModelStore, data_dirs: list[str], split: str = "test", models: str = "all",
                       baseline_folders: list[str] | None = None) -> dict[str, Any]:
     """Lesion-true numbers (`ctscan.lesion_metrics`) of each served model, the ensemble and
@@ -372,12 +397,9 @@ def lesion_evaluation(*, store: ModelStore, data_dirs: list[str], split: str = "
         lesions = lesion_set(dataset, split)
         decoded = decode_samples(lesions.samples)
         screened = np.ones(len(decoded), bool)
-        rows: dict[str, Any] = {}
-        for model in served:
-            results = predictor.classify(decoded, model=model)
-            scores = _served_scores(results, predictor.ensemble if model == ENSEMBLE else None)
-            screened &= np.isfinite(scores)
-            rows[model] = {"scores": scores, "outcomes": [r.decision.outcome for r in results]}
+        rows = _served_rows(predictor, decoded, served)
+        for row in rows.values():
+            screened &= np.isfinite(row["scores"])
         prepared = prepared_for_baselines(decoded)
         baseline_scores = {DENSITY: np.array([density_score(p) for p in prepared])}
         if histogram is not None:
