@@ -12,15 +12,21 @@ on the preprocessed tensor (one flat graph), which keeps Grad-CAM and layer free
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ctscan.errors import ModelError
+import numpy as np
+
+from ctscan.errors import ModelError, StoreError
 
 if TYPE_CHECKING:
     import keras
+
+    from ctscan.records import ModelCard
+    from ctscan.store import ModelStore
 
 ENSEMBLE = "ensemble"  # the mean of the architectures' probabilities; never an architecture's name
 INPUT_NAME = "pixels"
@@ -252,3 +258,78 @@ def unfreeze_top(model: keras.Model, n_layers: int) -> int:
         layer.trainable = True
         unfrozen += 1
     return unfrozen
+
+
+def predict_probabilities(model: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """The model's (uncalibrated) probabilities of COVID-19 for a batch of pixels, in chunks."""
+    if len(images) == 0:
+        return np.zeros((0,), np.float32)
+    outputs = [np.asarray(model(images[i:i + batch_size].astype(np.float32), training=False))
+               for i in range(0, len(images), batch_size)]
+    return np.concatenate(outputs).reshape(-1)
+
+
+# --- weights in the store ----------------------------------------------------------------------
+# float16 keeps 3 significant digits; arrays with larger magnitudes (BatchNorm variances of
+# randomly initialised nets can be big) stay float32 so restoring them is exact enough.
+FLOAT16_SAFE_MAX = 1.0e4
+
+
+def pack_weights(model: keras.Model) -> bytes:
+    """Model weights -> compressed npz (float16 where safe).
+
+    Keys are the variable's position plus its path: Keras numbers unnamed layers per process
+    (InceptionV3's `batch_normalization_57`...), so names alone do not identify a variable
+    once several models were built; the architecture fixes the order.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for index, variable in enumerate(model.weights):
+        value = np.asarray(variable.numpy())
+        if value.dtype == np.float32 and (value.size == 0 or np.abs(value).max() < FLOAT16_SAFE_MAX):
+            value = value.astype(np.float16)
+        arrays[f"{index:05d}|{variable.path}"] = value
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def unpack_weights(model: keras.Model, data: bytes) -> None:
+    """Restore weights packed by `pack_weights` into a model of the same architecture."""
+    try:
+        archive = np.load(io.BytesIO(data))
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"weights file is unreadable: {exc}") from None
+    with archive as arrays:
+        variables = list(model.weights)
+        if all("|" in key for key in arrays.files):
+            ordered = sorted(arrays.files, key=lambda key: int(key.split("|", 1)[0]))
+        else:  # early releases keyed by path only
+            ordered = [variable.path for variable in variables]
+            missing = sorted(set(ordered) - set(arrays.files))[:3]
+            if missing:
+                raise StoreError(f"weights do not fit model {model.name}: missing {missing}")
+        if len(ordered) != len(variables):
+            raise StoreError(f"weights do not fit model {model.name}: {len(ordered)} arrays stored, "
+                             f"the architecture has {len(variables)}")
+        for key, variable in zip(ordered, variables, strict=True):
+            value = arrays[key]
+            if tuple(value.shape) != tuple(variable.shape):
+                raise StoreError(f"weights do not fit model {model.name}: {key} has shape "
+                                 f"{value.shape}, the model expects {tuple(variable.shape)}")
+            variable.assign(value.astype(np.float32))
+
+
+def keras_model_from(card: ModelCard, weights: bytes) -> keras.Model:
+    """The architecture named by the card with these (verified) weights restored into it."""
+    model = build_model(card.architecture, init="none", input_size=card.input_size, compile_model=False)
+    unpack_weights(model, weights)
+    return model
+
+
+def load_keras_model(store: ModelStore, name: str, version: str | None = None) -> tuple[keras.Model, ModelCard]:
+    """Build the architecture named by the card and restore verified weights into it."""
+    version = version or store.production(name)
+    if not version:
+        raise StoreError(f"model {name} has no production version in {store.url}")
+    card, weights = store.verified_card(name, version)
+    return keras_model_from(card, weights), card

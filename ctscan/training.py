@@ -29,11 +29,12 @@ from ctscan.models import (
     compile_for_training,
     get_spec,
     parse_init,
+    predict_probabilities,
     set_backbone_trainable,
     unfreeze_top,
+    unpack_weights,
 )
 from ctscan.preprocessing import DEFAULT_PREPROCESSING, get_preprocessor
-from ctscan.store import unpack_weights
 
 STATE_FILE = "state.json"
 LAST_CHECKPOINT = "last.keras"
@@ -205,14 +206,6 @@ def environment_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "gpus": [d.name for d in tf.config.list_physical_devices("GPU")],
     }
-
-
-def predict_probabilities(model: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    if len(images) == 0:
-        return np.zeros((0,), np.float32)
-    outputs = [np.asarray(model(images[i:i + batch_size].astype(np.float32), training=False))
-               for i in range(0, len(images), batch_size)]
-    return np.concatenate(outputs).reshape(-1)
 
 
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:

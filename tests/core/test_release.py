@@ -9,9 +9,9 @@ import pytest
 
 from ctscan.errors import ChecksumError
 from ctscan.evaluation import evaluate_store
-from ctscan.models import architecture_names
+from ctscan.models import architecture_names, load_keras_model
 from ctscan.release import seed_store
-from ctscan.store import ONNX_FOLDER, WEIGHTS_FILE, load_keras_model, open_store
+from ctscan.store import ONNX_FOLDER, WEIGHTS_FILE, open_store
 
 RELEASE = Path(__file__).resolve().parents[2] / "models"
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from ctscan.errors import ChecksumError, StoreError, VersionExistsError
-from ctscan.models import build_model
+from ctscan.models import build_model, load_keras_model, pack_weights
 from ctscan.records import EnsembleRecord
 from ctscan.release import seed_store
-from ctscan.store import load_keras_model, open_store, pack_weights
+from ctscan.store import open_store
 
 
 @pytest.fixture(scope="module")
