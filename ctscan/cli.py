@@ -190,7 +190,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = Predictor.from_store(_store(args), names)
     rule = predictor.ensemble if args.model == ENSEMBLE else None
     members = list(predictor.models.values())
-    version = ensemble_version(rule.members) if rule is not None else members[0].version
+    # Members in the registry's order, as the service names them.
+    version = ensemble_version({m.name: m.version for m in members}) if rule is not None else members[0].version
     band = rule.band if rule is not None else members[0].band
     request_id = uuid.uuid4().hex
     loaded_at = time.perf_counter()

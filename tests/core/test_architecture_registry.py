@@ -42,6 +42,7 @@ def toy_architecture() -> Iterator[ArchitectureSpec]:
     unregister_architecture(TOY.name)
 
 
+@pytest.mark.slow  # builds, stores and restores a Keras model
 def test_a_registered_architecture_is_built_stored_and_offered(toy_architecture: ArchitectureSpec,
                                                                tmp_path: Path) -> None:
     from ctscan.gradcam import make_gradcam

@@ -88,6 +88,7 @@ def test_unreadable_image_is_named(data_dir: Path, tmp_path: Path) -> None:
         load_arrays(dataset.samples, 32)
 
 
+@pytest.mark.slow  # a tf.data pipeline: imports TensorFlow
 def test_training_pipeline_augments_reproducibly(data_dir: Path) -> None:
     dataset = CTDataset(data_dir)
     images, targets = load_arrays(dataset.split("val")[:8], 48)

@@ -78,6 +78,7 @@ def _app(store: Path, data_dir: Path, **settings: object) -> object:
         store=StoreSettings.from_values(_env_file=None, model_store=str(store)), **settings))
 
 
+@pytest.mark.slow  # builds a Keras model and loads it into the service
 def test_a_registered_input_format_is_served_and_accepted_by_the_page(
         npy_format: InputFormat, small_store: Path, data_dir: Path, real_ct_images: dict[str, Path]) -> None:
     png = next(path for key, path in sorted(real_ct_images.items()) if key.endswith("png"))
