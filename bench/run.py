@@ -38,9 +38,10 @@ if __package__ in (None, ""):  # run as `python bench/run.py` (the Makefile's be
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.loadgen import load_images, run_load  # noqa: E402
+from ctscan.models import ensemble_members  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-MODELS = ("inceptionv3", "densenet121", "mobilenetv2")
+MODELS = ensemble_members()  # the served ensemble, from the registry
 TARGET_LATENCY_RATIO = 1.3
 TARGET_THROUGHPUT_RATIO = 0.85
 TARGET_NAIVE_SPEEDUP = 10.0

@@ -140,11 +140,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 # --- safety-report ------------------------------------------------------------------------
 def cmd_safety_report(args: argparse.Namespace) -> int:
-    from ctscan.models import architecture_names
+    from ctscan.models import ensemble_members
     from ctscan.safety import safety_report
 
     data = {f"{Path(d).name}-{args.split}": (d, args.split) for d in [_data_dir(args), *args.external]}
-    models = architecture_names() if args.model == "all" else [args.model]
+    models = ensemble_members() if args.model == "all" else [args.model]
     print(json.dumps(safety_report(store=_store(args), data_dirs=data, models=models), indent=2))
     return 0
 
@@ -177,7 +177,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     from ctscan.answers import ensemble_version, is_calibrated, png_base64, slice_prediction, study_prediction
     from ctscan.imaging import decode_image
-    from ctscan.models import ENSEMBLE, architecture_names
+    from ctscan.models import ENSEMBLE, ensemble_members
     from ctscan.predictor import Predictor
     from ctscan.schemas import StudyTimings, Timings
     from ctscan.study import StudyLimits
@@ -186,7 +186,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     blobs = _read_inputs(args.paths, StudyLimits())
     decoded = [decode_image(data) for data in blobs]
     decoded_at = time.perf_counter()
-    names = list(architecture_names()) if args.model == ENSEMBLE else [args.model]
+    names = list(ensemble_members()) if args.model == ENSEMBLE else [args.model]
     predictor = Predictor.from_store(_store(args), names)
     rule = predictor.ensemble if args.model == ENSEMBLE else None
     members = list(predictor.models.values())

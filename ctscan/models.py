@@ -1,7 +1,8 @@
 """The architectures of the product: one registry, one factory.
 
 `ARCHITECTURES` is the only list of model names: the CLI, the services' settings, the web
-page and the evaluation all ask it. An architecture is its name, the name people read, a
+page, the evaluation, the benchmarks and the scripts all ask it; `ensemble_members()` names
+the ones in the product's ensemble (served by default). An architecture is its name, the name people read, a
 backbone builder, the backbone's own input preprocessing, its input size and the brief's
 head; `register_architecture` adds one (see docs/architecture.md).
 
@@ -55,6 +56,10 @@ class ArchitectureSpec:
     # Layers (from the top of the backbone) made trainable in the fine-tuning phase;
     # 0 = the seed's regime keeps the base frozen throughout.
     finetune_layers: int = 0
+    # Whether the product's ensemble (and so the default served models, `ctscan predict`'s
+    # ensemble, the page's picker) includes it. An architecture outside it can be trained,
+    # stored, evaluated and served by name; it joins once a trained version is shipped.
+    in_ensemble: bool = True
 
 
 # --- preprocessing, as layers inside the model ------------------------------------------------
@@ -77,6 +82,11 @@ def imagenet_normalisation(inputs: Any) -> Any:
     )(scaled)
 
 
+def keep_pixels(inputs: Any) -> Any:
+    """No preprocessing layer: the backbone normalises its input itself (EfficientNet)."""
+    return inputs
+
+
 # --- backbones ---------------------------------------------------------------------------------
 def _inception_v3(tensor: Any, weights: str | None) -> keras.Model:
     import keras
@@ -96,6 +106,36 @@ def _mobilenet_v2(tensor: Any, weights: str | None) -> keras.Model:
     return keras.applications.MobileNetV2(include_top=False, weights=weights, input_tensor=tensor)
 
 
+# ImageNet's channel statistics (0..1 scale), as keras.applications' EfficientNet fixes them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _efficientnet_b0(tensor: Any, weights: str | None) -> keras.Model:
+    """EfficientNet-B0, whose own first layers scale 0..255 pixels and normalise them.
+
+    Keras adds one more rescaling layer only when it loads its ImageNet weights, so a version
+    trained from them and rebuilt without weights (as the store rebuilds every version) would
+    see other inputs. Here the graph is always the one without weights: the normalisation is
+    set to ImageNet's statistics and pre-trained weights (ImageNet or a local file) are copied
+    in layer by layer."""
+    import keras
+
+    backbone = keras.applications.EfficientNetB0(include_top=False, weights=None, input_tensor=tensor)
+    if weights is not None:
+        source = keras.applications.EfficientNetB0(include_top=False, weights=weights,
+                                                   input_shape=tuple(tensor.shape[1:]))
+        targets = [layer for layer in backbone.layers if layer.weights]
+        sources = [layer for layer in source.layers if layer.weights]
+        for target, weighted in zip(targets, sources, strict=True):
+            target.set_weights(weighted.get_weights())
+    normalization = next(layer for layer in backbone.layers if isinstance(layer, keras.layers.Normalization))
+    count = normalization.get_weights()[2]
+    normalization.set_weights([np.asarray(IMAGENET_MEAN, np.float32), np.square(np.asarray(IMAGENET_STD, np.float32)),
+                               count])
+    return backbone
+
+
 ARCHITECTURES: dict[str, ArchitectureSpec] = {}
 
 
@@ -110,7 +150,13 @@ def unregister_architecture(name: str) -> None:
 
 
 def architecture_names() -> tuple[str, ...]:
+    """Every architecture: what can be trained, stored, evaluated and served by name."""
     return tuple(ARCHITECTURES)
+
+
+def ensemble_members() -> tuple[str, ...]:
+    """The architectures of the product's ensemble, served by default."""
+    return tuple(name for name, spec in ARCHITECTURES.items() if spec.in_ensemble)
 
 
 register_architecture(ArchitectureSpec(
@@ -121,6 +167,11 @@ register_architecture(ArchitectureSpec(
 register_architecture(ArchitectureSpec(
     "mobilenetv2", "MobileNetV2", _mobilenet_v2, scale_to_plus_minus_one, 224, 32, 1024, (0.5,), "out_relu",
     finetune_layers=20))
+# The original project's future work; MobileNetV2's head. Not in the ensemble until a trained
+# version passes the promotion floors (none has been trained for the release yet).
+register_architecture(ArchitectureSpec(
+    "efficientnetb0", "EfficientNet-B0", _efficientnet_b0, keep_pixels, 224, 32, 1024, (0.5,), "top_activation",
+    finetune_layers=20, in_ensemble=False))
 # The quickest to train on a CPU: the default of forms that queue training.
 FASTEST_ARCHITECTURE = "mobilenetv2"
 
