@@ -33,10 +33,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.run import RESULTS_DIR, _free_port, _start, _stop  # noqa: E402
+from bench.run import MODELS, RESULTS_DIR, _free_port, _start, _stop  # noqa: E402
 
 SLICES = 150
-MODELS = ("inceptionv3", "densenet121", "mobilenetv2")
 
 
 def build_series(ctmd_dir: Path, study: str = "P001", count: int = SLICES) -> list[bytes]:

@@ -19,6 +19,7 @@ from sklearn.metrics import (
 )
 
 THRESHOLD_RULES = ("youden", "f1", "accuracy")
+SOURCE_AUC_PREFIX = "val_auc_of_"  # a training epoch's logs hold floats only: one key per val source
 
 
 def choose_threshold(targets: np.ndarray, probabilities: np.ndarray, rule: str = "youden") -> float:

@@ -294,8 +294,8 @@ def _train(
     on_progress: Callable[[dict[str, Any]], None] | None,
     guard: _Guard,
 ) -> ModelCard:
+    from ctscan.models import pack_weights
     from ctscan.publishing import pick_verification_images, publish_version
-    from ctscan.store import pack_weights
     from ctscan.training import Trainer, TrainingCancelled, build_card
 
     job_id = record.id

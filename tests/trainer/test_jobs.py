@@ -28,7 +28,7 @@ def test_job_runs_from_submission_to_a_promoted_model(
         start_worker: Callable[..., Any], ctscan_cli: Callable[..., Any], published_dataset: tuple[str, str],
         trainer_env: dict[str, str], real_ct_images: dict[str, Path], tmp_path: Path) -> None:
     from ctscan.data import load_sample_pixels
-    from ctscan.store import load_keras_model
+    from ctscan.models import load_keras_model
 
     worker = start_worker()
     submitted = ctscan_cli("jobs", "submit", "--model", "mobilenetv2", "--dataset", published_dataset[0],
