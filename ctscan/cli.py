@@ -167,6 +167,10 @@ def _print_lesions(lesions: dict[str, Any]) -> None:
             print(f"  {row:20s} {shown(metrics['pooled_auc']):>10s} {shown(inside.get('mean_auc')):>15s} "
                   f"{pairs.get('pairs', '-')!s:>6s} {shown(pairs.get('concordance')):>11s} "
                   f"{shown(clean.get('share_called_covid')):>12s} {shown(infected.get('recall')):>7s}")
+        if "segmentation" in entry:
+            dice = entry["segmentation"]["dice"]
+            print("  lung segmentation against the radiologists' masks, Dice: "
+                  + ", ".join(f"{kind} {value['mean']:.3f}" for kind, value in dice.items()))
 
 
 # --- audit --------------------------------------------------------------------------------

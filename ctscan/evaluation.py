@@ -349,6 +349,7 @@ def lesion_evaluation(*, store: ModelStore, data_dirs: list[str], split: str = "
         outcome_report,
         prepared_for_baselines,
         score_report,
+        segmentation_report,
     )
     from ctscan.predictor import Predictor
 
@@ -392,6 +393,9 @@ def lesion_evaluation(*, store: ModelStore, data_dirs: list[str], split: str = "
                                                                                    strict=True) if keep])}
         for name, scores in baseline_scores.items():
             entry["rows"][name] = score_report(scored, scores[screened])
+        segmentation = segmentation_report(dataset, split)
+        if segmentation is not None:
+            entry["segmentation"] = segmentation
         report["datasets"][dataset.name] = entry
     return report
 

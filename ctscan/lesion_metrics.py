@@ -220,6 +220,42 @@ def outcome_report(targets: np.ndarray, outcomes: Sequence[str]) -> dict[str, An
     return report
 
 
+MASK_FOLDER = "lung_masks"
+
+
+def dice(found: np.ndarray, truth: np.ndarray) -> float:
+    total = int(found.sum()) + int(truth.sum())
+    return 1.0 if total == 0 else 2.0 * int((found & truth).sum()) / total
+
+
+def segmentation_report(dataset: CTDataset, split: str | None = None) -> dict[str, Any] | None:
+    """Dice of the lung segmentation against the radiologists' lung masks (`lung_masks/`
+    beside `images/`, same names), per mask kind of `ctscan.preprocessing.lung_masks`; None
+    when the data set has no masks."""
+    from PIL import Image
+
+    from ctscan.data import decode_sample
+    from ctscan.preprocessing import lung_masks
+
+    folder = dataset.root / MASK_FOLDER
+    if not folder.is_dir():
+        return None
+    samples = [s for s in dataset.samples if split is None or s.split == split]
+    scores: dict[str, list[float]] = {}
+    for sample in samples:
+        mask_path = folder / sample.relative_path.split("/", 1)[-1]
+        if not mask_path.is_file():
+            continue
+        truth = np.asarray(Image.open(mask_path).convert("L")) > 127
+        for kind, found in lung_masks(decode_sample(sample)).items():
+            if found.shape != truth.shape:
+                found = np.asarray(Image.fromarray(found).resize(truth.shape[::-1], Image.Resampling.NEAREST))
+            scores.setdefault(kind, []).append(dice(found, truth))
+    return {"split": split, "slices": len(next(iter(scores.values()), [])),
+            "dice": {kind: {"mean": float(np.mean(v)), "median": float(np.median(v)),
+                            "below_0.8": float(np.mean(np.array(v) < 0.8))} for kind, v in scores.items()}}
+
+
 def lung_intensities(prepared: PreparedSlice) -> np.ndarray:
     """Standardised intensities (0..1) inside the lung mask of a lung-v1 slice."""
     if prepared.lung_mask is None or not prepared.lung_mask.any():

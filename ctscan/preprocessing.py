@@ -316,6 +316,23 @@ def lung_region_mask(decoded: DecodedImage) -> np.ndarray:
     return _upscale_mask(analysis.lung_region, analysis.intensity.shape)
 
 
+def lung_masks(decoded: DecodedImage) -> dict[str, np.ndarray]:
+    """The lung masks segmentation finds, at full resolution: `lungs` (dark regions, holes
+    filled), `closed` (what lung-v2 shows) and `hull` (each lung's convex hull: lung-v1's lung
+    region). For scoring the segmentation against radiologists' masks."""
+    analysis = _analyse(decoded)
+    shape = analysis.intensity.shape
+    lungs = analysis.lungs
+    if lungs.any():
+        rows, columns = np.nonzero(analysis.lung_region)
+        box = (int(rows.min()), int(columns.min()), int(rows.max()) + 1, int(columns.max()) + 1)
+        closed = _closed_lungs(lungs, box)
+    else:
+        closed = lungs
+    return {"lungs": _upscale_mask(lungs, shape), "closed": _upscale_mask(closed, shape),
+            "hull": _upscale_mask(analysis.lung_region, shape)}
+
+
 class LungPreprocessor:
     """lung-v1: body mask, lung mask, intensity standardisation, square crop to the lungs.
 

@@ -55,7 +55,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "storage": ("objects", "s3store", "store", "access", "job_records", "release"),
     "data pipeline": ("data", "download", "datasets", "audit"),
     "serving": ("predictor", "answers", "onnx_runtime"),
-    "training and evaluation": ("callbacks", "training", "evaluation", "publishing", "safety"),
+    "training and evaluation": ("callbacks", "training", "evaluation", "lesion_metrics", "publishing", "safety"),
     "command line": ("cli", "cli_access"),
 }
 # What the inference service must not load on import (it serves; it neither trains nor evaluates).
