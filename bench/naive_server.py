@@ -28,7 +28,7 @@ def main() -> None:
 
     from ctscan.imaging import decode_image, resize_for_model
     from ctscan.models import load_keras_model
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
 
     model, card = load_keras_model(open_store(args.store), args.model)
     size = card.input_size

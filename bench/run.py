@@ -132,7 +132,7 @@ def in_process(store_url: str, images: list[bytes], *, quick: bool) -> dict[str,
     """Limits measured without HTTP, on the slices the load generator sends."""
     from ctscan.models import load_keras_model
     from ctscan.onnx_runtime import keras_predictor, load_fast_predictor, onnx_predictor
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
 
     store = open_store(store_url)
     repeats = 8 if quick else 30

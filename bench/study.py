@@ -78,7 +78,7 @@ def in_process_limit(store_url: str, slices: list[bytes], *, batch_size: int = 1
     from ctscan.imaging import decode_image
     from ctscan.onnx_runtime import onnx_predictor
     from ctscan.preprocessing import LUNG_V1, card_preprocessing, get_preprocessor, prepare
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
 
     store = open_store(store_url)
     members = []

@@ -42,7 +42,7 @@ def _plugins(group: str) -> list[EntryPoint]:
 
 def _store(args: argparse.Namespace) -> Any:
     from ctscan.settings import get_store_settings
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
 
     return open_store(getattr(args, "store", None) or get_store_settings().model_store)
 

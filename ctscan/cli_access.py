@@ -44,8 +44,8 @@ def require_admin(store: Any) -> None:
     store, the token must be that one."""
     from pydantic import ValidationError
 
-    from ctscan.job_records import JobRecords
     from ctscan.settings import describe_settings_error, get_admin_settings
+    from ctscan.storage.job_records import JobRecords
 
     try:
         token = get_admin_settings().token()

@@ -28,9 +28,9 @@ from ctscan.metrics import choose_threshold, full_report
 from ctscan.models import ENSEMBLE, architecture_names, get_spec, load_keras_model
 from ctscan.predictor import EnsembleNotCalibratedError, card_band, ensemble_record_for
 from ctscan.preprocessing import LUNG_V1, card_preprocessing, get_preprocessor, prepare
-from ctscan.records import EnsembleRecord, ModelCard
 from ctscan.robustness import attention_report, robustness_report
-from ctscan.store import ModelStore
+from ctscan.storage.records import EnsembleRecord, ModelCard
+from ctscan.storage.store import ModelStore
 from ctscan.training import _subset, predict_probabilities
 
 __all__ = ["ENSEMBLE", "calibrate_ensemble", "ensemble_record_for", "evaluate_store", "predict_split"]

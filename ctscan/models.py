@@ -26,8 +26,8 @@ from ctscan.errors import ModelError, StoreError
 if TYPE_CHECKING:
     import keras
 
-    from ctscan.records import ModelCard
-    from ctscan.store import ModelStore
+    from ctscan.storage.records import ModelCard
+    from ctscan.storage.store import ModelStore
 
 ENSEMBLE = "ensemble"  # the mean of the architectures' probabilities; never an architecture's name
 INPUT_NAME = "pixels"

@@ -20,7 +20,7 @@ import numpy as np
 
 from ctscan.errors import DataError, ImageError, ModelError
 from ctscan.models import INPUT_NAME
-from ctscan.records import OnnxManifest
+from ctscan.storage.records import OnnxManifest
 
 if TYPE_CHECKING:
     import keras

@@ -21,12 +21,12 @@ from ctscan.gate import OUTCOME_NO_LUNGS, OUTCOME_NOT_CHEST_CT, FeatureGate
 from ctscan.imaging import DecodedImage
 from ctscan.models import ENSEMBLE, predict_probabilities
 from ctscan.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
-from ctscan.records import EnsembleRecord, ModelCard
 from ctscan.screening import appearance_refusal
+from ctscan.storage.records import EnsembleRecord, ModelCard
 from ctscan.study import AGGREGATION_RULE, aggregate, order_series
 
 if TYPE_CHECKING:
-    from ctscan.store import ModelStore
+    from ctscan.storage.store import ModelStore
 
 
 @dataclass(frozen=True)

@@ -18,9 +18,9 @@ import numpy as np
 
 from ctscan.errors import CTScanError, StoreError
 from ctscan.models import pack_weights
-from ctscan.records import ModelCard
 from ctscan.settings import PROMOTION_METRICS, PromotionSettings
-from ctscan.store import ModelStore
+from ctscan.storage.records import ModelCard
+from ctscan.storage.store import ModelStore
 
 if TYPE_CHECKING:
     import keras

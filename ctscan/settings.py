@@ -86,7 +86,7 @@ def _shared(factory: Any) -> Any:
 
 # --- shared sections --------------------------------------------------------------------------
 class StoreSettings(Section):
-    # Local folder or s3://bucket/prefix (or another registered backend, see ctscan.objects).
+    # Local folder or s3://bucket/prefix (or another registered backend, see ctscan.storage.objects).
     model_store: str = Field(default_factory=lambda: str(data_home() / "model-store"),
                              validation_alias="CTSCAN_MODEL_STORE")
     # Published dataset versions: local folder or s3://bucket/prefix/datasets.

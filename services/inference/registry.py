@@ -44,9 +44,9 @@ from ctscan.onnx_runtime import (
 )
 from ctscan.predictor import EnsembleNotCalibratedError, card_band, ensemble_record_for
 from ctscan.preprocessing import LEGACY, card_preprocessing
-from ctscan.records import ModelCard
 from ctscan.settings import InferenceSettings
-from ctscan.store import ModelStore
+from ctscan.storage.records import ModelCard
+from ctscan.storage.store import ModelStore
 from services.inference.batching import DynamicBatcher
 from services.inference.metrics import InferenceMetrics
 

@@ -15,7 +15,7 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 from ctscan import DISCLAIMER
 from ctscan.formats import accept_attribute
 from ctscan.settings import WebSettings, get_web_settings
-from ctscan.store import ModelStore
+from ctscan.storage.store import ModelStore
 from services.web.access_views import account, current_user
 from services.web.auth import register_page_key
 from services.web.console import JobsClientLike, default_jobs_client, default_store

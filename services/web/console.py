@@ -13,8 +13,8 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from ctscan.errors import CTScanError, StoreError
-from ctscan.records import JobRecord, ModelCard
-from ctscan.store import ModelStore, open_store
+from ctscan.storage.records import JobRecord, ModelCard
+from ctscan.storage.store import ModelStore, open_store
 
 ACTIVE_STATES = ("queued", "running")
 METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "auc")

@@ -11,7 +11,7 @@ from flask import current_app
 
 from ctscan.audit_trail import AuditTrail
 from ctscan.settings import WebSettings
-from ctscan.store import ModelStore
+from ctscan.storage.store import ModelStore
 from services.web.auth import Authenticator, LoginThrottle
 from services.web.console import JobsClientLike, default_jobs_client, default_store
 from services.web.inference_client import InferenceClient

@@ -17,7 +17,7 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 
 from ctscan.audit_trail import upload_digest
 from ctscan.errors import CTScanError, StoreError, UnsupportedImageError
-from ctscan.records import EnsembleRecord
+from ctscan.storage.records import EnsembleRecord
 from services.web.access_views import audit, current_name, require
 from services.web.console import (
     QUEUE_ERRORS,

@@ -48,7 +48,7 @@ def test_a_registered_architecture_is_built_stored_and_offered(toy_architecture:
     from ctscan.gradcam import make_gradcam
     from ctscan.models import load_keras_model, pack_weights
     from ctscan.settings import InferenceSettings
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
     from services.web.forms import model_labels
 
     assert architecture_names()[-1] == "toynet"

@@ -9,7 +9,7 @@ import pytest
 
 from ctscan.errors import ModelError, StoreError
 from ctscan.models import ARCHITECTURES, backbone_layers, build_model, load_keras_model, pack_weights, unfreeze_top
-from ctscan.store import open_store
+from ctscan.storage.store import open_store
 
 # Tests that build a Keras model are slow (TensorFlow's import alone takes 10-20 s on the CI
 # machine); the fast tier keeps the checks that refuse bad arguments before any is built.

@@ -9,8 +9,8 @@ import pytest
 
 from ctscan.errors import CTScanError
 from ctscan.publishing import decide_promotion, promote_with_reason
-from ctscan.records import ModelCard
-from ctscan.store import ModelStore, open_store
+from ctscan.storage.records import ModelCard
+from ctscan.storage.store import ModelStore, open_store
 
 
 def promote_if_better(store: ModelStore, name: str, version: str, card: ModelCard, **options: Any) -> bool:

@@ -10,8 +10,8 @@ import pytest
 
 from ctscan.errors import StoreError
 from ctscan.models import ensemble_members
-from ctscan.records import ModelCard
-from ctscan.store import CARD_FILE, open_store
+from ctscan.storage.records import ModelCard
+from ctscan.storage.store import CARD_FILE, open_store
 
 RELEASE = Path(__file__).resolve().parents[2] / "models"
 

@@ -11,7 +11,7 @@ from ctscan.errors import ChecksumError
 from ctscan.evaluation import evaluate_store
 from ctscan.models import ensemble_members, load_keras_model
 from ctscan.release import seed_store
-from ctscan.store import ONNX_FOLDER, WEIGHTS_FILE, open_store
+from ctscan.storage.store import ONNX_FOLDER, WEIGHTS_FILE, open_store
 
 RELEASE = Path(__file__).resolve().parents[2] / "models"
 

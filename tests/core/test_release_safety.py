@@ -16,7 +16,7 @@ from ctscan.evaluation import card_band, decode_samples, predict_split
 from ctscan.models import ensemble_members
 from ctscan.predictor import Predictor
 from ctscan.safety import generated_patterns, outcome_counts, skimage_samples
-from ctscan.store import ModelStore, open_store
+from ctscan.storage.store import ModelStore, open_store
 
 RELEASE = Path(__file__).resolve().parents[2] / "models"
 pytestmark = pytest.mark.slow

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from ctscan.errors import ChecksumError, StoreError, VersionExistsError
-from ctscan.records import EnsembleRecord
 from ctscan.release import seed_store
-from ctscan.store import open_store
+from ctscan.storage.records import EnsembleRecord
+from ctscan.storage.store import open_store
 
 # The store keeps bytes; which bytes is the models' business (tests/core/test_models.py).
 WEIGHTS = b"weights of a test version"

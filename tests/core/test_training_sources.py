@@ -62,7 +62,7 @@ def test_the_same_source_twice_is_refused(data_dir: Path) -> None:
 def test_a_run_on_two_sources_records_them_and_selects_on_the_worst(
         data_dir: Path, radiopaedia_dir: Path, tmp_path: Path) -> None:
     from ctscan.publishing import train_and_store
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
 
     config = TrainConfig(model="mobilenetv2", data_dir=str(data_dir), extra_data_dirs=[str(radiopaedia_dir)],
                          init="none", input_size=32, epochs=1, batch_size=8, limit_per_class=3,

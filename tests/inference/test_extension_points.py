@@ -59,7 +59,7 @@ def _npy_slice(real_png: Path) -> bytes:
 def small_store(tmp_path: Path) -> Path:
     """One untrained MobileNetV2 at 32 px in production (no ONNX copy: TensorFlow serves it)."""
     from ctscan.models import build_model, pack_weights
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
 
     store = open_store(tmp_path / "store")
     model = build_model("mobilenetv2", init="none", input_size=32, compile_model=False)

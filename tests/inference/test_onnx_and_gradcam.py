@@ -25,7 +25,7 @@ from ctscan.onnx_runtime import (
     load_fast_predictor,
     onnx_predictor,
 )
-from ctscan.store import ONNX_FILE, ONNX_FOLDER, open_store
+from ctscan.storage.store import ONNX_FILE, ONNX_FOLDER, open_store
 
 MODEL = "mobilenetv2"
 

@@ -1,8 +1,8 @@
 """The model store: versions of each model (weights, card, checksums), production pointers,
-the ensemble record and each version's ONNX copy, on any object store (`ctscan.objects`).
+the ensemble record and each version's ONNX copy, on any object store (`ctscan.storage.objects`).
 
     <root>/<model>/<version>/weights.npz          float16 where lossless enough, float32 otherwise
-    <root>/<model>/<version>/card.json            model card (`ctscan.records.ModelCard`)
+    <root>/<model>/<version>/card.json            model card (`ctscan.storage.records.ModelCard`)
     <root>/<model>/<version>/SHA256SUMS           checksums of the two files above, written last
     <root>/<model>/<version>/onnx/model.onnx      ONNX Runtime copy of the weights (optional)
     <root>/<model>/<version>/onnx/manifest.json   its provenance and check (`OnnxManifest`)
@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import ValidationError
 
 from ctscan.errors import ChecksumError, StoreError, VersionExistsError
-from ctscan.objects import ObjectStore, open_objects
-from ctscan.records import EnsembleRecord, ModelCard, OnnxManifest, ProductionPointer, Record
+from ctscan.storage.objects import ObjectStore, open_objects
+from ctscan.storage.records import EnsembleRecord, ModelCard, OnnxManifest, ProductionPointer, Record
 
 if TYPE_CHECKING:
     from pathlib import Path
