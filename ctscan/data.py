@@ -70,9 +70,9 @@ def read_checksums(path: Path) -> dict[str, str]:
 class CTDataset:
     """A dataset folder; construction validates `split.csv` and that every listed file exists."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, name: str | None = None) -> None:
         self.root = Path(root).expanduser()
-        self.name = self.root.resolve().name
+        self.name = name or self.root.resolve().name  # the source's name (its folder's, unless told)
         if not self.root.is_dir():
             raise DataError(f"dataset folder not found: {self.root}")
         split_path = self.root / SPLIT_FILE

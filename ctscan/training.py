@@ -87,10 +87,15 @@ class TrainConfig:
     # by the worst source's AUC: no epoch can win on one source alone).
     extra_data_dirs: list[str] = field(default_factory=list)
     anatomy_balance: bool = False  # weight slices so anatomy cannot predict the label (data.source_weights)
+    source_names: list[str] = field(default_factory=list)  # one per data folder; default: the folders' names
 
     @property
     def data_dirs(self) -> list[str]:
         return [self.data_dir, *self.extra_data_dirs]
+
+    @property
+    def names(self) -> list[str]:
+        return self.source_names or [Path(d).expanduser().resolve().name for d in self.data_dirs]
 
     def validate(self) -> None:
         get_spec(self.model)
@@ -116,7 +121,9 @@ class TrainConfig:
             raise CTScanError(f"swa_epochs must be a whole number in 0..epochs, got {self.swa_epochs!r}")
         if not isinstance(self.source_variants, int) or not 1 <= self.source_variants <= 16:
             raise CTScanError(f"source_variants must be a whole number in 1..16, got {self.source_variants!r}")
-        names = [Path(d).expanduser().resolve().name for d in self.data_dirs]
+        names = self.names
+        if self.source_names and len(self.source_names) != len(self.data_dirs):
+            raise CTScanError(f"{len(self.source_names)} source names for {len(self.data_dirs)} data folders")
         if len(set(names)) != len(names):
             raise CTScanError(f"each data folder must be another source; got {', '.join(names)}")
         if not 0.0 <= self.weight_decay <= 1.0:
@@ -318,8 +325,8 @@ class Trainer:
         train_samples: list[Sample] = []
         val_samples: list[Sample] = []
         sources: list[dict[str, Any]] = []
-        for data_dir in config.data_dirs:
-            dataset = CTDataset(data_dir)
+        for data_dir, name in zip(config.data_dirs, config.names, strict=True):
+            dataset = CTDataset(data_dir, name=name)
             dataset.verify_checksums()
             train = _subset(dataset.split("train"), config.limit_per_class, config.seed)
             val = _subset(dataset.split("val"), config.limit_per_class, config.seed)
@@ -569,8 +576,9 @@ def build_card(
     if by_source:
         card["metrics"]["val_sources"] = by_source
     if config.report_test:
-        test_samples = [sample for data_dir in config.data_dirs
-                        for sample in _subset(CTDataset(data_dir).split("test"), config.limit_per_class, config.seed)]
+        test_samples = [sample for data_dir, name in zip(config.data_dirs, config.names, strict=True)
+                        for sample in _subset(CTDataset(data_dir, name=name).split("test"), config.limit_per_class,
+                                              config.seed)]
         test = load_split(test_samples, trainer.input_size, preprocessing=config.preprocessing)
         test_probabilities = calibration.apply(predict_probabilities(model, test.images))
         card["metrics"]["test"] = full_report(test.targets, test_probabilities, threshold)

@@ -26,7 +26,8 @@ RELEASE_DIR = REPO_ROOT / "models"
 # Fixtures that train, convert or start processes: any test using one is in the slow tier.
 SLOW_FIXTURES = frozenset({
     "tiny_model_store", "inference_service", "reloading_service", "web_service", "start_worker",
-    "published_dataset", "redis_server", "trainer_env", "jobs_client", "tiny_job", "ctscan_cli",
+    "published_dataset", "published_second_dataset", "redis_server", "trainer_env", "jobs_client", "tiny_job",
+    "ctscan_cli",
     "page", "browser",
 })
 

@@ -38,17 +38,21 @@ log = logging.getLogger(__name__)
 
 # TrainConfig fields a job may set through `hyperparameters` (the rest come from the job).
 HYPERPARAMETERS = tuple(f.name for f in fields(TrainConfig)
-                        if f.name not in ("model", "data_dir", "extra_data_dirs", "init", "epochs", "report_test"))
+                        if f.name not in ("model", "data_dir", "extra_data_dirs", "source_names", "init", "epochs",
+                                           "report_test"))
 CHECKPOINT_FILES = (LAST_CHECKPOINT, BEST_WEIGHTS, STATE_FILE)  # state last: it names the epoch
 
 
 def train_config(record: JobRecord, data_dir: str, extra_data_dirs: list[str] | None = None) -> TrainConfig:
+    # The sources are named by their published dataset names (the fetched folders by version).
     """The job's training configuration; raises a clear CTScanError on bad hyper-parameters."""
     hyperparameters = checked_hyperparameters(model=record.model, epochs=record.epochs,
                                               values=dict(record.hyperparameters))
     try:
         config = TrainConfig(model=record.model, data_dir=data_dir, init=record.init,
-                             epochs=record.epochs, extra_data_dirs=list(extra_data_dirs or []), **hyperparameters)
+                             epochs=record.epochs, extra_data_dirs=list(extra_data_dirs or []),
+                             source_names=[record.dataset, *(ref.dataset for ref in record.extra_datasets)]
+                             if extra_data_dirs else [], **hyperparameters)
     except TypeError as exc:
         raise CTScanError(f"bad job arguments: {exc}") from None
     config.validate()

@@ -211,15 +211,13 @@ def _reset_caches() -> None:
 
 
 # --- data -------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def tiny_dataset_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A few real images per class and split, in the UCSD layout with its own SHA256SUMS."""
+def copy_tiny_dataset(source_dir: Path, root: Path) -> Path:
+    """A few real images per class and split of a data set, in its layout with its own SHA256SUMS."""
     from ctscan.data import LABELS, CTDataset
 
-    root = tmp_path_factory.mktemp("tiny-dataset")
     per_split = {"train": 6, "val": 4, "test": 2}
     rows = []
-    source = CTDataset(data_dir)
+    source = CTDataset(source_dir)
     for split, count in per_split.items():
         for label in LABELS:
             chosen = [s for s in source.samples if s.split == split and s.label == label][:count]
@@ -237,6 +235,12 @@ def tiny_dataset_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="session")
+def tiny_dataset_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few real UCSD images per class and split, in the UCSD layout with its own SHA256SUMS."""
+    return copy_tiny_dataset(data_dir, tmp_path_factory.mktemp("tiny-dataset"))
+
+
+@pytest.fixture(scope="session")
 def published_dataset(trainer_env: dict[str, str], tiny_dataset_dir: Path) -> tuple[str, str]:
     """The tiny dataset published to S3 with the real CLI (`ctscan data upload`)."""
     url = f"{trainer_env['CTSCAN_DATASETS_URL']}/{DATASET}"
@@ -244,6 +248,18 @@ def published_dataset(trainer_env: dict[str, str], tiny_dataset_dir: Path) -> tu
                             check=False, capture_output=True, text=True, env=os.environ.copy(), timeout=120)
     assert result.returncode == 0, result.stderr
     return DATASET, DATASET_VERSION
+
+
+@pytest.fixture(scope="session")
+def published_second_dataset(trainer_env: dict[str, str], radiopaedia_dir: Path,
+                             tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A tiny copy of the Radiopaedia scans, published like the first: a second source."""
+    folder = copy_tiny_dataset(radiopaedia_dir, tmp_path_factory.mktemp("tiny-radiopaedia"))
+    url = f"{trainer_env['CTSCAN_DATASETS_URL']}/radiopaedia"
+    result = subprocess.run([CTSCAN, "data", "upload", str(folder), url, "--version", DATASET_VERSION],
+                            check=False, capture_output=True, text=True, env=os.environ.copy(), timeout=120)
+    assert result.returncode == 0, result.stderr
+    return "radiopaedia", DATASET_VERSION
 
 
 # --- workers ----------------------------------------------------------------------------------

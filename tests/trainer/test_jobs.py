@@ -225,3 +225,30 @@ def test_a_worker_runs_only_jobs_signed_with_its_own_admin_token(
     record = wait_job(forged.id, {"failed", "succeeded", "cancelled"}, timeout=120)
     assert record["state"] == "failed" and record["error"].startswith("admin token rejected")
     assert record["progress"] == [] and forged.id not in _store(trainer_env).list_versions("mobilenetv2")
+
+
+def test_a_job_trains_on_several_published_datasets_at_once(
+        start_worker: Callable[..., Any], ctscan_cli: Callable[..., Any], published_dataset: tuple[str, str],
+        published_second_dataset: tuple[str, str], trainer_env: dict[str, str]) -> None:
+    bad = ctscan_cli("jobs", "submit", "--model", "mobilenetv2", "--dataset", published_dataset[0],
+                     "--dataset-version", published_dataset[1], "--also", "no-version-here")
+    assert bad.returncode == 2 and "NAME@VERSION" in bad.stderr
+    twice = ctscan_cli("jobs", "submit", "--model", "mobilenetv2", "--dataset", published_dataset[0],
+                       "--dataset-version", published_dataset[1], "--also", "@".join(published_dataset))
+    assert twice.returncode != 0 and "named twice" in twice.stderr
+    worker = start_worker()
+    submitted = ctscan_cli("jobs", "submit", "--model", "mobilenetv2", "--dataset", published_dataset[0],
+                           "--dataset-version", published_dataset[1], "--also", "@".join(published_second_dataset),
+                           "--init", "none", "--epochs", "1", "--hp", "input_size=32", "--hp", "batch_size=4",
+                           "--hp", "augment=false", "--hp", "anatomy_balance=true", "--hp", "input_gate=false",
+                           "--wait")
+    assert submitted.returncode == 0, submitted.stderr + worker.output()
+    record = json.loads(submitted.stdout)
+    assert record["state"] == "succeeded", record["error"]
+    assert record["extra_datasets"] == [{"dataset": published_second_dataset[0],
+                                         "dataset_version": published_second_dataset[1]}]
+    card = _store(trainer_env).card("mobilenetv2", record["result_version"])
+    sources = (card.dataset or {})["sources"]
+    assert len(sources) == 2 and all(s["train_images"] == 12 and s["val_images"] == 8 for s in sources)
+    assert len(card.metrics["val_sources"]) == 2
+    assert card.job["extra_datasets"] == record["extra_datasets"]  # type: ignore[index]
