@@ -377,7 +377,8 @@ def cmd_models_seed(args: argparse.Namespace) -> int:
 def cmd_models_calibrate(args: argparse.Namespace) -> int:
     from ctscan.evaluation import calibrate_ensemble
 
-    record = calibrate_ensemble(store=_store(args), data_dir=_data_dir(args))
+    folders = args.data or [str(_data_dir(args))]
+    record = calibrate_ensemble(store=_store(args), data_dir=folders[0], extra_data_dirs=folders[1:])
     print(json.dumps(record.model_dump(mode="json"), indent=2))
     return 0
 
@@ -528,7 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--store")
     seed.set_defaults(func=cmd_models_seed)
     calibrate = models.add_parser("calibrate-ensemble", help="choose the ensemble threshold on val")
-    calibrate.add_argument("--data")
+    calibrate.add_argument("--data", action="append",
+                           help="dataset folder (default: CTSCAN_DATA_DIR); repeat it to calibrate on the val "
+                                "splits of several sources")
     calibrate.add_argument("--store")
     calibrate.set_defaults(func=cmd_models_calibrate)
     export = models.add_parser("export-onnx", help="make and check the ONNX copy of versions that lack one")

@@ -102,16 +102,20 @@ def ensemble_probabilities(calibrated_members: list[np.ndarray], record: Ensembl
 
 def calibrate_ensemble(
     *, store: ModelStore, data_dir: str, limit_per_class: int | None = None, rule: str = "youden",
-    models: list[str] | None = None,
+    models: list[str] | None = None, extra_data_dirs: list[str] | None = None,
 ) -> EnsembleRecord:
     """Fit the ensemble's calibration and threshold on the val split for the current
     production versions of its members (`models`, default every architecture with one), and
-    store them with the member versions."""
+    store them with the member versions. With `extra_data_dirs`, on the val splits of every
+    source together (each source's numbers recorded apart, as for a model)."""
+    from ctscan.training import combined_fingerprint
+
     names = _resolve_models(store, models or "all")
     if len(names) < 2:
         raise CTScanError("an ensemble needs at least two production models")
-    dataset = CTDataset(data_dir)
-    samples = _subset(dataset.split("val"), limit_per_class, 42)
+    datasets = [CTDataset(folder) for folder in [data_dir, *(extra_data_dirs or [])]]
+    samples = [s for dataset in datasets for s in _subset(dataset.split("val"), limit_per_class, 42)]
+    dataset = datasets[0]
     split = predict_split(store, names, samples)
     targets = split.targets
     mean = np.mean([split.calibrated[n] for n in names], axis=0)
@@ -122,8 +126,10 @@ def calibrate_ensemble(
         members={n: str(split.cards[n].version) for n in names},
         threshold=threshold,
         threshold_rule=rule,
-        dataset_fingerprint=dataset.fingerprint(),
-        metrics={"val": full_report(targets, probabilities, threshold)},
+        dataset_fingerprint=dataset.fingerprint() if len(datasets) == 1 else combined_fingerprint(
+            [{"fingerprint": d.fingerprint()} for d in datasets]),
+        metrics={"val": full_report(targets, probabilities, threshold), **_by_source(samples, targets, probabilities,
+                                                                                     threshold)},
         created_at=datetime.now(UTC).isoformat(),
         uncertainty={**choose_band(targets, probabilities, threshold), "fitted_on": "val"},
         calibration={**calibration.as_dict(), "fitted_on": "val", "comparison": comparison,
@@ -132,6 +138,16 @@ def calibrate_ensemble(
     )
     store.save_ensemble_record(record)
     return record
+
+
+def _by_source(samples: list[Sample], targets: np.ndarray, probabilities: np.ndarray,
+               threshold: float) -> dict[str, Any]:
+    sources = np.array([s.source for s in samples])
+    names = sorted(set(sources.tolist()))
+    if len(names) < 2:
+        return {}
+    return {"val_sources": {name: full_report(targets[sources == name], probabilities[sources == name], threshold)
+                            for name in names}}
 
 
 def _save_plots(out_dir: Path, name: str, targets: np.ndarray, probabilities: np.ndarray,

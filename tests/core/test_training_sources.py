@@ -77,3 +77,24 @@ def test_a_run_on_two_sources_records_them_and_selects_on_the_worst(
     history = card.history or []
     assert history[0]["val_auc"] == min(history[0]["val_sources"].values())
     assert card.preprocessing == {"name": "lung-v2"}
+
+
+@pytest.mark.slow
+def test_the_ensemble_is_calibrated_on_the_val_splits_of_several_sources(
+        tiny_model_store: Path, data_dir: Path, radiopaedia_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from ctscan.data import CTDataset
+    from ctscan.evaluation import calibrate_ensemble
+    from ctscan.storage.store import open_store
+    from ctscan.training import combined_fingerprint
+
+    copy = shutil.copytree(tiny_model_store, tmp_path / "store")  # the shared fixture keeps its record
+    record = calibrate_ensemble(store=open_store(copy), data_dir=str(data_dir), extra_data_dirs=[str(radiopaedia_dir)],
+                                limit_per_class=3)
+    assert set(record.metrics["val_sources"]) == {"ucsd-covid-ct", "radiopaedia-covid-seg"}
+    assert record.metrics["val"]["confusion_matrix"] is not None
+    assert sum(sum(map(sum, m["confusion_matrix"])) for m in record.metrics["val_sources"].values()) == 12
+    assert record.dataset_fingerprint == combined_fingerprint(
+        [{"fingerprint": CTDataset(d).fingerprint()} for d in (data_dir, radiopaedia_dir)])
+    assert open_store(copy).ensemble_record() == record
