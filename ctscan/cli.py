@@ -167,6 +167,10 @@ def _print_lesions(lesions: dict[str, Any]) -> None:
             print(f"  {row:20s} {shown(metrics['pooled_auc']):>10s} {shown(inside.get('mean_auc')):>15s} "
                   f"{pairs.get('pairs', '-')!s:>6s} {shown(pairs.get('concordance')):>11s} "
                   f"{shown(clean.get('share_called_covid')):>12s} {shown(infected.get('recall')):>7s}")
+        for row, metrics in entry["rows"].items():
+            if metrics.get("follows"):
+                print(f"  {row} follows (Spearman inside each class): "
+                      + ", ".join(f"{cue} {value:+.2f}" for cue, value in metrics["follows"].items()))
         if "segmentation" in entry:
             dice = entry["segmentation"]["dice"]
             print("  lung segmentation against the radiologists' masks, Dice: "

@@ -359,6 +359,7 @@ def lesion_evaluation(*, store: ModelStore, data_dirs: list[str], split: str = "
     from ctscan.lesion_metrics import (
         DENSITY,
         HISTOGRAM,
+        cue_correlations,
         density_score,
         histogram_features,
         lesion_set,
@@ -366,6 +367,7 @@ def lesion_evaluation(*, store: ModelStore, data_dirs: list[str], split: str = "
         prepared_for_baselines,
         score_report,
         segmentation_report,
+        slice_cues,
     )
     from ctscan.predictor import Predictor
 
@@ -397,6 +399,7 @@ def lesion_evaluation(*, store: ModelStore, data_dirs: list[str], split: str = "
         if histogram is not None:
             baseline_scores[HISTOGRAM] = histogram.score(np.stack([histogram_features(p) for p in prepared]))
         scored = lesions.subset(screened)
+        cues = {name: values[screened] for name, values in slice_cues(prepared, lesions).items()}
         entry: dict[str, Any] = {
             "path": str(dataset.root), "fingerprint": dataset.fingerprint(),
             "slices": int(lesions.in_split.sum()), "extra_within_patient_slices": int((~lesions.in_split).sum()),
@@ -404,6 +407,7 @@ def lesion_evaluation(*, store: ModelStore, data_dirs: list[str], split: str = "
         }
         for model, row in rows.items():
             entry["rows"][model] = {**score_report(scored, row["scores"][screened]),
+                                    "follows": cue_correlations(row["scores"][screened], cues, scored.targets),
                                     "served": outcome_report(lesions.targets[lesions.in_split],
                                                              [o for o, keep in zip(row["outcomes"], lesions.in_split,
                                                                                    strict=True) if keep])}

@@ -256,6 +256,52 @@ def segmentation_report(dataset: CTDataset, split: str | None = None) -> dict[st
                             "below_0.8": float(np.mean(np.array(v) < 0.8))} for kind, v in scores.items()}}
 
 
+def slice_cues(prepared: Sequence[PreparedSlice], lesions: LesionSet) -> dict[str, np.ndarray]:
+    """What a score might follow instead of the lesions, per slice: the lungs' density (what
+    lesions change), how much of the crop the lungs fill, the lung area against the body, the
+    crop's sharpness (variance of the Laplacian inside the lungs: export and reconstruction
+    kernel), and, from the slice table, the lung area and the height in the scan."""
+    from scipy import ndimage
+
+    def sharpness(item: PreparedSlice) -> float:
+        if item.lung_mask is None or not item.lung_mask.any():
+            return float("nan")
+        return float(ndimage.laplace(item.grey.astype(np.float32) / 255.0)[item.lung_mask].var())
+
+    cues = {
+        "density": np.array([density_score(p) for p in prepared]),
+        "crop_lung_share": np.array([float(p.lung_mask.mean()) if p.lung_mask is not None else np.nan
+                                     for p in prepared]),
+        "lung_fraction": np.array([p.findings.lung_fraction if p.findings else np.nan for p in prepared]),
+        "sharpness": np.array([sharpness(p) for p in prepared]),
+    }
+    if not np.isnan(lesions.lung_pixels).all():
+        cues["lung_pixels"] = lesions.lung_pixels
+    if not np.isnan(lesions.slices).all():
+        heights = [(s - np.nanmin(lesions.slices[[q == p for q in lesions.patients]])) / lesions.extent[p]
+                   if p in lesions.extent and lesions.extent[p] > 0 else np.nan
+                   for s, p in zip(lesions.slices, lesions.patients, strict=True)]
+        cues["slice_height"] = np.array(heights, np.float64)
+    return cues
+
+
+def cue_correlations(scores: np.ndarray, cues: dict[str, np.ndarray], targets: np.ndarray) -> dict[str, Any]:
+    """Spearman correlation of a score with each cue inside each class (the label fixed, so
+    what is left is what the score follows besides the label), averaged over the classes."""
+    from scipy.stats import spearmanr
+
+    result: dict[str, Any] = {}
+    for name, values in cues.items():
+        per_class = []
+        for label in (0.0, 1.0):
+            chosen = (targets == label) & np.isfinite(values) & np.isfinite(scores)
+            if chosen.sum() >= 5 and np.ptp(values[chosen]) > 0 and np.ptp(scores[chosen]) > 0:
+                per_class.append(float(spearmanr(scores[chosen], values[chosen]).statistic))
+        if per_class:
+            result[name] = float(np.mean(per_class))
+    return result
+
+
 def lung_intensities(prepared: PreparedSlice) -> np.ndarray:
     """Standardised intensities (0..1) inside the lung mask of a lung-v1 slice."""
     if prepared.lung_mask is None or not prepared.lung_mask.any():

@@ -109,3 +109,15 @@ def test_lung_segmentation_matches_the_radiologists_masks(radiopaedia_dir: Path,
     assert report["dice"]["closed"]["mean"] > 0.92
     assert report["dice"]["hull"]["mean"] > 0.85
     assert segmentation_report(CTDataset(data_dir), "val") is None  # UCSD has no masks
+
+
+def test_cue_correlations_name_what_a_score_follows_besides_the_label() -> None:
+    from ctscan.lesion_metrics import cue_correlations
+
+    rng = np.random.default_rng(1)
+    targets = np.repeat([0.0, 1.0], 40)
+    lung_area = rng.uniform(0, 1, 80)
+    noise = rng.uniform(0, 1, 80)
+    scores = 0.3 * targets + lung_area  # reads the lung area, whatever the lesions
+    follows = cue_correlations(scores, {"lung_area": lung_area, "noise": noise}, targets)
+    assert follows["lung_area"] > 0.95 and abs(follows["noise"]) < 0.35
