@@ -446,6 +446,17 @@ def lung_region_mask(decoded: DecodedImage) -> np.ndarray:
     return _upscale_mask(analysis.lung_region, analysis.shape)
 
 
+def _standardised_grey(intensity: np.ndarray, air: float, soft: float, kept: np.ndarray | None = None) -> np.ndarray:
+    """Intensity (0..1, float32) -> standardised 8-bit grey: lung air at AIR_LEVEL, soft tissue
+    at TISSUE_LEVEL; black where `kept` is False (outside the body)."""
+    standardised = AIR_LEVEL + (intensity - air) * (TISSUE_LEVEL - AIR_LEVEL) / (soft - air)
+    standardised = np.clip(standardised, 0.0, 1.0)
+    if kept is not None:
+        standardised = np.where(kept, standardised, 0.0)
+    grey: np.ndarray = (standardised * 255.0).round().astype(np.uint8)
+    return grey
+
+
 class LungPreprocessor:
     """lung-v1: body mask, lung mask, intensity standardisation, square crop to the lungs.
 
@@ -520,11 +531,16 @@ class LungPreprocessor:
         # (a 1024-px slice is cropped to a third of its pixels); the rest of the crop is black.
         grey = np.zeros((bottom - top, right - left), dtype=np.uint8)
         if shown[0].stop > shown[0].start and shown[1].stop > shown[1].start:
-            intensity = analysis.intensity_part(*shown)
-            standardised = AIR_LEVEL + (intensity - air) * (TISSUE_LEVEL - AIR_LEVEL) / (soft - air)
-            standardised = np.where(_upscale_part(keep, shape, *shown), np.clip(standardised, 0.0, 1.0), 0.0)
-            grey[shown[0].start - top:shown[0].stop - top, shown[1].start - left:shown[1].stop - left] = \
-                (standardised * 255.0).round().astype(np.uint8)
+            kept = _upscale_part(keep, shape, *shown)
+            if decoded.hounsfield is None:
+                # 8-bit source: standardise the 256 grey levels once and look them up (the same
+                # numbers as standardising every pixel).
+                levels = np.asarray(_GREY_TO_INTENSITY, dtype=np.float32)
+                table = _standardised_grey(levels, air, soft)
+                part = np.where(kept, table[decoded.grey[shown]], np.uint8(0))
+            else:
+                part = _standardised_grey(analysis.intensity_part(*shown), air, soft, kept)
+            grey[shown[0].start - top:shown[0].stop - top, shown[1].start - left:shown[1].stop - left] = part
         mask = np.zeros(grey.shape, dtype=bool)
         if in_image[0].stop > in_image[0].start and in_image[1].stop > in_image[1].start:
             mask[in_image[0].start - top:in_image[0].stop - top, in_image[1].start - left:in_image[1].stop - left] = \
