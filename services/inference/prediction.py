@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import math
 import time
 from dataclasses import dataclass
@@ -28,11 +27,12 @@ from ctscan.calibration import Calibration
 from ctscan.decision import LEGACY_LABELS, OUTCOME_TEXT, Decision
 from ctscan.formats import InputFormat, describe_formats, sniff
 from ctscan.gradcam import overlay_png
-from ctscan.imaging import DecodedImage
+from ctscan.imaging import DecodedImage, announced_pixels
 from ctscan.models import ENSEMBLE
 from ctscan.predictor import EnsembleRule, MemberOutput, input_refusal, slice_decision
 from ctscan.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
 from ctscan.schemas import Label, LungFindings, MemberPrediction, Prediction, Timings
+from services.inference.decoding import SINGLE
 from services.inference.registry import EnsembleInfo, ModelRegistry, ServedModel
 
 HEATMAP_GRID = 224  # members' heatmaps are averaged on a common grid before the overlay
@@ -165,13 +165,14 @@ async def predict_upload(
     registry.check_model(model)  # a wrong model name is reported before anything about the file
     input_format = sniff_format(data)
     settings = registry.settings
+    # From the header: too many pixels is refused here, before the upload waits for a thread.
+    pixels = announced_pixels(data, max_pixels=settings.max_pixels, max_side=settings.max_side)
     with registry.acquire(model) as (entries, ensemble), contextlib.ExitStack() as arrivals:
         # Announced before decoding, so batches under load wait for this request's pixels.
         on_the_way = [arrivals.enter_context(entry.batcher.expect()) for entry in entries]
-        screened = await asyncio.get_running_loop().run_in_executor(
-            registry.decode_pool, functools.partial(
-                _decode_and_screen, input_format, data, entries,
-                max_pixels=settings.max_pixels, max_side=settings.max_side))
+        screened = await registry.decoder.run(
+            _decode_and_screen, input_format, data, entries, pixels=pixels, priority=SINGLE,
+            max_pixels=settings.max_pixels, max_side=settings.max_side)
         decoded_at = time.perf_counter()
         rule = ensemble_rule(ensemble) if model == ENSEMBLE else None
         outputs: list[MemberOutput] = []

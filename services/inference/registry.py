@@ -22,7 +22,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +47,7 @@ from ctscan.records import ModelCard
 from ctscan.settings import InferenceSettings
 from ctscan.store import ModelStore, keras_model_from
 from services.inference.batching import DynamicBatcher
+from services.inference.decoding import DecodePool
 from services.inference.metrics import InferenceMetrics
 
 logger = logging.getLogger(__name__)
@@ -186,8 +186,8 @@ class ModelRegistry:
         self.configured: tuple[str, ...] = tuple(settings.models)
         # Uploads are decoded here, not in the event loop's large shared pool: one thread per
         # core is as fast, and fewer threads keep fewer malloc arenas (resident memory).
-        self.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_threads or os.cpu_count() or 1,
-                                              thread_name_prefix="decode")
+        self.decoder = DecodePool(workers=settings.decode_threads or os.cpu_count() or 1,
+                                  max_waiting=settings.decode_queue, heavy_pixels=settings.decode_heavy_pixels)
         self._models: dict[str, ServedModel] = {}
         self._ensemble: EnsembleInfo | None = None
         self.ensemble_error: str | None = None  # why the ensemble is not servable
@@ -431,4 +431,4 @@ class ModelRegistry:
             thread.join(timeout=10)  # a load in progress is abandoned
         for served in self._models.values():
             served.retire()
-        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.decoder.shutdown()

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, File, Form, Query, Request, Response, Security, UploadFile
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from ctscan.audit_trail import upload_digest
 from ctscan.errors import ImageError
@@ -28,6 +29,7 @@ from ctscan.schemas import (
     StudyPrediction,
 )
 from ctscan.study import ArchiveError, StudyError, StudyLimits
+from services.inference.decoding import DecodeQueueFullError
 from services.inference.deps import MetricsDep, RegistryDep, SettingsDep
 from services.inference.errors import APIError, error_response, image_error
 from services.inference.prediction import UnrecognisedFileError, predict_upload
@@ -131,6 +133,8 @@ def prediction_errors() -> Iterator[None]:
         raise APIError(cause.status_code, cause.code, str(exc)) from None
     except ImageError as exc:
         raise image_error(exc) from None
+    except DecodeQueueFullError as exc:
+        raise APIError(503, "busy", str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
 
 
 async def _read_limited(upload: UploadFile, limit: int) -> bytes:
@@ -200,7 +204,7 @@ async def predict_study_route(
     limits = StudyLimits(max_slices=settings.max_study_slices, max_total_bytes=settings.max_study_bytes,
                          max_ratio=settings.max_zip_ratio)
     with prediction_errors():
-        blobs = study_blobs(parts, limits)
+        blobs = await run_in_threadpool(study_blobs, parts, limits)  # unpacking a ZIP: off the event loop
         answer = await predict_study(registry=registry, blobs=blobs, model=model_name, explain=want_heatmaps,
                                      request_id=request.state.request_id, limits=limits)
     request.state.outcome, request.state.model_version = answer.outcome, answer.model_version

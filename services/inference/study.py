@@ -11,7 +11,6 @@ beyond the slice positions and one-way digests that check the series.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from dataclasses import dataclass
 
@@ -27,7 +26,8 @@ from ctscan.models import ENSEMBLE
 from ctscan.predictor import SliceResult, slice_decision, study_decision
 from ctscan.preprocessing import PreparedSlice
 from ctscan.schemas import Aggregation, StudyPrediction, StudySlice, StudyTimings, TopSlice
-from ctscan.study import AGGREGATION_RULE, StudyLimits, is_zip, order_series, unpack_zip
+from ctscan.study import AGGREGATION_RULE, StudyLimits, check_pixel_budget, is_zip, order_series, unpack_zip
+from services.inference.decoding import STUDY
 from services.inference.prediction import (
     UnrecognisedFileError,
     _decode_and_screen,
@@ -103,11 +103,18 @@ async def predict_study(*, registry: ModelRegistry, blobs: list[bytes], model: s
         formats.append(found)
     settings = registry.settings
     loop = asyncio.get_running_loop()
+    # Every slice's header, before any is decoded: a study over its pixel budget costs nothing.
+    announced = await asyncio.to_thread(check_pixel_budget, blobs, max_total_pixels=settings.max_study_pixels,
+                                        max_pixels=settings.max_pixels, max_side=settings.max_side)
+    # A few slices at a time on the decode threads (a study's slices queue behind single
+    # uploads): enough to keep every core busy, too few to crowd the queue.
+    in_flight = asyncio.Semaphore(2 * registry.decoder.workers)
     with registry.acquire(model) as (entries, ensemble):
         async def one(index: int) -> _Slice:
-            item = await loop.run_in_executor(registry.decode_pool, functools.partial(
-                _screen, formats[index], blobs[index], entries, index,
-                max_pixels=settings.max_pixels, max_side=settings.max_side))
+            async with in_flight:
+                item = await registry.decoder.run(
+                    _screen, formats[index], blobs[index], entries, index, pixels=announced[index], priority=STUDY,
+                    max_pixels=settings.max_pixels, max_side=settings.max_side)
             if item.refusal is None:
                 futures = [asyncio.wrap_future(entry.batcher.submit(_expand(grey)))
                            for entry, grey in zip(entries, item.inputs, strict=True)]
