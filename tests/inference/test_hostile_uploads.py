@@ -248,7 +248,7 @@ def test_service_still_predicts_after_the_barrage(inference_service: RunningServ
 def test_oversized_slices_and_studies_are_refused_from_their_headers_while_others_are_served(
         inference_service: RunningService, real_ct_images: dict[str, Path]) -> None:
     """Issue 24's attacks: a 7000 x 7000 PNG (86 kB), a ZIP of six 7000 x 7000 deflated DICOM
-    slices (1 MB) and a ZIP of 900 MiB of zeros (1 MB) each get 413 without being decoded,
+    slices (1 MB) and a ZIP of 250 MiB of zeros (over the 64 MiB study budget here) each get 413 without being decoded,
     while an ordinary slice sent alongside is answered."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -259,7 +259,7 @@ def test_oversized_slices_and_studies_are_refused_from_their_headers_while_other
         png = pool.submit(inference_service.predict, big_png(7000), params={"model": "mobilenetv2"})
         dicoms = pool.submit(inference_service.predict_study, [zip_of([deflated_dicom(7000)] * 6)],
                              params={"model": "mobilenetv2"})
-        zeros = pool.submit(inference_service.predict_study, [zip_of_zeros(900)], params={"model": "mobilenetv2"})
+        zeros = pool.submit(inference_service.predict_study, [zip_of_zeros(250)], params={"model": "mobilenetv2"})
         answer = pool.submit(inference_service.predict, ordinary, params={"model": "mobilenetv2"})
         refused = [png.result(), dicoms.result(), zeros.result()]
         assert answer.result().status_code == 200
