@@ -3,8 +3,8 @@
 One thread per core takes ordinary slices (a CT matrix up to 1024 x 1024) in order of
 priority: single uploads before the slices of whole studies, so a 500-slice study does not
 make a clinician's one slice wait behind it. Larger slices (up to the configured pixel
-limit) go to their own few threads, a share of the cores, so a burst of them slows ordinary
-uploads by at most that share instead of stopping them. Waiting work is bounded: beyond
+limit) go to their own few threads, a share of the cores at a lower CPU priority, so a burst
+of them slows ordinary uploads by at most that share instead of stopping them. Waiting work is bounded: beyond
 `max_waiting` an upload is refused at once (`DecodeQueueFullError`, HTTP 503 with
 Retry-After) instead of queueing behind minutes of work and memory.
 
@@ -15,7 +15,9 @@ event loop keeps answering while every core decodes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -39,7 +41,8 @@ class DecodeQueueFullError(RuntimeError):
 class _Lane:
     """Threads taking jobs from one priority queue."""
 
-    def __init__(self, name: str, workers: int) -> None:
+    def __init__(self, name: str, workers: int, *, niceness: int = 0) -> None:
+        self._niceness = niceness
         self._jobs: queue.PriorityQueue[tuple[int, int, Callable[[], None] | None]] = queue.PriorityQueue()
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{n}", daemon=True) for n in range(workers)]
         for thread in self._threads:
@@ -49,6 +52,9 @@ class _Lane:
         self._jobs.put((priority, order, job))
 
     def _work(self) -> None:
+        if self._niceness:
+            with contextlib.suppress(OSError, AttributeError):  # Linux: a thread has its own nice value
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._niceness)
         while True:
             _, _, job = self._jobs.get()
             if job is None:
@@ -69,7 +75,8 @@ class DecodePool:
         self._lock = threading.Lock()
         self._waiting = 0
         self._ordinary = _Lane("decode", self.workers)
-        self._heavy = _Lane("decode-large", heavy_workers or max(1, self.workers // 2))
+        # Lower CPU priority too: when the cores are short, ordinary slices get them first.
+        self._heavy = _Lane("decode-large", heavy_workers or max(1, self.workers // 2), niceness=10)
         self._closed = False
 
     @property
