@@ -42,9 +42,10 @@ if __package__ in (None, ""):  # run as `python bench/run.py` (the Makefile's be
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.loadgen import load_images, run_load  # noqa: E402
+from ctscan.models import ensemble_members  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-MODELS = ("inceptionv3", "densenet121", "mobilenetv2")
+MODELS = ensemble_members()  # the served ensemble, from the registry
 TARGET_LATENCY_RATIO = 1.3
 TARGET_THROUGHPUT_RATIO = 0.90
 TARGET_NAIVE_SPEEDUP = 10.0
@@ -108,7 +109,7 @@ def served_models(store_url: str, images_dir: str) -> tuple[Any, dict[str, Any],
     """The models as the service loads them (`ModelRegistry.load_version`: the stored ONNX
     copy or TensorFlow, the same thread settings, the gate, the calibration), in this process."""
     from ctscan.settings import InferenceSettings
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
     from services.inference.metrics import InferenceMetrics
     from services.inference.registry import ModelRegistry
 

@@ -37,7 +37,6 @@ if __package__ in (None, ""):
 from bench.run import RESULTS_DIR, _free_port, _start, _stop  # noqa: E402
 
 SLICES = 150
-MODELS = ("inceptionv3", "densenet121", "mobilenetv2")
 
 
 def build_series(ctmd_dir: Path, study: str = "P001", count: int = SLICES) -> list[bytes]:

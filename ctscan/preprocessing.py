@@ -185,17 +185,6 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return filled | mask
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
-
-
 def _hull_of(mask: np.ndarray) -> np.ndarray:
     """The filled convex hull of the pixels of `mask` (their corners), drawn with PIL. Each
     row's first and last pixel span the same hull as all pixels: a few hundred points for

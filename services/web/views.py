@@ -17,9 +17,8 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 
 from ctscan.audit_trail import upload_digest
 from ctscan.errors import CTScanError, StoreError, UnsupportedImageError
-from ctscan.records import EnsembleRecord
+from ctscan.storage.records import EnsembleRecord
 from services.web.access_views import audit, current_name, require
-from services.web.app import services
 from services.web.console import (
     QUEUE_ERRORS,
     STORE_ERRORS,
@@ -29,6 +28,7 @@ from services.web.console import (
     model_overview,
     published_dataset_versions,
 )
+from services.web.extensions import services
 from services.web.forms import (
     ActionForm,
     PredictForm,
