@@ -227,10 +227,13 @@ def render(report: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    from ctscan.models import ensemble_members
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--store", default=os.environ.get("CTSCAN_MODEL_STORE", str(REPO_ROOT / "var" / "model-store")))
     parser.add_argument("--images", default=str(REPO_ROOT.parent / "shared" / "data" / "ucsd-covid-ct"))
-    parser.add_argument("--model", default="mobilenetv2")
+    parser.add_argument("--model", default=ensemble_members()[-1],
+                        help="the model of the ordinary load (default: the ensemble's last member)")
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--attackers", type=int, default=4)
     parser.add_argument("--quick", action="store_true")
