@@ -32,6 +32,9 @@ ACCESS_PREFIX = ".access"
 KEY_PREFIX = "ctk_"
 ROLES = ("clinician", "admin")
 Role = Literal["clinician", "admin"]
+# The web page's own API key: the one key whose requests may name the signed-in person
+# (services/inference/auth.py), so that limits and the audit trail are per person.
+PAGE_KEY_NAME = "web"
 MIN_KEY_LENGTH = 24
 MIN_ACCOUNT_PASSWORD_LENGTH = 12
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")

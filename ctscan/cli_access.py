@@ -141,7 +141,8 @@ def cmd_audit_log(args: argparse.Namespace) -> int:
     directory = args.dir or get_audit_settings().audit_dir
     events = read_events(directory, since=_when(args.since) if args.since else None,
                          until=_when(args.until) if args.until else None, actor=args.user,
-                         request_id=args.request_id, action=args.action)
+                         request_id=args.request_id, action=args.action,
+                         client_request_id=args.client_request_id)
     count = 0
     for event in events:
         count += 1
@@ -194,7 +195,8 @@ def add_access_commands(sub: Any, positive_int: Callable[[str], int]) -> None:
     audit_log.add_argument("--user", help="a user name or API key name")
     audit_log.add_argument("--since", help="ISO time or a span back from now (30m, 12h, 7d)")
     audit_log.add_argument("--until")
-    audit_log.add_argument("--request-id")
+    audit_log.add_argument("--request-id", help="the id a service minted (X-Request-ID of its answer)")
+    audit_log.add_argument("--client-request-id", help="the id a caller sent (kept apart: callers may reuse one)")
     audit_log.add_argument("--action", help="predict, predict_study, login, promote, key_create, ...")
     audit_log.add_argument("--dir", help="audit folder (default: CTSCAN_AUDIT_DIR)")
     audit_log.add_argument("--json", action="store_true", help="one JSON event a line")

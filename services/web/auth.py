@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Literal
 
-from ctscan.access import AccessError, AccessStore, AccountRecord, open_access
+from ctscan.access import PAGE_KEY_NAME, AccessError, AccessStore, AccountRecord, open_access
 from ctscan.errors import CTScanError
 from ctscan.settings import WebSettings
 from services.web.console import STORE_ERRORS
@@ -33,7 +33,6 @@ log = logging.getLogger("ctscan.web")
 Role = Literal["clinician", "admin"]
 BUILTIN_ADMIN = "admin"
 LOCAL_USER = "local"
-PAGE_KEY_NAME = "web"  # the name of the page's own API key in the store
 # A disabled account is logged out within this many seconds (each process re-reads the store).
 ACCOUNT_RECHECK_S = 30.0
 MAX_PROXY_NAME = 128

@@ -144,7 +144,8 @@ def test_predictions_are_audited_without_patient_data(inference_service: Running
     response = inference_service.predict(dicom, filename="Doe_Jane.dcm", params={"model": "mobilenetv2"},
                                          headers={"X-Request-ID": "audit-dicom-1"})
     assert response.status_code == 200, response.text
-    [event] = _events(inference_service, "audit-dicom-1")
+    [event] = _events(inference_service, response.headers["X-Request-ID"])
+    assert event.client_request_id == "audit-dicom-1"
     assert (event.action, event.actor, event.actor_kind, event.service) == ("predict", "tests", "key", "inference")
     assert event.model == "mobilenetv2" and event.model_version == response.json()["model_version"]
     assert event.outcome == response.json()["outcome"] and event.status == 200
@@ -152,7 +153,7 @@ def test_predictions_are_audited_without_patient_data(inference_service: Running
     refused = inference_service.predict(b"not an image at all", params={"model": "mobilenetv2"},
                                         headers={"X-Request-ID": "audit-refused-1"})
     assert refused.status_code == 415
-    [event] = _events(inference_service, "audit-refused-1")
+    [event] = _events(inference_service, refused.headers["X-Request-ID"])
     assert (event.outcome, event.status) == ("unsupported_media_type", 415)
     trail = "".join(p.read_text() for p in inference_service.audit_dir.rglob("*.jsonl"))
     for secret in ("Doe", "Jane", "SECRET-PATIENT-4711"):
