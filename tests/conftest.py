@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from harness import temp_file_watch  # noqa: F401 (a fixture for every suite)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Services started by tests append their audit events here unless a test chooses a folder.

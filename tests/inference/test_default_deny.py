@@ -7,7 +7,6 @@ never reach a temporary file."""
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 import requests
 from fastapi import File, UploadFile
-from harness import serve_app_in_thread
+from harness import TempFileWatch, serve_app_in_thread
 from starlette.routing import Mount
 
 from ctscan.access import PAGE_KEY_NAME, open_access
@@ -198,40 +197,6 @@ def test_the_page_names_each_user_who_gets_a_share_of_their_own(app_url: tuple[A
     refusal = [e for e in read_events(audit_dir) if e.outcome == "rate_limited"]
     assert refusal and {(e.actor, e.actor_kind) for e in refusal} == {("dr-flood", "user")}
     assert all(e.detail["key"] == PAGE_KEY_NAME for e in refusal)
-
-
-class TempFileWatch:
-    """Notes every temporary file opened in this process while on (an audit hook sees every
-    `open`, including the O_TMPFILE ones `tempfile.TemporaryFile` makes)."""
-
-    def __init__(self) -> None:
-        self.on = False
-        self.opened: list[str] = []
-        self.tempdir = os.path.realpath(tempfile.gettempdir())
-
-    def hook(self, event: str, args: tuple[Any, ...]) -> None:
-        if not self.on:
-            return
-        if event.startswith("tempfile."):
-            self.opened.append(f"{event} {args!r}")
-        elif event == "open" and isinstance(args[0], str):
-            flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
-            if flags & getattr(os, "O_TMPFILE", 0) or os.path.realpath(args[0]).startswith(self.tempdir + "/tmp"):
-                self.opened.append(f"open {args[0]}")
-
-
-_WATCH = TempFileWatch()
-sys.addaudithook(_WATCH.hook)  # hooks cannot be removed: this one is idle unless switched on
-
-
-@pytest.fixture()
-def temp_file_watch() -> Iterator[TempFileWatch]:
-    _WATCH.opened.clear()
-    _WATCH.on = True
-    try:
-        yield _WATCH
-    finally:
-        _WATCH.on = False
 
 
 def test_uploads_never_reach_a_temporary_file(app_url: tuple[Any, str, Path], temp_file_watch: TempFileWatch) -> None:
