@@ -18,6 +18,7 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
+from ctscan.admin_credential import require_admin
 from ctscan.errors import CTScanError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -252,31 +253,11 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _require_admin(store: Any) -> None:
-    """Changing production needs the admin credential (CTSCAN_ADMIN_TOKEN, never a flag), as
-    queueing a job does; once a trainer worker has published its token's verifier in this
-    store, the token must be that one."""
-    from pydantic import ValidationError
-
-    from ctscan.job_records import JobRecords
-    from ctscan.settings import describe_settings_error, get_admin_settings
-
-    try:
-        token = get_admin_settings().token()
-    except ValidationError as exc:
-        raise CTScanError(describe_settings_error(exc)) from None
-    if not token:
-        raise CTScanError("set CTSCAN_ADMIN_TOKEN: changing production, API keys or accounts needs the admin "
-                          "credential")
-    if JobRecords.for_store(store.url).token_accepted(token) is False:
-        raise CTScanError("admin token rejected: the trainer workers of this store hold another CTSCAN_ADMIN_TOKEN")
-
-
 def cmd_models_promote(args: argparse.Namespace) -> int:
     from ctscan.cli_access import record_admin_action
 
     store = _store(args)
-    _require_admin(store)
+    require_admin(store.url)
     store.promote(args.name, args.version, reason="promoted by an admin")
     record_admin_action("promote", model=args.name, model_version=args.version)
     print(f"{args.name}: production is now {args.version}")
@@ -287,7 +268,7 @@ def cmd_models_rollback(args: argparse.Namespace) -> int:
     from ctscan.cli_access import record_admin_action
 
     store = _store(args)
-    _require_admin(store)
+    require_admin(store.url)
     version = store.rollback(args.name)
     record_admin_action("rollback", model=args.name, model_version=version)
     print(f"{args.name}: production rolled back to {version}")

@@ -1,5 +1,6 @@
-"""`ctscan keys`, `ctscan accounts` and `ctscan audit-log`: who may use the services, and what
-they did. Changing keys or accounts needs the admin credential, as promoting does."""
+"""`ctscan admin`, `ctscan keys`, `ctscan accounts` and `ctscan audit-log`: who may use the
+services, and what they did. Changing keys or accounts needs the admin credential, as
+promoting does, checked against the store's verifier (`ctscan admin init` writes it)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ctscan.access import ROLES, AccessStore, describe_account, describe_key, open_access
+from ctscan.admin_credential import AdminCredentialError, AdminVerifier, require_admin
 from ctscan.audit_trail import AuditTrail, read_events
 from ctscan.errors import CTScanError
 
@@ -39,9 +41,40 @@ def record_admin_action(action: str, *, outcome: str = "ok", **fields: Any) -> N
 
 
 def _admin(args: argparse.Namespace, store: AccessStore) -> None:
-    from ctscan.cli import _require_admin
+    require_admin(store.url)
 
-    _require_admin(store)
+
+def _store_url(args: argparse.Namespace) -> str:
+    from ctscan.settings import get_store_settings
+
+    return str(args.store or get_store_settings().model_store)
+
+
+def cmd_admin_init(args: argparse.Namespace) -> int:
+    """Write the store's admin verifier from CTSCAN_ADMIN_TOKEN (set-up; idempotent)."""
+    from pydantic import ValidationError
+
+    from ctscan.settings import describe_settings_error, get_admin_settings
+
+    try:
+        token = get_admin_settings().token()
+    except ValidationError as exc:
+        raise AdminCredentialError(describe_settings_error(exc)) from None
+    if not token:
+        raise AdminCredentialError("set CTSCAN_ADMIN_TOKEN to the deployment's admin credential first")
+    verifier = AdminVerifier.for_store(_store_url(args))
+    outcome = verifier.init(token, replace=args.replace)
+    record_admin_action("admin_init", outcome="ok", detail={"verifier": outcome})
+    print(f"admin verifier {outcome}: {verifier.url}")
+    return 0
+
+
+def cmd_admin_check(args: argparse.Namespace) -> int:
+    """Whether CTSCAN_ADMIN_TOKEN is this store's admin credential (exit 0) or not (exit 2)."""
+    verifier = AdminVerifier.for_store(_store_url(args))
+    require_admin(_store_url(args))
+    print(f"CTSCAN_ADMIN_TOKEN is the admin credential of {verifier.url}")
+    return 0
 
 
 def _expiry(days: int | None) -> datetime | None:
@@ -110,6 +143,24 @@ def cmd_accounts_password(args: argparse.Namespace) -> int:
     _admin(args, access)
     record = access.set_password(args.username, _password(args))
     record_admin_action("account_password", detail={"account": record.username})
+    print(json.dumps(describe_account(record), indent=2))
+    return 0
+
+
+def cmd_accounts_role(args: argparse.Namespace) -> int:
+    access = _access(args)
+    _admin(args, access)
+    record = access.set_role(args.username, args.role)
+    record_admin_action("account_role", detail={"account": record.username, "role": record.role})
+    print(json.dumps(describe_account(record), indent=2))
+    return 0
+
+
+def cmd_accounts_remove(args: argparse.Namespace) -> int:
+    access = _access(args)
+    _admin(args, access)
+    record = access.remove_account(args.username)
+    record_admin_action("account_remove", detail={"account": record.username})
     print(json.dumps(describe_account(record), indent=2))
     return 0
 
@@ -184,11 +235,27 @@ def add_access_commands(sub: Any, positive_int: Callable[[str], int]) -> None:
     password = accounts.add_parser("set-password")
     password.add_argument("username")
     password.add_argument("--password-stdin", action="store_true")
-    password.set_defaults(func=cmd_accounts_password)
-    disable = accounts.add_parser("disable")
+    password.set_defaults(func=cmd_accounts_password)  # ends the account's sessions
+    disable = accounts.add_parser("disable", help="disable an account (ends its sessions)")
     disable.add_argument("username")
     disable.set_defaults(func=cmd_accounts_disable)
-    for parser in (*keys.choices.values(), *accounts.choices.values()):
+    role = accounts.add_parser("set-role", help="change an account's role (ends its sessions)")
+    role.add_argument("username")
+    role.add_argument("role", choices=ROLES)
+    role.set_defaults(func=cmd_accounts_role)
+    remove = accounts.add_parser("remove", help="remove an account (ends its sessions)")
+    remove.add_argument("username")
+    remove.set_defaults(func=cmd_accounts_remove)
+
+    admin = sub.add_parser("admin", help="the admin credential: its verifier in the store").add_subparsers(
+        dest="admin_command", required=True)
+    init = admin.add_parser("init", help="write the store's admin verifier from CTSCAN_ADMIN_TOKEN (set-up)")
+    init.add_argument("--replace", action="store_true",
+                      help="replace a verifier of another token or an unreadable one (rotation, repair)")
+    init.set_defaults(func=cmd_admin_init)
+    check = admin.add_parser("check", help="whether CTSCAN_ADMIN_TOKEN is the store's admin credential")
+    check.set_defaults(func=cmd_admin_check)
+    for parser in (*keys.choices.values(), *accounts.choices.values(), *admin.choices.values()):
         parser.add_argument("--store", help="model store holding the keys and accounts (default: CTSCAN_MODEL_STORE)")
 
     audit_log = sub.add_parser("audit-log", help="who asked for which prediction, and what admins did")
