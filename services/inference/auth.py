@@ -133,7 +133,7 @@ class RouteRules:
 
     def __init__(self, routes: Sequence[BaseRoute]) -> None:
         self.routes = routes
-        self._rules: dict[int, RouteRule] = {}
+        self._rules: dict[int, tuple[BaseRoute, RouteRule]] = {}
 
     def for_scope(self, scope: Scope) -> RouteRule | None:
         """The matching route's rule; None when no route matches (the router answers 404)."""
@@ -147,12 +147,13 @@ class RouteRules:
         return None if partial is None else self._rule(partial)
 
     def _rule(self, route: BaseRoute) -> RouteRule:
-        rule = self._rules.get(id(route))
-        if rule is None:
-            rule = self._rules[id(route)] = rule_of(route)
-            if rule.access is None:
-                logger.error("route %s declares no access: refused to everyone",
-                             getattr(route, "path", route))
+        cached = self._rules.get(id(route))
+        if cached is not None and cached[0] is route:  # (an id may be reused by a new route)
+            return cached[1]
+        rule = rule_of(route)
+        self._rules[id(route)] = (route, rule)
+        if rule.access is None:
+            logger.error("route %s declares no access: refused to everyone", getattr(route, "path", route))
         return rule
 
 
