@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from ctscan.errors import CTScanError, VersionExistsError
-from ctscan.objects import ObjectStore, open_objects
+from ctscan.storage.objects import ObjectStore, open_objects
 
 JOBS_FOLDER = ".jobs"
 VERIFIER_FILE = ".admin-verifier.json"

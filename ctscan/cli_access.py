@@ -14,7 +14,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ctscan.access import ROLES, AccessStore, describe_account, describe_key, open_access
-from ctscan.admin_credential import AdminCredentialError, AdminVerifier, require_admin
+from ctscan.admin_credential import AdminCredentialError, AdminVerifier
+from ctscan.admin_credential import require_admin as require_admin_at
 from ctscan.audit_trail import AuditTrail, read_events
 from ctscan.errors import CTScanError
 
@@ -40,8 +41,14 @@ def record_admin_action(action: str, *, outcome: str = "ok", **fields: Any) -> N
     cli_trail().record(action=action, outcome=outcome, actor=cli_actor(), actor_kind="cli", **fields)
 
 
+def require_admin(store: Any) -> str:
+    """The admin credential (CTSCAN_ADMIN_TOKEN, never a flag) checked against the store's
+    verifier, fail-closed (ctscan.admin_credential)."""
+    return require_admin_at(store.url)
+
+
 def _admin(args: argparse.Namespace, store: AccessStore) -> None:
-    require_admin(store.url)
+    require_admin(store)
 
 
 def _store_url(args: argparse.Namespace) -> str:
@@ -72,7 +79,7 @@ def cmd_admin_init(args: argparse.Namespace) -> int:
 def cmd_admin_check(args: argparse.Namespace) -> int:
     """Whether CTSCAN_ADMIN_TOKEN is this store's admin credential (exit 0) or not (exit 2)."""
     verifier = AdminVerifier.for_store(_store_url(args))
-    require_admin(_store_url(args))
+    require_admin_at(_store_url(args))
     print(f"CTSCAN_ADMIN_TOKEN is the admin credential of {verifier.url}")
     return 0
 

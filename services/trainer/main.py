@@ -14,8 +14,8 @@ from pydantic import ValidationError
 
 from ctscan.admin_credential import AdminCredentialError
 from ctscan.errors import CTScanError
-from ctscan.job_records import JobRecords
 from ctscan.settings import describe_settings_error, get_trainer_settings
+from ctscan.storage.job_records import JobRecords
 
 log = logging.getLogger(__name__)
 

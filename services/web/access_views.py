@@ -18,7 +18,6 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Response as WerkzeugResponse
 
 from ctscan.audit_trail import ActorKind
-from services.web.app import services
 from services.web.auth import (
     BUILTIN_ADMIN,
     STORE_READ_ERRORS,
@@ -31,6 +30,7 @@ from services.web.auth import (
     username_key,
     wait_words,
 )
+from services.web.extensions import services
 from services.web.forms import LoginForm
 
 log = logging.getLogger("ctscan.web")

@@ -2,8 +2,8 @@
 
 Routes translate HTTP to the plain functions in `uploads`, `inference_client` and `console`
 and turn their exceptions into friendly pages; they hold no domain logic. Who may call them
-is decided before each route (`access_views.require`); every prediction sent and every admin
-action is written to the audit trail (`access_views.audit`).
+is stated on each route (`@allow`) and checked before it runs (`access_views.guard`); every
+prediction sent and every admin action is written to the audit trail (`access_views.audit`).
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 
 from ctscan.audit_trail import upload_digest
 from ctscan.errors import CTScanError, StoreError, UnsupportedImageError
-from ctscan.records import EnsembleRecord
+from ctscan.storage.records import EnsembleRecord
 from services.web.access_views import audit, current_name
-from services.web.app import services
 from services.web.auth import Access, Body, allow
 from services.web.console import (
     QUEUE_ERRORS,
@@ -30,6 +29,7 @@ from services.web.console import (
     model_overview,
     published_dataset_versions,
 )
+from services.web.extensions import services
 from services.web.forms import (
     ActionForm,
     PredictForm,

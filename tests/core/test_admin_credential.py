@@ -124,7 +124,7 @@ def test_init_keeps_its_token_and_replaces_only_when_told(store: Path, monkeypat
 
 
 def test_the_verifier_written_by_a_worker_is_never_replaced_by_another_worker(tmp_path: Path) -> None:
-    from ctscan.job_records import JobRecords
+    from ctscan.storage.job_records import JobRecords
 
     records = JobRecords.for_store(str(tmp_path / "store"))
     records.publish_verifier(TOKEN)  # the first worker on a fresh store
