@@ -85,7 +85,9 @@ def test_probes_metrics_and_docs_need_no_key(inference_service: RunningService) 
 def test_a_key_revoked_with_the_cli_stops_working_while_the_service_runs(
         inference_service: RunningService, real_ct_images: dict[str, Path]) -> None:
     # Set-up writes the store's admin verifier (make up, the compose seed, the k8s job).
-    initialised = _ctscan("admin", "init", store=inference_service.store_dir, audit_dir=inference_service.audit_dir)
+    # (--replace: this copy of the shared tiny store may hold another suite's verifier)
+    initialised = _ctscan("admin", "init", "--replace", store=inference_service.store_dir,
+                          audit_dir=inference_service.audit_dir)
     assert initialised.returncode == 0, initialised.stderr
     created = _ctscan("keys", "create", "ward-7-pacs", store=inference_service.store_dir,
                       audit_dir=inference_service.audit_dir)
