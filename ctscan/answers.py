@@ -35,6 +35,7 @@ def slice_answer(result: SliceResult, *, model: str, model_version: str, source_
         "members": {m.name: m.as_dict() for m in result.members} if len(result.members) > 1 else None,
         "lung_findings": findings.as_dict() if findings is not None else None,
         "heatmap_png_base64": _png(result.heatmap_png),
+        "heatmap_members": result.heatmap_members,
         "source_format": source_format,
         "disclaimer": DISCLAIMER,
     }
@@ -56,7 +57,8 @@ def study_answer(result: StudyResult, *, model: str, model_version: str) -> dict
         "skipped": result.skipped(),
         "slices": slices,
         "top_slices": [{"index": s["index"], "probability_covid": s["probability_covid"],
-                        "heatmap_png_base64": _png(result.slices[int(s["index"])].heatmap_png)} for s in top],
+                        "heatmap_png_base64": _png(result.slices[int(s["index"])].heatmap_png),
+                        "heatmap_members": result.slices[int(s["index"])].heatmap_members} for s in top],
         "model": model,
         "model_version": model_version,
         "disclaimer": DISCLAIMER,

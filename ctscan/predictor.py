@@ -18,6 +18,7 @@ from ctscan.calibration import Calibration
 from ctscan.decision import DEFAULT_BAND, Decision, decide, refuse
 from ctscan.errors import CTScanError
 from ctscan.gate import OUTCOME_NO_LUNGS, OUTCOME_NOT_CHEST_CT, FeatureGate
+from ctscan.gradcam import Explanation, MemberMap, explain_slice
 from ctscan.imaging import DecodedImage
 from ctscan.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
 from ctscan.records import ModelCard
@@ -86,12 +87,26 @@ def slice_decision(outputs: Sequence[MemberOutput], *, ensemble: EnsembleRule | 
                   members_disagree=len(sides) > 1)
 
 
+def explain_members(original: DecodedImage, screen: PreparedSlice,
+                    members: Sequence[tuple[str, np.ndarray, PreparedSlice]]) -> Explanation:
+    """The served heatmap of one slice (the service and `ctscan predict` alike): every
+    member's Grad-CAM map, each placed where that member's view lies on the original slice,
+    averaged, masked to the body `screen` (lung-v1) found, drawn over the original slice.
+
+    Every member counts, whatever it saw: a crop and a whole slice add up once both sit on
+    the slice (before, the service left out members that saw another frame and the command
+    line averaged maps of different frames pixel by pixel)."""
+    return explain_slice(original.grey, [MemberMap(name, heatmap, seen.view) for name, heatmap, seen in members],
+                         body=screen.body_mask)
+
+
 @dataclass
 class SliceResult:
     decision: Decision
     members: list[MemberOutput] = field(default_factory=list)
     prepared: PreparedSlice | None = None
     heatmap_png: bytes | None = None
+    heatmap_members: list[str] | None = None  # whose Grad-CAM maps the heatmap combines
 
 
 @dataclass
@@ -227,24 +242,16 @@ class Predictor:
             decision = slice_decision(outputs, ensemble=ensemble)
             result = SliceResult(decision, outputs, prepared=prepared_by[members[0].name][position[index]])
             if explain and decision.classified:
-                result.heatmap_png = self.explain(members, [prepared_by[m.name][position[index]] for m in members])
+                explanation = self.explain(image, screen, members,
+                                           [prepared_by[m.name][position[index]] for m in members])
+                result.heatmap_png, result.heatmap_members = explanation.png, list(explanation.members)
             results.append(result)
         return results
 
-    def explain(self, members: Sequence[LoadedModel], prepared: Sequence[PreparedSlice]) -> bytes:
-        """Members' Grad-CAM heatmaps averaged, over the slice as the first member saw it."""
-        from PIL import Image
-
-        from ctscan.gradcam import overlay_png
-
-        grid = 224
-        heatmaps = []
-        for member, item in zip(members, prepared, strict=True):
-            heat = member.heatmap(item.model_input(member.input_size))
-            heatmaps.append(np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(
-                (grid, grid), Image.Resampling.BILINEAR)))
-        base = prepared[0].grey
-        return overlay_png(np.repeat(base[:, :, None], 3, axis=2), np.mean(heatmaps, axis=0))
+    def explain(self, original: DecodedImage, screen: PreparedSlice, members: Sequence[LoadedModel],
+                prepared: Sequence[PreparedSlice]) -> Explanation:
+        return explain_members(original, screen, [(m.name, m.heatmap(p.model_input(m.input_size)), p)
+                                                  for m, p in zip(members, prepared, strict=True)])
 
     def classify_study(self, decoded: Sequence[DecodedImage], *, model: str = ENSEMBLE,
                        explain_top: int = 3) -> StudyResult:
@@ -257,7 +264,9 @@ class Predictor:
         ranked = sorted((i for i, r in enumerate(results) if r.decision.classified),
                         key=lambda i: -(results[i].decision.probability_covid or 0.0))
         for index in ranked[:explain_top]:
-            prepared = [get_preprocessor(m.preprocessing)(decoded[ordered[index].upload_index]) for m in members]
-            results[index].heatmap_png = self.explain(members, prepared)
+            original = decoded[ordered[index].upload_index]
+            prepared = [get_preprocessor(m.preprocessing)(original) for m in members]
+            explanation = self.explain(original, prepare(original, LUNG_V1), members, prepared)
+            results[index].heatmap_png, results[index].heatmap_members = explanation.png, list(explanation.members)
         return StudyResult(decision=decision, slices=results, positions_mm=[s.position_mm for s in ordered], k=k,
                            upload_order=[s.upload_index for s in ordered])

@@ -20,22 +20,19 @@ from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from ctscan import DISCLAIMER
 from ctscan.calibration import Calibration
 from ctscan.decision import LEGACY_LABELS, OUTCOME_TEXT, Decision
 from ctscan.formats import InputFormat, describe_formats, sniff
-from ctscan.gradcam import overlay_png
+from ctscan.gradcam import Explanation
 from ctscan.imaging import DecodedImage
 from ctscan.models import ENSEMBLE
-from ctscan.predictor import EnsembleRule, MemberOutput, input_refusal, slice_decision
+from ctscan.predictor import EnsembleRule, MemberOutput, explain_members, input_refusal, slice_decision
 from ctscan.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
 from ctscan.schemas import Label, LungFindings, MemberPrediction, Prediction, Timings
 from services.inference.registry import EnsembleInfo, ModelRegistry, ServedModel
-
-HEATMAP_GRID = 224  # members' heatmaps are averaged on a common grid before the overlay
 
 
 class UnrecognisedFileError(ValueError):
@@ -100,17 +97,11 @@ def ensemble_rule(ensemble: EnsembleInfo | None) -> EnsembleRule | None:
                         band=ensemble.band)
 
 
-def explain_png(entries: list[ServedModel], prepared: list[PreparedSlice], inputs: list[np.ndarray]) -> str:
-    """Members' Grad-CAM heatmaps, averaged, over the slice as the first model saw it (only
-    members that saw the same frame: heatmaps of a crop and of a whole slice do not add)."""
-    heatmaps = []
-    for entry, pixels, seen in zip(entries, inputs, prepared, strict=True):
-        if seen is not prepared[0]:
-            continue
-        heat = Image.fromarray(entry.gradcam(pixels).astype(np.float32), mode="F")
-        heatmaps.append(np.asarray(heat.resize((HEATMAP_GRID, HEATMAP_GRID), Image.Resampling.BILINEAR)))
-    base = prepared[0].grey
-    return base64.b64encode(overlay_png(np.repeat(base[:, :, None], 3, axis=2), np.mean(heatmaps, axis=0))).decode()
+def heatmap_for(entries: list[ServedModel], screened: Screened) -> Explanation:
+    """The served heatmap (the core's one rule, `ctscan.predictor.explain_members`)."""
+    return explain_members(screened.decoded, screened.screen, [
+        (entry.name, entry.gradcam(pixels), seen)
+        for entry, pixels, seen in zip(entries, screened.inputs, screened.prepared, strict=True)])
 
 
 def _label(side: str | None) -> Label | None:
@@ -118,7 +109,7 @@ def _label(side: str | None) -> Label | None:
 
 
 def build_answer(*, decision: Decision, outputs: list[MemberOutput], model: str, model_version: str,
-                 screened: Screened, entries: list[ServedModel], heatmap: str | None, request_id: str,
+                 screened: Screened, entries: list[ServedModel], heatmap: Explanation | None, request_id: str,
                  timings: Timings, band: float | None, calibration: Calibration | None = None) -> Prediction:
     """`calibration`: the ensemble's own (its probability is calibrated again on val), else None."""
     members: dict[str, MemberPrediction] | None = None
@@ -149,7 +140,8 @@ def build_answer(*, decision: Decision, outputs: list[MemberOutput], model: str,
         members=members,
         disagreement=disagreement,
         lung_findings=LungFindings(**findings.as_dict()) if findings is not None else None,
-        heatmap_png_base64=heatmap,
+        heatmap_png_base64=base64.b64encode(heatmap.png).decode() if heatmap is not None else None,
+        heatmap_members=list(heatmap.members) if heatmap is not None else None,
         request_id=request_id,
         timings_ms=timings,
         source_format=screened.decoded.source_format,
@@ -185,7 +177,7 @@ async def predict_upload(
         inferred_at = time.perf_counter()
         heatmap = None
         if explain and decision.classified:
-            heatmap = await run_in_threadpool(explain_png, entries, screened.prepared, screened.inputs)
+            heatmap = await run_in_threadpool(heatmap_for, entries, screened)
         explained_at = time.perf_counter()
 
     if model == ENSEMBLE and ensemble is not None:
