@@ -23,7 +23,7 @@ from ctscan.imaging import DecodedImage
 from ctscan.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
 from ctscan.records import ModelCard
 from ctscan.screening import appearance_refusal
-from ctscan.study import AGGREGATION_RULE, aggregate, order_series
+from ctscan.study import aggregate, order_series
 
 ENSEMBLE = "ensemble"
 
@@ -137,8 +137,10 @@ def study_decision(slices: Sequence[SliceResult], *, threshold: float, band: flo
     probability, k = aggregate(classified)
     covid_side = sum(s.decision.label_side == "covid" for s in slices if s.decision.classified)
     decision = decide(probability=probability, threshold=threshold, band=band)
-    reasons = [*decision.reasons, f"{AGGREGATION_RULE}: mean of the {k} most suspicious of {len(classified)} "
-               f"classified slices; {covid_side} slice(s) lie on the COVID-19 side of the threshold"]
+    # In a clinician's words; the rule's name is in the answer's `aggregation`.
+    slices_word = "slice" if covid_side == 1 else "slices"
+    reasons = [*decision.reasons, f"The study's probability is the average of its {k} most suspicious slices "
+               f"(of {len(classified)} analysed); {covid_side} {slices_word} on their own would be called COVID-19"]
     return Decision(decision.outcome, decision.probability_covid, decision.threshold, reasons), k
 
 

@@ -1,7 +1,8 @@
 """Checks on an uploaded CT image and the preview shown back to the clinician.
 
-Uploads live only in memory for the length of one request: nothing is written to disk, the
-original file name (which may carry a patient's name) is neither shown, logged nor sent on.
+Uploads are kept only for the length of one request; the original file name (which may carry
+a patient's name) is neither shown, logged nor sent on. `UPLOAD_STORAGE_NOTE` is what the
+pages say about it: one sentence, to change with the behaviour.
 """
 
 from __future__ import annotations
@@ -14,6 +15,11 @@ from ctscan.errors import ImageError, UnsupportedImageError
 from ctscan.formats import InputFormat, describe_formats, sniff
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Flask (werkzeug) spools a multipart file part larger than 500 KB to a temporary file while
+# the request is parsed; it is deleted when the request ends. Say "never written to disk" only
+# once uploads stay in memory.
+UPLOAD_STORAGE_NOTE = ("Uploads are analysed and then discarded: nothing is kept after the request "
+                       "(files over 500 KB pass through a temporary file on the web server while it lasts).")
 
 
 def unsupported_message() -> str:

@@ -17,6 +17,7 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 
 from ctscan.audit_trail import upload_digest
 from ctscan.errors import CTScanError, StoreError, UnsupportedImageError
+from ctscan.models import ENSEMBLE, FASTEST_ARCHITECTURE
 from ctscan.records import EnsembleRecord
 from services.web.access_views import audit, current_name, require
 from services.web.app import services
@@ -37,9 +38,9 @@ from services.web.forms import (
     StudyForm,
     model_labels,
 )
-from services.web.inference_client import InferenceError
+from services.web.inference_client import EnsembleUnavailableError, InferenceError
 from services.web.study_view import probability_strip
-from services.web.uploads import check_upload, png_data_url, preview_data_url
+from services.web.uploads import UPLOAD_STORAGE_NOTE, check_upload, png_data_url, preview_data_url
 
 log = logging.getLogger("ctscan.web")
 
@@ -60,6 +61,17 @@ def _admins_only() -> RouteResult | None:
     return require("admin")
 
 
+@clinic.app_context_processor
+def _page_words() -> dict[str, Any]:
+    return {"upload_storage_note": UPLOAD_STORAGE_NOTE}
+
+
+@clinic.app_template_filter("label_of")
+def _label_of(name: str) -> str:
+    """A model's name as people read it ("DenseNet-121")."""
+    return model_labels().get(name, name)
+
+
 def new_request_id() -> str:
     # Sent to the inference service as X-Request-ID: both services' audit events share it.
     return uuid.uuid4().hex
@@ -71,12 +83,22 @@ def echo(answered: str, sent: str) -> dict[str, str]:
 
 
 # --- clinicians ---------------------------------------------------------------------------
+def single_models() -> dict[str, str]:
+    """The models that answer while the ensemble is switched off, as the page names them."""
+    return {name: label for name, label in model_labels().items() if name != ENSEMBLE}
+
+
+def offer_single_models(form: PredictForm | StudyForm) -> None:
+    """The ensemble is off: the form comes back with a single model chosen."""
+    form.model.data = FASTEST_ARCHITECTURE
+
+
 def render_index(*, form: PredictForm | None = None, result: dict[str, Any] | None = None,
-                 error: str | None = None, status: int = 200) -> tuple[str, int]:
+                 error: str | None = None, status: int = 200, ensemble_off: bool = False) -> tuple[str, int]:
     # formdata=None: this also renders the "too large" page, where the body must not be read.
     form = form or PredictForm(formdata=None)
-    return render_template("index.html", form=form, result=result, error=error,
-                           model_labels=model_labels()), status
+    return render_template("index.html", form=form, result=result, error=error, ensemble_off=ensemble_off,
+                           single_models=single_models(), model_labels=model_labels()), status
 
 
 @clinic.get("/")
@@ -115,7 +137,10 @@ def predict() -> RouteResult:
         log.warning("prediction failed: request_id=%s %s (%s)", request_id, type(exc).__name__, exc.status)
         audit(action="predict", outcome=exc.outcome, request_id=request_id, model=form.model.data,
               upload_sha256=sha256, status=exc.status)
-        return render_index(form=form, error=str(exc), status=exc.status)
+        ensemble_off = isinstance(exc, EnsembleUnavailableError)
+        if ensemble_off:
+            offer_single_models(form)
+        return render_index(form=form, error=str(exc), status=exc.status, ensemble_off=ensemble_off)
     round_trip_ms = (time.perf_counter() - started) * 1000
     audit(action="predict", outcome=answer.outcome, request_id=request_id, model=answer.model,
           model_version=answer.model_version, upload_sha256=sha256, status=200,
@@ -131,10 +156,10 @@ def predict() -> RouteResult:
 
 
 def render_study(*, form: StudyForm | None = None, result: dict[str, Any] | None = None,
-                 error: str | None = None, status: int = 200) -> tuple[str, int]:
+                 error: str | None = None, status: int = 200, ensemble_off: bool = False) -> tuple[str, int]:
     form = form or StudyForm(formdata=None)
-    return render_template("study.html", form=form, result=result, error=error,
-                           model_labels=model_labels()), status
+    return render_template("study.html", form=form, result=result, error=error, ensemble_off=ensemble_off,
+                           single_models=single_models(), model_labels=model_labels()), status
 
 
 @clinic.get("/study")
@@ -165,7 +190,10 @@ def study() -> RouteResult:
         log.warning("study prediction failed: request_id=%s %s (%s)", request_id, type(exc).__name__, exc.status)
         audit(action="predict_study", outcome=exc.outcome, request_id=request_id, model=form.model.data,
               upload_sha256=sha256, status=exc.status, detail={"files": len(files)})
-        return render_study(form=form, error=str(exc), status=exc.status)
+        ensemble_off = isinstance(exc, EnsembleUnavailableError)
+        if ensemble_off:
+            offer_single_models(form)
+        return render_study(form=form, error=str(exc), status=exc.status, ensemble_off=ensemble_off)
     round_trip_ms = (time.perf_counter() - started) * 1000
     audit(action="predict_study", outcome=answer.outcome, request_id=request_id, model=answer.model,
           model_version=answer.model_version, upload_sha256=sha256, status=200,

@@ -49,7 +49,7 @@ def _body(decoded: DecodedImage, screen_body: np.ndarray) -> np.ndarray:
     if decoded.hounsfield is None:
         return np.asarray(Image.fromarray(screen_body.astype(np.uint8) * 255).resize(
             decoded.grey.shape[::-1], Image.Resampling.NEAREST)) > 127
-    labels, count = ndimage.label(ndimage.binary_fill_holes(decoded.hounsfield > -500))
+    labels, _ = ndimage.label(ndimage.binary_fill_holes(decoded.hounsfield > -500))
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return ndimage.binary_dilation(labels == int(np.argmax(sizes)), iterations=3)
@@ -59,7 +59,7 @@ def test_every_models_map_is_fine_enough_to_localise(predictor: Predictor) -> No
     for member in predictor.models.values():
         blank = np.zeros((member.input_size, member.input_size, 3), np.float32)
         height, width = member.heatmap(blank).shape
-        assert min(height, width) >= MIN_HEATMAP_SIDE, f"{member.name}: a {height}x{width} map at {member.input_size} px"
+        assert min(height, width) >= MIN_HEATMAP_SIDE, f"{member.name}: {height}x{width} at {member.input_size} px"
 
 
 def test_the_ensemble_heatmap_lies_inside_the_body_of_the_original_slice(predictor: Predictor,

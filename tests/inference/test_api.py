@@ -134,19 +134,19 @@ def test_model_can_be_given_as_form_field(inference_service: RunningService,
 
 
 @pytest.mark.parametrize("model", ["mobilenetv2", "ensemble"])
-def test_gradcam_heatmap_is_drawn_over_what_the_model_saw(inference_service: RunningService,
-                                              real_ct_images: dict[str, Path], model: str) -> None:
+def test_gradcam_heatmap_is_drawn_over_the_original_slice(inference_service: RunningService,
+                                                         real_ct_images: dict[str, Path], model: str) -> None:
     path = _first(real_ct_images, "png")
-    from ctscan.preprocessing import LUNG_V1, prepare
-
-    seen = prepare(decode_image(path.read_bytes()), LUNG_V1).grey  # the lung crop the models saw
+    original = decode_image(path.read_bytes()).grey  # each model's map is placed where its crop lies
     response = inference_service.predict(path.read_bytes(), params={"model": model, "explain": "true"})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["timings_ms"]["gradcam"] is not None
     heatmap = Image.open(io.BytesIO(base64.b64decode(body["heatmap_png_base64"])))
     assert heatmap.format == "PNG" and heatmap.mode == "RGB"
-    assert heatmap.width / heatmap.height == pytest.approx(seen.shape[1] / seen.shape[0], rel=0.02)
+    assert heatmap.width / heatmap.height == pytest.approx(original.shape[1] / original.shape[0], rel=0.02)
+    expected = sorted(body["members"]) if model == "ensemble" else [model]
+    assert sorted(body["heatmap_members"]) == expected  # the answer says whose maps it combines
     # An overlay, not the bare slice: colour appears where a greyscale CT has none.
     pixels = np.asarray(heatmap, dtype=np.int16)
     assert np.abs(pixels[..., 0] - pixels[..., 2]).max() > 20
