@@ -28,6 +28,7 @@ from services.web.console import (
     input_size_problem,
     job_summary,
     model_overview,
+    promotion_consequences,
     published_dataset_versions,
 )
 from services.web.forms import (
@@ -345,6 +346,17 @@ def promote(name: str) -> RouteResult:
         flash("Promotion refused: no valid version was given.", "error")
         return redirect(url_for("admin.console"))
     version = form.version.data
+    if form.confirm.data != "yes":
+        # First the consequences, then the change: the confirmation page posts back with confirm=yes.
+        try:
+            consequences = promotion_consequences(services().store(), name, version)
+        except StoreError as exc:
+            audit(action="promote", outcome="refused", model=name[:100], model_version=version, status=302,
+                  detail={"reason": str(exc)})
+            flash(f"Promotion refused: {exc}", "error")
+            return redirect(url_for("admin.console"))
+        return render_template("promote_confirm.html", name=name, version=version, consequences=consequences,
+                               form=PromoteForm(formdata=None, version=version, confirm="yes"))
     try:
         services().store().promote(name, version, reason=f"promoted from the web console by {current_name()}")
     except StoreError as exc:
