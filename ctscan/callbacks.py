@@ -1,10 +1,12 @@
 """Keras callbacks of a training run (`ctscan.training.Trainer`): exact validation AUC,
-early stopping that survives a resume, and the per-epoch run checkpoint."""
+early stopping that survives a resume, the per-epoch run checkpoint, and a cancel checked
+between batches."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,7 +14,15 @@ import keras
 import numpy as np
 
 from ctscan.metrics import point_metrics
-from ctscan.training import LAST_CHECKPOINT, EpochReport, Phase, RunState, plot_history, predict_probabilities
+from ctscan.training import (
+    LAST_CHECKPOINT,
+    EpochReport,
+    Phase,
+    RunState,
+    TrainingCancelled,
+    plot_history,
+    predict_probabilities,
+)
 
 if TYPE_CHECKING:
     from ctscan.training import Trainer
@@ -34,6 +44,28 @@ class ValidationAUC(keras.callbacks.Callback):  # type: ignore[misc]
         auc = float(metrics["auc"]) if not math.isnan(metrics["auc"]) else 0.0
         if logs is not None:
             logs.update(val_auc=auc, val_loss=float(loss), val_accuracy=float(metrics["accuracy"]))
+
+
+CANCEL_POLL_S = 2.0  # how often a running job asks whether it was cancelled (one store read)
+
+
+class CancelBetweenBatches(keras.callbacks.Callback):  # type: ignore[misc]
+    """Stops a run at the end of a batch once `should_stop()` says so (asked at most every
+    `poll_s` seconds): a cancel takes effect within a batch and a poll, not at the end of a
+    long epoch. The last epoch's checkpoint is kept; the unfinished epoch is lost."""
+
+    def __init__(self, should_stop: Callable[[], bool], *, poll_s: float = CANCEL_POLL_S) -> None:
+        super().__init__()
+        self.should_stop, self.poll_s = should_stop, poll_s
+        self.asked_at = -math.inf
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        now = time.monotonic()
+        if now - self.asked_at < self.poll_s:
+            return
+        self.asked_at = now
+        if self.should_stop():
+            raise TrainingCancelled(f"cancelled during batch {batch + 1} of the epoch")
 
 
 class ResumableEarlyStopping(keras.callbacks.Callback):  # type: ignore[misc]

@@ -244,12 +244,14 @@ class Trainer:
         run_dir: str | Path,
         *,
         on_epoch: Callable[[EpochReport], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
         verbose: int = 1,
     ) -> None:
         config.validate()
         self.config = config
         self.run_dir = Path(run_dir)
         self.on_epoch = on_epoch
+        self.should_stop = should_stop  # asked between batches (a cancel): TrainingCancelled
         self.verbose = verbose
         self.phases = plan_phases(config)
         self.spec = get_spec(config.model)
@@ -388,7 +390,13 @@ class Trainer:
     def _callbacks(self, state: RunState, phase: Phase, total_epochs: int, epoch_variable: Any) -> list[Any]:
         import keras
 
-        from ctscan.callbacks import ResumableEarlyStopping, RunCheckpoint, ValidationAUC, WeightAverage
+        from ctscan.callbacks import (
+            CancelBetweenBatches,
+            ResumableEarlyStopping,
+            RunCheckpoint,
+            ValidationAUC,
+            WeightAverage,
+        )
 
         config = self.config
 
@@ -411,6 +419,7 @@ class Trainer:
             *([WeightAverage(self.run_dir / SWA_WEIGHTS, state, first_epoch=phase.epochs - config.swa_epochs)]
               if config.swa_epochs and state.phase_index == len(self.phases) - 1 else []),
             RunCheckpoint(self, state, phase, total_epochs, epoch_variable),
+            *([CancelBetweenBatches(self.should_stop)] if self.should_stop is not None else []),
         ]
 
 
