@@ -277,9 +277,28 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
 
     store = _store(args)
     _require_admin(store)
+    ensemble = store.ensemble_record()
+    # The ensemble is served only for the member versions it was calibrated for: promoting a
+    # member switches it off unless it is fitted again, on val, in the same step.
+    recalibrate = (ensemble is not None and args.name in ensemble.members
+                   and ensemble.members[args.name] != args.version and not args.no_recalibrate)
+    if recalibrate:
+        from ctscan.data import CTDataset
+
+        CTDataset(_data_dir(args))  # a missing or broken data set fails before anything changes
     store.promote(args.name, args.version, reason="promoted by an admin")
     record_admin_action("promote", model=args.name, model_version=args.version)
     print(f"{args.name}: production is now {args.version}")
+    if recalibrate:
+        from ctscan.evaluation import calibrate_ensemble
+
+        record = calibrate_ensemble(store=store, data_dir=_data_dir(args))
+        record_admin_action("calibrate_ensemble", model="ensemble",
+                            model_version=",".join(f"{n}={v}" for n, v in record.members.items()))
+        print(f"ensemble recalibrated on val for the new versions: threshold {record.threshold:.3f}")
+    elif ensemble is not None and args.name in ensemble.members and ensemble.members[args.name] != args.version:
+        print("the ensemble is switched off until `ctscan models calibrate-ensemble` fits it for the new "
+              "versions (the single models keep answering)", file=sys.stderr)
     return 0
 
 
@@ -441,6 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("name")
     promote.add_argument("version")
     promote.add_argument("--store")
+    promote.add_argument("--data", help="data set whose val split recalibrates the ensemble (default CTSCAN_DATA_DIR)")
+    promote.add_argument("--no-recalibrate", action="store_true",
+                         help="leave the ensemble switched off until `ctscan models calibrate-ensemble`")
     promote.set_defaults(func=cmd_models_promote)
     rollback = models.add_parser("rollback")
     rollback.add_argument("name")
