@@ -358,7 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     names = ", ".join(architecture_names())
     parser = argparse.ArgumentParser(prog="ctscan", description=__doc__)
+    parser.add_argument("--env", metavar="FILE", help="read variables from FILE first, e.g. var/dev.env that "
+                        "`make up` writes: the CLI then uses the running dev stack's store, audit folder and queue")
     sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="which store, audit folder, data set and queue this command line uses")
+    info.set_defaults(func=cmd_info)
 
     train = sub.add_parser("train", help="train one model and save it to the model store")
     train.add_argument("--model", required=True, help=f"one of {names}")
@@ -503,11 +507,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INFO_VARIABLES = ("CTSCAN_MODEL_STORE", "CTSCAN_DATASETS_URL", "CTSCAN_AUDIT_DIR", "CTSCAN_DATA_DIR",
+                  "CTSCAN_RUNS_DIR", "REDIS_URL", "CELERY_BROKER_URL", "CTSCAN_TRAINER_QUEUE", "INFERENCE_URL")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Where this command line reads and writes, and where each value came from (never a secret)."""
+    from ctscan.settings import (
+        get_admin_settings,
+        get_audit_settings,
+        get_core_settings,
+        get_store_settings,
+        get_trainer_settings,
+    )
+
+    from_file = set(getattr(args, "env_loaded", ()) or ())
+
+    def origin(variable: str) -> str:
+        if variable in from_file:
+            return f"--env {args.env}"
+        return "environment" if variable in os.environ else "default"
+
+    trainer = get_trainer_settings()
+    values = {
+        "CTSCAN_MODEL_STORE": get_store_settings().model_store,
+        "CTSCAN_DATASETS_URL": get_store_settings().datasets_url,
+        "CTSCAN_AUDIT_DIR": str(get_audit_settings().audit_dir),
+        "CTSCAN_DATA_DIR": str(get_core_settings().data_dir),
+        "CTSCAN_RUNS_DIR": str(get_core_settings().runs_dir),
+        "REDIS_URL": trainer.redis_url,
+        "CELERY_BROKER_URL": trainer.celery_broker_url,
+        "CTSCAN_TRAINER_QUEUE": trainer.queue,
+        "INFERENCE_URL": os.environ.get("INFERENCE_URL", "http://127.0.0.1:8000"),
+    }
+    report = {name: {"value": values[name], "from": origin(name)} for name in INFO_VARIABLES}
+    report["CTSCAN_ADMIN_TOKEN"] = {"value": "set" if get_admin_settings().token() else "not set",
+                                    "from": origin("CTSCAN_ADMIN_TOKEN")}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        if args.env:
+            from ctscan.settings import load_env_file
+
+            try:
+                args.env_loaded = tuple(load_env_file(args.env))
+            except OSError as exc:
+                raise CTScanError(f"--env: {exc}") from None
         return func(args)
     except CTScanError as exc:
         print(f"ctscan: error: {exc}", file=sys.stderr)
