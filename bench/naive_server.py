@@ -27,7 +27,8 @@ def main() -> None:
     import uvicorn
 
     from ctscan.imaging import decode_image, resize_for_model
-    from ctscan.store import load_keras_model, open_store
+    from ctscan.models import load_keras_model
+    from ctscan.storage.store import open_store
 
     model, card = load_keras_model(open_store(args.store), args.model)
     size = card.input_size

@@ -38,9 +38,10 @@ if __package__ in (None, ""):  # run as `python bench/run.py` (the Makefile's be
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.loadgen import load_images, run_load  # noqa: E402
+from ctscan.models import ensemble_members  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
-MODELS = ("inceptionv3", "densenet121", "mobilenetv2")
+MODELS = ensemble_members()  # the served ensemble, from the registry
 TARGET_LATENCY_RATIO = 1.3
 TARGET_THROUGHPUT_RATIO = 0.85
 TARGET_NAIVE_SPEEDUP = 10.0
@@ -129,8 +130,9 @@ def pipeline_images_per_s(predict: Any, images: list[bytes], size: int, batch_si
 
 def in_process(store_url: str, images: list[bytes], *, quick: bool) -> dict[str, Any]:
     """Limits measured without HTTP, on the slices the load generator sends."""
+    from ctscan.models import load_keras_model
     from ctscan.onnx_runtime import keras_predictor, load_fast_predictor, onnx_predictor
-    from ctscan.store import load_keras_model, open_store
+    from ctscan.storage.store import open_store
 
     store = open_store(store_url)
     repeats = 8 if quick else 30

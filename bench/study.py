@@ -33,10 +33,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.run import RESULTS_DIR, _free_port, _start, _stop  # noqa: E402
+from bench.run import MODELS, RESULTS_DIR, _free_port, _start, _stop  # noqa: E402
 
 SLICES = 150
-MODELS = ("inceptionv3", "densenet121", "mobilenetv2")
 
 
 def build_series(ctmd_dir: Path, study: str = "P001", count: int = SLICES) -> list[bytes]:
@@ -79,7 +78,7 @@ def in_process_limit(store_url: str, slices: list[bytes], *, batch_size: int = 1
     from ctscan.imaging import decode_image
     from ctscan.onnx_runtime import onnx_predictor
     from ctscan.preprocessing import LUNG_V1, card_preprocessing, get_preprocessor, prepare
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
 
     store = open_store(store_url)
     members = []

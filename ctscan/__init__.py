@@ -14,5 +14,3 @@ DISCLAIMER = (
 
 POSITIVE_LABEL = "covid"
 NEGATIVE_LABEL = "non_covid"
-# Labels as shown to people (API answers, web page).
-DISPLAY_LABELS = {POSITIVE_LABEL: "COVID", NEGATIVE_LABEL: "non-COVID"}

@@ -26,7 +26,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, Field, ValidationError
 
 from ctscan.errors import CTScanError, VersionExistsError
-from ctscan.objects import ObjectStore, open_objects
+from ctscan.storage.objects import ObjectStore, open_objects
 
 ACCESS_PREFIX = ".access"
 KEY_PREFIX = "ctk_"

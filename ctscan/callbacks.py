@@ -1,6 +1,7 @@
-"""Keras callbacks of a training run (`ctscan.training.Trainer`): exact validation AUC,
-early stopping that survives a resume, the per-epoch run checkpoint, and a cancel checked
-between batches."""
+"""Keras callbacks of a training run (`ctscan.training.Trainer` hands them in): exact
+validation AUC, early stopping that survives a resume, weight averaging, a hook at each
+epoch's end, and a cancel checked between batches. They know nothing of the trainer (it
+imports them, never the other way)."""
 
 from __future__ import annotations
 
@@ -14,18 +15,34 @@ import keras
 import numpy as np
 
 from ctscan.metrics import point_metrics
-from ctscan.training import (
-    LAST_CHECKPOINT,
-    EpochReport,
-    Phase,
-    RunState,
-    TrainingCancelled,
-    plot_history,
-    predict_probabilities,
-)
+from ctscan.models import predict_probabilities
 
 if TYPE_CHECKING:
-    from ctscan.training import Trainer
+    from ctscan.training import RunState
+
+
+CANCEL_POLL_S = 2.0  # how often a running job asks whether it was cancelled (one store read)
+
+
+class CancelBetweenBatches(keras.callbacks.Callback):  # type: ignore[misc]
+    """Stops a run at the end of a batch once `should_stop()` says so (asked at most every
+    `poll_s` seconds), raising `cancelled`: a cancel takes effect within a batch and a poll,
+    not at the end of a long epoch. The last epoch's checkpoint is kept; the unfinished
+    epoch is lost."""
+
+    def __init__(self, should_stop: Callable[[], bool], *, cancelled: type[Exception],
+                 poll_s: float = CANCEL_POLL_S) -> None:
+        super().__init__()
+        self.should_stop, self.cancelled, self.poll_s = should_stop, cancelled, poll_s
+        self.asked_at = -math.inf
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        now = time.monotonic()
+        if now - self.asked_at < self.poll_s:
+            return
+        self.asked_at = now
+        if self.should_stop():
+            raise self.cancelled(f"cancelled during batch {batch + 1} of the epoch")
 
 
 class ValidationAUC(keras.callbacks.Callback):  # type: ignore[misc]
@@ -44,28 +61,6 @@ class ValidationAUC(keras.callbacks.Callback):  # type: ignore[misc]
         auc = float(metrics["auc"]) if not math.isnan(metrics["auc"]) else 0.0
         if logs is not None:
             logs.update(val_auc=auc, val_loss=float(loss), val_accuracy=float(metrics["accuracy"]))
-
-
-CANCEL_POLL_S = 2.0  # how often a running job asks whether it was cancelled (one store read)
-
-
-class CancelBetweenBatches(keras.callbacks.Callback):  # type: ignore[misc]
-    """Stops a run at the end of a batch once `should_stop()` says so (asked at most every
-    `poll_s` seconds): a cancel takes effect within a batch and a poll, not at the end of a
-    long epoch. The last epoch's checkpoint is kept; the unfinished epoch is lost."""
-
-    def __init__(self, should_stop: Callable[[], bool], *, poll_s: float = CANCEL_POLL_S) -> None:
-        super().__init__()
-        self.should_stop, self.poll_s = should_stop, poll_s
-        self.asked_at = -math.inf
-
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        now = time.monotonic()
-        if now - self.asked_at < self.poll_s:
-            return
-        self.asked_at = now
-        if self.should_stop():
-            raise TrainingCancelled(f"cancelled during batch {batch + 1} of the epoch")
 
 
 class ResumableEarlyStopping(keras.callbacks.Callback):  # type: ignore[misc]
@@ -89,55 +84,22 @@ class ResumableEarlyStopping(keras.callbacks.Callback):  # type: ignore[misc]
         self.inner.on_epoch_end(epoch, logs)
 
 
-class RunCheckpoint(keras.callbacks.Callback):  # type: ignore[misc]
-    """After every epoch: the run state, `last.keras`, the history plot, the progress report
-    (which may raise TrainingCancelled) and the seed of the next epoch's augmentation."""
+class EpochHook(keras.callbacks.Callback):  # type: ignore[misc]
+    """Hands each epoch's start, and its end (the model, the Keras logs, the seconds it took),
+    to the caller: the trainer keeps its run state, checkpoint and progress report itself."""
 
-    def __init__(self, trainer: Trainer, state: RunState, phase: Phase, total_epochs: int,
-                 epoch_variable: Any) -> None:
+    def __init__(self, *, on_begin: Callable[[], None],
+                 on_end: Callable[[Any, int, dict[str, Any], float], None]) -> None:
         super().__init__()
-        self.trainer, self.state, self.phase = trainer, state, phase
-        self.total_epochs, self.epoch_variable = total_epochs, epoch_variable
+        self.on_begin, self.on_end = on_begin, on_end
         self.started = time.monotonic()
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self.epoch_variable.assign(self.state.epochs_done)
+        self.on_begin()
         self.started = time.monotonic()
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        logs = logs or {}
-        state, trainer = self.state, self.trainer
-        seconds = time.monotonic() - self.started
-        learning_rate = float(np.asarray(self.model.optimizer.learning_rate))
-        val_auc, val_loss = float(logs["val_auc"]), float(logs["val_loss"])
-        state.epochs_done += 1
-        state.epoch_in_phase = epoch + 1
-        state.training_seconds += seconds
-        if val_auc > state.best_val_auc + 1e-6:
-            state.best_val_auc, state.best_val_loss = val_auc, val_loss
-            state.best_epoch = state.epochs_done
-            state.epochs_since_best = 0
-        else:
-            state.epochs_since_best += 1
-        entry: dict[str, Any] = {
-            "epoch": state.epochs_done, "phase": self.phase.name, "loss": float(logs["loss"]),
-            "val_loss": val_loss, "val_auc": val_auc, "val_accuracy": float(logs["val_accuracy"]),
-            "learning_rate": learning_rate, "seconds": seconds,
-        }
-        state.history.append(entry)
-        self.model.save(trainer.run_dir / LAST_CHECKPOINT)
-        trainer._save_state(state)
-        plot_history(state.history, trainer.run_dir / "history.png")
-        if trainer.verbose:
-            print(f"epoch {state.epochs_done}/{self.total_epochs} [{self.phase.name}] loss {entry['loss']:.4f} "
-                  f"val_loss {val_loss:.4f} val_auc {val_auc:.4f} val_acc {entry['val_accuracy']:.4f} "
-                  f"({seconds:.0f}s, best epoch {state.best_epoch})", flush=True)
-        if trainer.on_epoch is not None:
-            trainer.on_epoch(EpochReport(
-                phase=self.phase.name, epoch=state.epochs_done, total_epochs=self.total_epochs,
-                loss=entry["loss"], val_loss=val_loss, val_auc=val_auc,
-                val_accuracy=entry["val_accuracy"], learning_rate=learning_rate,
-                seconds=seconds, best_epoch=state.best_epoch, best_val_auc=state.best_val_auc))
+        self.on_end(self.model, epoch, logs or {}, time.monotonic() - self.started)
 
 
 class WeightAverage(keras.callbacks.Callback):  # type: ignore[misc]

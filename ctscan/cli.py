@@ -42,7 +42,7 @@ def _plugins(group: str) -> list[EntryPoint]:
 
 def _store(args: argparse.Namespace) -> Any:
     from ctscan.settings import get_store_settings
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
 
     return open_store(getattr(args, "store", None) or get_store_settings().model_store)
 
@@ -140,11 +140,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 # --- safety-report ------------------------------------------------------------------------
 def cmd_safety_report(args: argparse.Namespace) -> int:
-    from ctscan.models import architecture_names
+    from ctscan.models import ensemble_members
     from ctscan.safety import safety_report
 
     data = {f"{Path(d).name}-{args.split}": (d, args.split) for d in [_data_dir(args), *args.external]}
-    models = architecture_names() if args.model == "all" else [args.model]
+    models = ensemble_members() if args.model == "all" else [args.model]
     print(json.dumps(safety_report(store=_store(args), data_dirs=data, models=models), indent=2))
     return 0
 
@@ -171,24 +171,57 @@ def _read_inputs(paths: Sequence[str], limits: Any) -> list[bytes]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from ctscan.answers import slice_answer, study_answer
+    """Print the answer the inference API would give (`ctscan.answers`), or a summary of it."""
+    import time
+    import uuid
+
+    from ctscan.answers import ensemble_version, is_calibrated, png_base64, slice_prediction, study_prediction
     from ctscan.imaging import decode_image
-    from ctscan.models import architecture_names
-    from ctscan.predictor import ENSEMBLE, Predictor
+    from ctscan.models import ENSEMBLE, ensemble_members
+    from ctscan.predictor import Predictor
+    from ctscan.schemas import StudyTimings, Timings
     from ctscan.study import StudyLimits
 
+    started = time.perf_counter()
     blobs = _read_inputs(args.paths, StudyLimits())
     decoded = [decode_image(data) for data in blobs]
-    names = list(architecture_names()) if args.model == ENSEMBLE else [args.model]
+    decoded_at = time.perf_counter()
+    names = list(ensemble_members()) if args.model == ENSEMBLE else [args.model]
     predictor = Predictor.from_store(_store(args), names)
-    version = ",".join(f"{n}={m.version}" for n, m in predictor.models.items())
+    rule = predictor.ensemble if args.model == ENSEMBLE else None
+    members = list(predictor.models.values())
+    # Members in the registry's order, as the service names them.
+    version = ensemble_version({m.name: m.version for m in members}) if rule is not None else members[0].version
+    band = rule.band if rule is not None else members[0].band
+    request_id = uuid.uuid4().hex
+    loaded_at = time.perf_counter()
     study = len(decoded) > 1 or any(Path(p).is_dir() for p in args.paths)
+    answer: Any
     if study:
-        answer = study_answer(predictor.classify_study(decoded, model=args.model, explain_top=3 if args.explain else 0),
-                              model=args.model, model_version=version)
+        found = predictor.classify_study(decoded, model=args.model, explain_top=3 if args.explain else 0)
+        answer = study_prediction(
+            decision=found.decision, k=found.k, results=found.slices, positions_mm=found.positions_mm,
+            upload_order=found.upload_order, heatmaps={i: png_base64(r.heatmap_png) for i, r in enumerate(found.slices)
+                                                       if r.heatmap_png is not None},
+            heatmap_members={i: r.heatmap_members for i, r in enumerate(found.slices) if r.heatmap_members},
+            model=args.model, model_version=version, band=band, request_id=request_id,
+            # Grad-CAM runs inside classify_study here; its time is part of `slices`.
+            timings=StudyTimings(slices=(time.perf_counter() - loaded_at) * 1000, gradcam=None,
+                                 total=(time.perf_counter() - started) * 1000),
+            source_formats=[d.source_format for d in decoded])
     else:
         result = predictor.classify(decoded, model=args.model, explain=args.explain)[0]
-        answer = slice_answer(result, model=args.model, model_version=version, source_format=decoded[0].source_format)
+        answer = slice_prediction(
+            decision=result.decision, outputs=result.members, ensemble=rule is not None, model=args.model,
+            model_version=version, findings=result.prepared.findings if result.prepared is not None else None,
+            source_format=decoded[0].source_format, heatmap_png_base64=png_base64(result.heatmap_png),
+            heatmap_members=result.heatmap_members, request_id=request_id, band=band,
+            calibrated=is_calibrated(rule.calibration if rule is not None else None,
+                                     [m.calibration for m in members]),
+            # Grad-CAM runs inside classify here; its time is part of `inference`.
+            timings=Timings(decode=(decoded_at - started) * 1000, inference=(time.perf_counter() - loaded_at) * 1000,
+                            gradcam=None, total=(time.perf_counter() - started) * 1000))
+    answer = answer.model_dump(mode="json")
     if args.json:
         print(json.dumps(answer, indent=2))
         return 0
@@ -252,31 +285,11 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _require_admin(store: Any) -> None:
-    """Changing production needs the admin credential (CTSCAN_ADMIN_TOKEN, never a flag), as
-    queueing a job does; once a trainer worker has published its token's verifier in this
-    store, the token must be that one."""
-    from pydantic import ValidationError
-
-    from ctscan.job_records import JobRecords
-    from ctscan.settings import describe_settings_error, get_admin_settings
-
-    try:
-        token = get_admin_settings().token()
-    except ValidationError as exc:
-        raise CTScanError(describe_settings_error(exc)) from None
-    if not token:
-        raise CTScanError("set CTSCAN_ADMIN_TOKEN: changing production, API keys or accounts needs the admin "
-                          "credential")
-    if JobRecords.for_store(store.url).token_accepted(token) is False:
-        raise CTScanError("admin token rejected: the trainer workers of this store hold another CTSCAN_ADMIN_TOKEN")
-
-
 def cmd_models_promote(args: argparse.Namespace) -> int:
-    from ctscan.cli_access import record_admin_action
+    from ctscan.cli_access import record_admin_action, require_admin
 
     store = _store(args)
-    _require_admin(store)
+    require_admin(store)
     ensemble = store.ensemble_record()
     # The ensemble is served only for the member versions it was calibrated for: promoting a
     # member switches it off unless it is fitted again, on val, in the same step.
@@ -303,10 +316,10 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
 
 
 def cmd_models_rollback(args: argparse.Namespace) -> int:
-    from ctscan.cli_access import record_admin_action
+    from ctscan.cli_access import record_admin_action, require_admin
 
     store = _store(args)
-    _require_admin(store)
+    require_admin(store)
     version = store.rollback(args.name)
     record_admin_action("rollback", model=args.name, model_version=version)
     print(f"{args.name}: production rolled back to {version}")

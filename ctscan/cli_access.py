@@ -38,10 +38,28 @@ def record_admin_action(action: str, *, outcome: str = "ok", **fields: Any) -> N
     cli_trail().record(action=action, outcome=outcome, actor=cli_actor(), actor_kind="cli", **fields)
 
 
-def _admin(args: argparse.Namespace, store: AccessStore) -> None:
-    from ctscan.cli import _require_admin
+def require_admin(store: Any) -> None:
+    """Changing production needs the admin credential (CTSCAN_ADMIN_TOKEN, never a flag), as
+    queueing a job does; once a trainer worker has published its token's verifier in this
+    store, the token must be that one."""
+    from pydantic import ValidationError
 
-    _require_admin(store)
+    from ctscan.settings import describe_settings_error, get_admin_settings
+    from ctscan.storage.job_records import JobRecords
+
+    try:
+        token = get_admin_settings().token()
+    except ValidationError as exc:
+        raise CTScanError(describe_settings_error(exc)) from None
+    if not token:
+        raise CTScanError("set CTSCAN_ADMIN_TOKEN: changing production, API keys or accounts needs the admin "
+                          "credential")
+    if JobRecords.for_store(store.url).token_accepted(token) is False:
+        raise CTScanError("admin token rejected: the trainer workers of this store hold another CTSCAN_ADMIN_TOKEN")
+
+
+def _admin(args: argparse.Namespace, store: AccessStore) -> None:
+    require_admin(store)
 
 
 def _expiry(days: int | None) -> datetime | None:

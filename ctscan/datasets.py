@@ -1,7 +1,7 @@
 """Published dataset versions: `<datasets url>/<name>/<version>/...` on any object store.
 
 A version holds the images listed in `split.csv`, `split.csv`, `SHA256SUMS` and, written
-last, `MANIFEST.json` (`ctscan.records.DatasetManifest`: fingerprint, counts, every file
+last, `MANIFEST.json` (`ctscan.storage.records.DatasetManifest`: fingerprint, counts, every file
 with its size): a version without a manifest is an unfinished upload and is never used.
 Once written, a version is never overwritten.
 """
@@ -16,9 +16,9 @@ from pathlib import Path
 
 from ctscan.data import CHECKSUM_FILE, SPLIT_FILE, CTDataset
 from ctscan.errors import ChecksumError, DataError, VersionExistsError
-from ctscan.objects import ObjectStore, open_objects
-from ctscan.records import DatasetManifest
-from ctscan.store import parse_record
+from ctscan.storage.objects import ObjectStore, open_objects
+from ctscan.storage.records import DatasetManifest
+from ctscan.storage.store import parse_record
 
 MANIFEST_FILE = "MANIFEST.json"
 

@@ -25,11 +25,12 @@ from ctscan.errors import CTScanError, StoreError
 from ctscan.gradcam import make_gradcam
 from ctscan.imaging import DecodedImage
 from ctscan.metrics import choose_threshold, full_report
-from ctscan.models import ENSEMBLE, architecture_names, get_spec
+from ctscan.models import ENSEMBLE, architecture_names, get_spec, load_keras_model
+from ctscan.predictor import EnsembleNotCalibratedError, card_band, ensemble_record_for
 from ctscan.preprocessing import LUNG_V1, card_preprocessing, get_preprocessor, prepare
-from ctscan.records import EnsembleRecord, ModelCard
 from ctscan.robustness import attention_report, robustness_report
-from ctscan.store import ModelStore, load_keras_model
+from ctscan.storage.records import EnsembleRecord, ModelCard
+from ctscan.storage.store import ModelStore
 from ctscan.training import _subset, predict_probabilities
 
 __all__ = ["ENSEMBLE", "calibrate_ensemble", "ensemble_record_for", "evaluate_store", "predict_split"]
@@ -91,27 +92,6 @@ def predict_split(store: ModelStore, names: list[str], samples: list[Sample]) ->
         result.raw[name] = predict_probabilities(model, cache[key])
         result.calibrated[name] = Calibration.from_dict(card.get("calibration")).apply(result.raw[name])
     return result
-
-
-class EnsembleNotCalibratedError(CTScanError):
-    """The ensemble's calibration and threshold were fitted for other member versions."""
-
-
-def ensemble_record_for(store: ModelStore, members: dict[str, str]) -> EnsembleRecord:
-    """The stored ensemble calibration when it was fitted for exactly these member
-    versions. Anything else would change the clinical decision rule without anyone
-    deciding it, so the ensemble is refused until it is calibrated again."""
-    record = store.ensemble_record()
-    if not record:
-        raise EnsembleNotCalibratedError(
-            "the ensemble has no calibration; run `ctscan models calibrate-ensemble` (fits its threshold on val)")
-    if record.members != members:
-        calibrated_for = ", ".join(f"{n} {v}" for n, v in sorted(record.members.items()))
-        serving = ", ".join(f"{n} {v}" for n, v in sorted(members.items()))
-        raise EnsembleNotCalibratedError(
-            f"the ensemble was calibrated for {calibrated_for or 'other members'}, but production is now "
-            f"{serving}; run `ctscan models calibrate-ensemble` to fit its threshold on val for these versions")
-    return record
 
 
 def ensemble_probabilities(calibrated_members: list[np.ndarray], record: EnsembleRecord | None) -> np.ndarray:
@@ -180,11 +160,6 @@ def _save_plots(out_dir: Path, name: str, targets: np.ndarray, probabilities: np
     if raw is not None:
         curves = {"raw score": (targets, raw), **curves}
     reliability_plot(out_dir / f"reliability_{name}.png", curves, title=f"Reliability - {name}")
-
-
-def card_band(card: ModelCard | EnsembleRecord | dict[str, Any] | None) -> float:
-    """The indeterminate band a card (or ensemble record) was fitted with on val."""
-    return float(((card or {}).get("uncertainty") or {}).get("band", DEFAULT_BAND))
 
 
 def uncertainty_summary(targets: np.ndarray, probabilities: np.ndarray, threshold: float,

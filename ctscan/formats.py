@@ -43,10 +43,6 @@ def unregister_format(name: str) -> None:
     _FORMATS.pop(name, None)
 
 
-def input_formats() -> tuple[InputFormat, ...]:
-    return tuple(_FORMATS.values())
-
-
 def format_names() -> tuple[str, ...]:
     return tuple(_FORMATS)
 

@@ -1,7 +1,8 @@
 """The architectures of the product: one registry, one factory.
 
 `ARCHITECTURES` is the only list of model names: the CLI, the services' settings, the web
-page and the evaluation all ask it. An architecture is its name, the name people read, a
+page, the evaluation, the benchmarks and the scripts all ask it; `ensemble_members()` names
+the ones in the product's ensemble (served by default). An architecture is its name, the name people read, a
 backbone builder, the backbone's own input preprocessing, its input size and the brief's
 head; `register_architecture` adds one (see docs/architecture.md).
 
@@ -12,15 +13,21 @@ on the preprocessed tensor (one flat graph), which keeps Grad-CAM and layer free
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ctscan.errors import ModelError
+import numpy as np
+
+from ctscan.errors import ModelError, StoreError
 
 if TYPE_CHECKING:
     import keras
+
+    from ctscan.storage.records import ModelCard
+    from ctscan.storage.store import ModelStore
 
 ENSEMBLE = "ensemble"  # the mean of the architectures' probabilities; never an architecture's name
 INPUT_NAME = "pixels"
@@ -49,6 +56,10 @@ class ArchitectureSpec:
     # Layers (from the top of the backbone) made trainable in the fine-tuning phase;
     # 0 = the seed's regime keeps the base frozen throughout.
     finetune_layers: int = 0
+    # Whether the product's ensemble (and so the default served models, `ctscan predict`'s
+    # ensemble, the page's picker) includes it. An architecture outside it can be trained,
+    # stored, evaluated and served by name; it joins once a trained version is shipped.
+    in_ensemble: bool = True
 
 
 # --- preprocessing, as layers inside the model ------------------------------------------------
@@ -71,6 +82,11 @@ def imagenet_normalisation(inputs: Any) -> Any:
     )(scaled)
 
 
+def keep_pixels(inputs: Any) -> Any:
+    """No preprocessing layer: the backbone normalises its input itself (EfficientNet)."""
+    return inputs
+
+
 # --- backbones ---------------------------------------------------------------------------------
 def _inception_v3(tensor: Any, weights: str | None) -> keras.Model:
     import keras
@@ -90,6 +106,36 @@ def _mobilenet_v2(tensor: Any, weights: str | None) -> keras.Model:
     return keras.applications.MobileNetV2(include_top=False, weights=weights, input_tensor=tensor)
 
 
+# ImageNet's channel statistics (0..1 scale), as keras.applications' EfficientNet fixes them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _efficientnet_b0(tensor: Any, weights: str | None) -> keras.Model:
+    """EfficientNet-B0, whose own first layers scale 0..255 pixels and normalise them.
+
+    Keras adds one more rescaling layer only when it loads its ImageNet weights, so a version
+    trained from them and rebuilt without weights (as the store rebuilds every version) would
+    see other inputs. Here the graph is always the one without weights: the normalisation is
+    set to ImageNet's statistics and pre-trained weights (ImageNet or a local file) are copied
+    in layer by layer."""
+    import keras
+
+    backbone = keras.applications.EfficientNetB0(include_top=False, weights=None, input_tensor=tensor)
+    if weights is not None:
+        source = keras.applications.EfficientNetB0(include_top=False, weights=weights,
+                                                   input_shape=tuple(tensor.shape[1:]))
+        targets = [layer for layer in backbone.layers if layer.weights]
+        sources = [layer for layer in source.layers if layer.weights]
+        for target, weighted in zip(targets, sources, strict=True):
+            target.set_weights(weighted.get_weights())
+    normalization = next(layer for layer in backbone.layers if isinstance(layer, keras.layers.Normalization))
+    count = normalization.get_weights()[2]
+    normalization.set_weights([np.asarray(IMAGENET_MEAN, np.float32), np.square(np.asarray(IMAGENET_STD, np.float32)),
+                               count])
+    return backbone
+
+
 ARCHITECTURES: dict[str, ArchitectureSpec] = {}
 
 
@@ -104,7 +150,13 @@ def unregister_architecture(name: str) -> None:
 
 
 def architecture_names() -> tuple[str, ...]:
+    """Every architecture: what can be trained, stored, evaluated and served by name."""
     return tuple(ARCHITECTURES)
+
+
+def ensemble_members() -> tuple[str, ...]:
+    """The architectures of the product's ensemble, served by default."""
+    return tuple(name for name, spec in ARCHITECTURES.items() if spec.in_ensemble)
 
 
 register_architecture(ArchitectureSpec(
@@ -115,6 +167,11 @@ register_architecture(ArchitectureSpec(
 register_architecture(ArchitectureSpec(
     "mobilenetv2", "MobileNetV2", _mobilenet_v2, scale_to_plus_minus_one, 224, 32, 1024, (0.5,), "out_relu",
     finetune_layers=20))
+# The original project's future work; MobileNetV2's head. Not in the ensemble until a trained
+# version passes the promotion floors (none has been trained for the release yet).
+register_architecture(ArchitectureSpec(
+    "efficientnetb0", "EfficientNet-B0", _efficientnet_b0, keep_pixels, 224, 32, 1024, (0.5,), "top_activation",
+    finetune_layers=20, in_ensemble=False))
 # The quickest to train on a CPU: the default of forms that queue training.
 FASTEST_ARCHITECTURE = "mobilenetv2"
 
@@ -252,3 +309,78 @@ def unfreeze_top(model: keras.Model, n_layers: int) -> int:
         layer.trainable = True
         unfrozen += 1
     return unfrozen
+
+
+def predict_probabilities(model: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """The model's (uncalibrated) probabilities of COVID-19 for a batch of pixels, in chunks."""
+    if len(images) == 0:
+        return np.zeros((0,), np.float32)
+    outputs = [np.asarray(model(images[i:i + batch_size].astype(np.float32), training=False))
+               for i in range(0, len(images), batch_size)]
+    return np.concatenate(outputs).reshape(-1)
+
+
+# --- weights in the store ----------------------------------------------------------------------
+# float16 keeps 3 significant digits; arrays with larger magnitudes (BatchNorm variances of
+# randomly initialised nets can be big) stay float32 so restoring them is exact enough.
+FLOAT16_SAFE_MAX = 1.0e4
+
+
+def pack_weights(model: keras.Model) -> bytes:
+    """Model weights -> compressed npz (float16 where safe).
+
+    Keys are the variable's position plus its path: Keras numbers unnamed layers per process
+    (InceptionV3's `batch_normalization_57`...), so names alone do not identify a variable
+    once several models were built; the architecture fixes the order.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for index, variable in enumerate(model.weights):
+        value = np.asarray(variable.numpy())
+        if value.dtype == np.float32 and (value.size == 0 or np.abs(value).max() < FLOAT16_SAFE_MAX):
+            value = value.astype(np.float16)
+        arrays[f"{index:05d}|{variable.path}"] = value
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def unpack_weights(model: keras.Model, data: bytes) -> None:
+    """Restore weights packed by `pack_weights` into a model of the same architecture."""
+    try:
+        archive = np.load(io.BytesIO(data))
+    except (OSError, ValueError) as exc:
+        raise StoreError(f"weights file is unreadable: {exc}") from None
+    with archive as arrays:
+        variables = list(model.weights)
+        if all("|" in key for key in arrays.files):
+            ordered = sorted(arrays.files, key=lambda key: int(key.split("|", 1)[0]))
+        else:  # early releases keyed by path only
+            ordered = [variable.path for variable in variables]
+            missing = sorted(set(ordered) - set(arrays.files))[:3]
+            if missing:
+                raise StoreError(f"weights do not fit model {model.name}: missing {missing}")
+        if len(ordered) != len(variables):
+            raise StoreError(f"weights do not fit model {model.name}: {len(ordered)} arrays stored, "
+                             f"the architecture has {len(variables)}")
+        for key, variable in zip(ordered, variables, strict=True):
+            value = arrays[key]
+            if tuple(value.shape) != tuple(variable.shape):
+                raise StoreError(f"weights do not fit model {model.name}: {key} has shape "
+                                 f"{value.shape}, the model expects {tuple(variable.shape)}")
+            variable.assign(value.astype(np.float32))
+
+
+def keras_model_from(card: ModelCard, weights: bytes) -> keras.Model:
+    """The architecture named by the card with these (verified) weights restored into it."""
+    model = build_model(card.architecture, init="none", input_size=card.input_size, compile_model=False)
+    unpack_weights(model, weights)
+    return model
+
+
+def load_keras_model(store: ModelStore, name: str, version: str | None = None) -> tuple[keras.Model, ModelCard]:
+    """Build the architecture named by the card and restore verified weights into it."""
+    version = version or store.production(name)
+    if not version:
+        raise StoreError(f"model {name} has no production version in {store.url}")
+    card, weights = store.verified_card(name, version)
+    return keras_model_from(card, weights), card

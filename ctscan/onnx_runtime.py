@@ -10,7 +10,7 @@ TensorFlow, saying why. The copy is only a speed-up; a version without one still
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +20,7 @@ import numpy as np
 
 from ctscan.errors import DataError, ImageError, ModelError
 from ctscan.models import INPUT_NAME
-from ctscan.records import OnnxManifest
+from ctscan.storage.records import OnnxManifest
 
 if TYPE_CHECKING:
     import keras
@@ -320,7 +320,3 @@ def load_verification_images(folder: Path, count: int) -> list[np.ndarray]:
             logger.warning("verification image %s skipped: %s", path.name, exc)
     return images
 
-
-def stack_for_model(images: Sequence[np.ndarray]) -> np.ndarray:
-    """List of (S, S, 3) float32 arrays -> one (N, S, S, 3) batch."""
-    return np.stack(list(images)).astype(np.float32, copy=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,12 +20,14 @@ from ctscan.errors import CTScanError
 from ctscan.gate import OUTCOME_NO_LUNGS, OUTCOME_NOT_CHEST_CT, FeatureGate
 from ctscan.gradcam import Explanation, MemberMap, explain_slice
 from ctscan.imaging import DecodedImage
+from ctscan.models import ENSEMBLE, predict_probabilities
 from ctscan.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
-from ctscan.records import ModelCard
 from ctscan.screening import appearance_refusal
+from ctscan.storage.records import EnsembleRecord, ModelCard
 from ctscan.study import aggregate, order_series
 
-ENSEMBLE = "ensemble"
+if TYPE_CHECKING:
+    from ctscan.storage.store import ModelStore
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,32 @@ class EnsembleRule:
     threshold: float
     calibration: Calibration
     band: float = DEFAULT_BAND
+
+
+class EnsembleNotCalibratedError(CTScanError):
+    """The ensemble's calibration and threshold were fitted for other member versions."""
+
+
+def ensemble_record_for(store: ModelStore, members: dict[str, str]) -> EnsembleRecord:
+    """The stored ensemble calibration when it was fitted for exactly these member
+    versions. Anything else would change the clinical decision rule without anyone
+    deciding it, so the ensemble is refused until it is calibrated again."""
+    record = store.ensemble_record()
+    if not record:
+        raise EnsembleNotCalibratedError(
+            "the ensemble has no calibration; run `ctscan models calibrate-ensemble` (fits its threshold on val)")
+    if record.members != members:
+        calibrated_for = ", ".join(f"{n} {v}" for n, v in sorted(record.members.items()))
+        serving = ", ".join(f"{n} {v}" for n, v in sorted(members.items()))
+        raise EnsembleNotCalibratedError(
+            f"the ensemble was calibrated for {calibrated_for or 'other members'}, but production is now "
+            f"{serving}; run `ctscan models calibrate-ensemble` to fit its threshold on val for these versions")
+    return record
+
+
+def card_band(card: ModelCard | EnsembleRecord | dict[str, Any] | None) -> float:
+    """The indeterminate band a card (or ensemble record) was fitted with on val."""
+    return float(((card or {}).get("uncertainty") or {}).get("band", DEFAULT_BAND))
 
 
 def input_refusal(decoded: DecodedImage, prepared: PreparedSlice) -> Decision | None:
@@ -160,8 +188,6 @@ class LoadedModel:
     _gradcam: Callable[[np.ndarray], np.ndarray] | None = None
 
     def outputs(self, inputs: np.ndarray) -> list[MemberOutput]:
-        from ctscan.training import predict_probabilities
-
         probabilities = self.calibration.apply(predict_probabilities(self.model, inputs))
         distances: list[float | None] = [None] * len(inputs)
         if self.gate is not None:
@@ -190,9 +216,8 @@ class Predictor:
 
     @classmethod
     def from_store(cls, store: Any, names: Sequence[str]) -> Predictor:
-        from ctscan.evaluation import card_band, ensemble_record_for
+        from ctscan.models import load_keras_model
         from ctscan.preprocessing import card_preprocessing
-        from ctscan.store import load_keras_model
 
         models = {}
         for name in names:

@@ -130,17 +130,6 @@ def _downscale(array: np.ndarray, side: int) -> tuple[np.ndarray, float]:
     return np.asarray(image.resize(size, Image.Resampling.BILINEAR)), scale
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    labels, count = ndimage.label(mask)
-    if count == 0:
-        return mask
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
-
-
 def _convex_hull(mask: np.ndarray) -> np.ndarray:
     """The filled convex hull of a mask (hull of the pixel corners, drawn with PIL: about
     ten times faster than skimage's point-in-polygon test on every pixel)."""

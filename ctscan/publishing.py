@@ -12,14 +12,15 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ctscan.errors import CTScanError, StoreError
-from ctscan.records import ModelCard
+from ctscan.models import pack_weights
 from ctscan.settings import PROMOTION_METRICS, PromotionSettings
-from ctscan.store import ModelStore, pack_weights
+from ctscan.storage.records import ModelCard
+from ctscan.storage.store import ModelStore
 
 if TYPE_CHECKING:
     import keras
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PromotePolicy = Literal["auto", "always", "never"]
 PROMOTE_POLICIES = ("auto", "always", "never")
 VERIFICATION_IMAGES = 8
 
@@ -57,8 +57,8 @@ def publish_version(
     The ONNX copy is only a speed-up: when conversion or the check against TensorFlow fails,
     or storing it fails, the version is saved without one (servers then use TensorFlow and
     say why) and a warning is logged."""
+    from ctscan.models import unpack_weights
     from ctscan.onnx_runtime import OnnxConversionError, export_onnx
-    from ctscan.store import unpack_weights
 
     unpack_weights(model, weights)  # the copy is made from exactly the weights stored
     export = None
@@ -187,11 +187,6 @@ def _different_sets(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, 
             f"{describe(theirs)}; promote it by hand (ctscan models promote) if that is intended")
 
 
-def should_promote(store: ModelStore, name: str, card: ModelCard, metric: str = "auc") -> bool:
-    """Whether the gate (`decide_promotion`) would promote this card."""
-    return decide_promotion(store, name, card.version or "", card, metric=metric).promote
-
-
 def promote_with_reason(store: ModelStore, name: str, version: str, card: ModelCard, *,
                         policy: str = "auto", metric: str = "auc", source: str = "trained",
                         floors: PromotionSettings | None = None) -> PromotionDecision:
@@ -214,14 +209,6 @@ def promote_with_reason(store: ModelStore, name: str, version: str, card: ModelC
     if decision.promote:
         store.promote(name, version, reason=f"{source}: {decision.reason}")
     return decision
-
-
-def promote_if_better(store: ModelStore, name: str, version: str, card: ModelCard, *,
-                      policy: str = "auto", metric: str = "auc", source: str = "trained",
-                      floors: PromotionSettings | None = None) -> bool:
-    """`promote_with_reason`, answering only whether the version is production afterwards."""
-    return promote_with_reason(store, name, version, card, policy=policy, metric=metric, source=source,
-                               floors=floors).promote
 
 
 def train_and_store(
@@ -285,8 +272,8 @@ def export_missing_onnx(store: ModelStore, *, data_dir: Path, models: list[str] 
     from ctscan.data import CTDataset
     from ctscan.errors import DataError
     from ctscan.imaging import resize_for_model
+    from ctscan.models import load_keras_model
     from ctscan.onnx_runtime import OnnxConversionError, export_onnx, load_verification_images
-    from ctscan.store import load_keras_model
 
     grey = load_verification_images(Path(data_dir), VERIFICATION_IMAGES)
     if not grey:

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ctscan.errors import StoreError, VersionExistsError
-from ctscan.store import ModelStore, open_store
+from ctscan.storage.store import ModelStore, open_store
 
 
 def seed_store(release_dir: Path, store: ModelStore) -> dict[str, Any]:

@@ -55,7 +55,9 @@ class Timings(BaseModel):
 
 
 class LungFindings(BaseModel):
-    """What the lung preprocessing found (shares of the body's area, 0..1)."""
+    """What the lung preprocessing found (shares of the body's area, 0..1): the answer's form
+    of `ctscan.preprocessing.LungFindings` (its `as_dict()`, which leaves out the crop box).
+    The fields mirror the dataclass; tests/core/test_answers.py keeps them equal."""
 
     body_fraction: float
     lung_fraction: float

@@ -86,7 +86,7 @@ def _shared(factory: Any) -> Any:
 
 # --- shared sections --------------------------------------------------------------------------
 class StoreSettings(Section):
-    # Local folder or s3://bucket/prefix (or another registered backend, see ctscan.objects).
+    # Local folder or s3://bucket/prefix (or another registered backend, see ctscan.storage.objects).
     model_store: str = Field(default_factory=lambda: str(data_home() / "model-store"),
                              validation_alias="CTSCAN_MODEL_STORE")
     # Published dataset versions: local folder or s3://bucket/prefix/datasets.
@@ -153,7 +153,7 @@ class InferenceSettings(Section):
 
     # Which models to serve; the ensemble is offered when two or more are loaded.
     # Comma-separated in the environment: INFERENCE_MODELS=mobilenetv2,densenet121
-    models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(_architecture_names()))
+    models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: list(_ensemble_members()))
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1)
     # Whole studies (POST /predict/study): all files together, or one ZIP as expanded.
     max_study_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
@@ -373,6 +373,12 @@ def _architecture_names() -> tuple[str, ...]:
     from ctscan.models import architecture_names
 
     return architecture_names()
+
+
+def _ensemble_members() -> tuple[str, ...]:
+    from ctscan.models import ensemble_members
+
+    return ensemble_members()
 
 
 # --- read once per process --------------------------------------------------------------------

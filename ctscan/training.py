@@ -7,6 +7,7 @@ any point and `resume=True` continues after the last finished epoch.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -29,11 +30,12 @@ from ctscan.models import (
     compile_for_training,
     get_spec,
     parse_init,
+    predict_probabilities,
     set_backbone_trainable,
     unfreeze_top,
+    unpack_weights,
 )
 from ctscan.preprocessing import DEFAULT_PREPROCESSING, get_preprocessor
-from ctscan.store import unpack_weights
 
 STATE_FILE = "state.json"
 LAST_CHECKPOINT = "last.keras"
@@ -207,14 +209,6 @@ def environment_info() -> dict[str, Any]:
     }
 
 
-def predict_probabilities(model: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    if len(images) == 0:
-        return np.zeros((0,), np.float32)
-    outputs = [np.asarray(model(images[i:i + batch_size].astype(np.float32), training=False))
-               for i in range(0, len(images), batch_size)]
-    return np.concatenate(outputs).reshape(-1)
-
-
 def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -309,7 +303,7 @@ class Trainer:
 
         One `fit` per phase; Keras callbacks do the rest: cosine learning rate, validation
         AUC, early stopping and best-weights checkpoint on it, EMA weights, and the run
-        checkpoint after every epoch (`RunCheckpoint`)."""
+        checkpoint after every epoch (`_end_epoch`)."""
         import keras
 
         config = self.config
@@ -387,13 +381,48 @@ class Trainer:
             print(f"SWA of the last {state.swa_count} epochs: val AUC {auc:.4f}; keeping "
                   f"{'the average' if state.selected == 'swa' else f'epoch {state.best_epoch}'}", flush=True)
 
+    def _end_epoch(self, state: RunState, phase: Phase, total_epochs: int, model: Any, epoch: int,
+                   logs: dict[str, Any], seconds: float) -> None:
+        """After every epoch: the run state, `last.keras`, the history plot and the progress
+        report (which may raise TrainingCancelled)."""
+        learning_rate = float(np.asarray(model.optimizer.learning_rate))
+        val_auc, val_loss = float(logs["val_auc"]), float(logs["val_loss"])
+        state.epochs_done += 1
+        state.epoch_in_phase = epoch + 1
+        state.training_seconds += seconds
+        if val_auc > state.best_val_auc + 1e-6:
+            state.best_val_auc, state.best_val_loss = val_auc, val_loss
+            state.best_epoch = state.epochs_done
+            state.epochs_since_best = 0
+        else:
+            state.epochs_since_best += 1
+        entry: dict[str, Any] = {
+            "epoch": state.epochs_done, "phase": phase.name, "loss": float(logs["loss"]),
+            "val_loss": val_loss, "val_auc": val_auc, "val_accuracy": float(logs["val_accuracy"]),
+            "learning_rate": learning_rate, "seconds": seconds,
+        }
+        state.history.append(entry)
+        model.save(self.run_dir / LAST_CHECKPOINT)
+        self._save_state(state)
+        plot_history(state.history, self.run_dir / "history.png")
+        if self.verbose:
+            print(f"epoch {state.epochs_done}/{total_epochs} [{phase.name}] loss {entry['loss']:.4f} "
+                  f"val_loss {val_loss:.4f} val_auc {val_auc:.4f} val_acc {entry['val_accuracy']:.4f} "
+                  f"({seconds:.0f}s, best epoch {state.best_epoch})", flush=True)
+        if self.on_epoch is not None:
+            self.on_epoch(EpochReport(
+                phase=phase.name, epoch=state.epochs_done, total_epochs=total_epochs,
+                loss=entry["loss"], val_loss=val_loss, val_auc=val_auc,
+                val_accuracy=entry["val_accuracy"], learning_rate=learning_rate,
+                seconds=seconds, best_epoch=state.best_epoch, best_val_auc=state.best_val_auc))
+
     def _callbacks(self, state: RunState, phase: Phase, total_epochs: int, epoch_variable: Any) -> list[Any]:
         import keras
 
         from ctscan.callbacks import (
             CancelBetweenBatches,
+            EpochHook,
             ResumableEarlyStopping,
-            RunCheckpoint,
             ValidationAUC,
             WeightAverage,
         )
@@ -418,8 +447,10 @@ class Trainer:
             early_stopping,
             *([WeightAverage(self.run_dir / SWA_WEIGHTS, state, first_epoch=phase.epochs - config.swa_epochs)]
               if config.swa_epochs and state.phase_index == len(self.phases) - 1 else []),
-            RunCheckpoint(self, state, phase, total_epochs, epoch_variable),
-            *([CancelBetweenBatches(self.should_stop)] if self.should_stop is not None else []),
+            EpochHook(on_begin=lambda: epoch_variable.assign(state.epochs_done),
+                      on_end=functools.partial(self._end_epoch, state, phase, total_epochs)),
+            *([CancelBetweenBatches(self.should_stop, cancelled=TrainingCancelled)]
+              if self.should_stop is not None else []),
         ]
 
 

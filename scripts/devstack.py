@@ -352,7 +352,7 @@ def seed_store(env: dict[str, str]) -> None:
         else:
             say(f"model store {store}: holds the shipped release ({kept} model version(s))")
         return
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
 
     if not open_store(store).list_models():
         raise DevstackError(f"no release in {release} and no models in {store}: train one first "

@@ -35,16 +35,25 @@ def _tile(image: Image.Image, caption: str) -> Image.Image:
     return canvas
 
 
+def _jet(values: np.ndarray) -> np.ndarray:
+    red = np.clip(1.5 - np.abs(4 * values - 3), 0, 1)
+    green = np.clip(1.5 - np.abs(4 * values - 2), 0, 1)
+    blue = np.clip(1.5 - np.abs(4 * values - 1), 0, 1)
+    return np.stack([red, green, blue], axis=-1) * 255
+
+
 def _before(member, prepared) -> Image.Image:  # type: ignore[no-untyped-def]
     """The previous rule: the configured (coarse) layer, over the crop, blended everywhere."""
-    from ctscan.gradcam import _jet, _resized, make_gradcam
+    from ctscan.gradcam import make_gradcam
+    from ctscan.models import get_spec
 
-    gradcam = make_gradcam(member.model, layer_name="out_relu")
+    gradcam = make_gradcam(member.model, layer_name=get_spec(member.name).gradcam_layer)
     heat = gradcam(prepared.model_input(member.input_size))
     size = prepared.grey.shape[::-1]
-    values = np.clip(_resized(heat, size), 0, 1)
+    stretched = Image.fromarray(heat.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR)
+    values = np.clip(np.asarray(stretched), 0, 1)
     base = np.repeat(prepared.grey[:, :, None], 3, axis=2).astype(np.float32)
-    blended = base * 0.6 + _jet(values).astype(np.float32) * 0.4
+    blended = base * 0.6 + _jet(values) * 0.4
     return Image.fromarray(blended.round().astype(np.uint8))
 
 
@@ -56,17 +65,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/images/heatmaps.png"))
     args = parser.parse_args()
 
-    from ctscan.models import architecture_names
+    from ctscan.models import FASTEST_ARCHITECTURE, ensemble_members
     from ctscan.predictor import Predictor
     from ctscan.preprocessing import LUNG_V1, get_preprocessor, prepare
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
 
-    predictor = Predictor.from_store(open_store(args.store), architecture_names())
+    predictor = Predictor.from_store(open_store(args.store), ensemble_members())
     with (args.ctmd / "labels.csv").open(newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["study"] == "P001" and r["infection"] == "1"]
     paths = [args.ucsd / name for name in UCSD_EXAMPLES] + [args.ctmd / rows[len(rows) // 2]["path"]]
     members = list(predictor.models.values())
-    mobilenet = predictor.models["mobilenetv2"]
+    mobilenet = predictor.models[FASTEST_ARCHITECTURE]  # MobileNetV2: the README's "before" example
     top, bottom = [], []
     for path in paths:
         decoded = decode_image(path.read_bytes())

@@ -28,8 +28,20 @@ train() {
     | tee "$RUNS/$model.summary.json"
   touch "$RUNS/$model/.stored"
 }
+recipe() {  # one model's release recipe: epochs, learning rate, then its own flags
+  case $1 in
+    mobilenetv2) echo "${MOBILENET_EPOCHS:-150} 1e-3" ;;
+    densenet121) echo "${DENSENET_EPOCHS:-72} 3e-4 --swa-epochs 24" ;;
+    inceptionv3) echo "${INCEPTION_EPOCHS:-40} 1e-3" ;;
+    *) echo "no release recipe for $1 (an ensemble member in ctscan/models.py): add one here" >&2; return 1 ;;
+  esac
+}
 mkdir -p "$RUNS"
-train mobilenetv2 "${MOBILENET_EPOCHS:-150}" 1e-3
-train densenet121 "${DENSENET_EPOCHS:-72}" 3e-4 --swa-epochs 24
-train inceptionv3 "${INCEPTION_EPOCHS:-40}" 1e-3
+# The release is the registry's ensemble (ctscan.models.ensemble_members), never a list here.
+members=$(.venv/bin/python -c 'from ctscan.models import ensemble_members; print(*ensemble_members())')
+for model in $members; do
+  spec=$(recipe "$model")
+  read -r -a arguments <<< "$spec"
+  train "$model" "${arguments[@]}"
+done
 .venv/bin/ctscan models calibrate-ensemble --store "$STORE" --data "$DATA"

@@ -114,9 +114,9 @@ def tiny_model_store(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -
     from ctscan.data import CTDataset, load_arrays
     from ctscan.evaluation import calibrate_ensemble
     from ctscan.metrics import choose_threshold, full_report
-    from ctscan.models import build_model
+    from ctscan.models import build_model, pack_weights
     from ctscan.publishing import pick_verification_images, publish_version, train_and_store
-    from ctscan.store import open_store, pack_weights
+    from ctscan.storage.store import open_store
     from ctscan.training import TrainConfig, _subset, predict_probabilities
 
     root = tmp_path_factory.mktemp("tiny-store")

@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctscan import DISCLAIMER
 from ctscan.settings import InferenceSettings, get_inference_settings
-from ctscan.store import open_store
+from ctscan.storage.store import open_store
 from services.inference.auth import AccessControl, action_of
 from services.inference.docs import install_offline_docs
 from services.inference.errors import APIError, error_response, install_error_handlers

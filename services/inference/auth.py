@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 
@@ -105,6 +104,3 @@ def get_caller(request: Request) -> Caller:
     caller: Caller = getattr(request.state, "caller", None) or Caller("anonymous", "anonymous")
     return caller
 
-
-AccessDep = Annotated[AccessControl, Depends(get_access)]
-CallerDep = Annotated[Caller, Depends(get_caller)]

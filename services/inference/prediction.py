@@ -17,21 +17,20 @@ import functools
 import math
 import time
 from dataclasses import dataclass
-from typing import cast
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from ctscan import DISCLAIMER
+from ctscan.answers import ensemble_version, is_calibrated, slice_prediction
 from ctscan.calibration import Calibration
-from ctscan.decision import LEGACY_LABELS, OUTCOME_TEXT, Decision
+from ctscan.decision import Decision
 from ctscan.formats import InputFormat, describe_formats, sniff
 from ctscan.gradcam import Explanation
 from ctscan.imaging import DecodedImage
 from ctscan.models import ENSEMBLE
 from ctscan.predictor import EnsembleRule, MemberOutput, explain_members, input_refusal, slice_decision
 from ctscan.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
-from ctscan.schemas import Label, LungFindings, MemberPrediction, Prediction, Timings
+from ctscan.schemas import Prediction, Timings
 from services.inference.registry import EnsembleInfo, ModelRegistry, ServedModel
 
 
@@ -104,49 +103,17 @@ def heatmap_for(entries: list[ServedModel], screened: Screened) -> Explanation:
         for entry, pixels, seen in zip(entries, screened.inputs, screened.prepared, strict=True)])
 
 
-def _label(side: str | None) -> Label | None:
-    return cast(Label, LEGACY_LABELS[side]) if side in LEGACY_LABELS else None
-
-
 def build_answer(*, decision: Decision, outputs: list[MemberOutput], model: str, model_version: str,
                  screened: Screened, entries: list[ServedModel], heatmap: Explanation | None, request_id: str,
                  timings: Timings, band: float | None, calibration: Calibration | None = None) -> Prediction:
     """`calibration`: the ensemble's own (its probability is calibrated again on val), else None."""
-    members: dict[str, MemberPrediction] | None = None
-    disagreement: bool | None = None
-    if model == ENSEMBLE and outputs:
-        members = {o.name: MemberPrediction(
-            probability_covid=o.probability, label="COVID" if o.probability >= o.threshold else "non-COVID",
-            version=o.version, threshold=o.threshold, gate_distance=o.gate_distance, gate_threshold=o.gate_threshold)
-            for o in outputs}
-        disagreement = len({m.label for m in members.values()}) > 1
-    probability = decision.probability_covid
-    label = _label(decision.label_side)
-    confidence = None if probability is None else (probability if label == "COVID" else 1.0 - probability)
-    findings = screened.screen.findings
-    return Prediction(
-        outcome=decision.outcome,  # type: ignore[arg-type]
-        outcome_text=OUTCOME_TEXT[decision.outcome],
-        probability_covid=probability,
-        threshold=decision.threshold,
-        indeterminate_band=band if decision.classified else None,
-        reasons=decision.reasons,
-        label=label,
-        confidence=confidence,
-        calibrated=(calibration.method != "identity") if calibration is not None
-        else bool(entries) and all(e.calibration.method != "identity" for e in entries),
-        model=model,
-        model_version=model_version,
-        members=members,
-        disagreement=disagreement,
-        lung_findings=LungFindings(**findings.as_dict()) if findings is not None else None,
+    return slice_prediction(
+        decision=decision, outputs=outputs, ensemble=model == ENSEMBLE, model=model, model_version=model_version,
+        findings=screened.screen.findings, source_format=screened.decoded.source_format,
         heatmap_png_base64=base64.b64encode(heatmap.png).decode() if heatmap is not None else None,
-        heatmap_members=list(heatmap.members) if heatmap is not None else None,
-        request_id=request_id,
-        timings_ms=timings,
-        source_format=screened.decoded.source_format,
-        disclaimer=DISCLAIMER,
-    )
+        heatmap_members=heatmap.members if heatmap is not None else None,
+        request_id=request_id, timings=timings, band=band,
+        calibrated=is_calibrated(calibration, [entry.calibration for entry in entries]))
 
 
 async def predict_upload(
@@ -181,7 +148,7 @@ async def predict_upload(
         explained_at = time.perf_counter()
 
     if model == ENSEMBLE and ensemble is not None:
-        model_version = ",".join(f"{name}={version}" for name, version in ensemble.members.items())
+        model_version = ensemble_version(ensemble.members)
         band = ensemble.band
     else:
         model_version, band = entries[0].version, entries[0].band

@@ -31,11 +31,10 @@ import numpy as np
 from ctscan.calibration import IDENTITY, Calibration
 from ctscan.decision import DEFAULT_BAND
 from ctscan.errors import CTScanError
-from ctscan.evaluation import EnsembleNotCalibratedError, card_band, ensemble_record_for
 from ctscan.gate import FeatureGate
 from ctscan.gradcam import HeatmapFunction, make_gradcam
 from ctscan.imaging import resize_for_model
-from ctscan.models import ENSEMBLE
+from ctscan.models import ENSEMBLE, keras_model_from
 from ctscan.onnx_runtime import (
     NO_COPY_REASON,
     FastPredictor,
@@ -43,10 +42,11 @@ from ctscan.onnx_runtime import (
     stored_onnx_predictor,
     tensorflow_fallback,
 )
+from ctscan.predictor import EnsembleNotCalibratedError, card_band, ensemble_record_for
 from ctscan.preprocessing import LEGACY, card_preprocessing
-from ctscan.records import ModelCard
 from ctscan.settings import InferenceSettings
-from ctscan.store import ModelStore, keras_model_from
+from ctscan.storage.records import ModelCard
+from ctscan.storage.store import ModelStore
 from services.inference.batching import DynamicBatcher
 from services.inference.metrics import InferenceMetrics
 

@@ -19,16 +19,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctscan import DISCLAIMER
-from ctscan.decision import OUTCOME_TEXT, Decision
+from ctscan.answers import ensemble_version, study_prediction, top_slices
+from ctscan.decision import Decision
 from ctscan.errors import ImageError
 from ctscan.formats import InputFormat, describe_formats, sniff
 from ctscan.gradcam import Explanation
 from ctscan.imaging import DicomSliceInfo
 from ctscan.models import ENSEMBLE
 from ctscan.predictor import SliceResult, slice_decision, study_decision
-from ctscan.schemas import Aggregation, StudyPrediction, StudySlice, StudyTimings, TopSlice
-from ctscan.study import AGGREGATION_RULE, StudyLimits, is_zip, order_series, unpack_zip
+from ctscan.schemas import StudyPrediction, StudyTimings
+from ctscan.study import StudyLimits, is_zip, order_series, unpack_zip
 from services.inference.prediction import (
     UnrecognisedFileError,
     _decode_and_screen,
@@ -37,8 +37,6 @@ from services.inference.prediction import (
     member_output,
 )
 from services.inference.registry import ModelRegistry, ServedModel
-
-TOP_SLICES = 3
 
 
 class SliceError(ImageError):
@@ -130,55 +128,25 @@ async def predict_study(*, registry: ModelRegistry, blobs: list[bytes], model: s
         threshold = rule.threshold if rule else entries[0].threshold
         band = rule.band if rule else entries[0].band
         decision, k = study_decision(results, threshold=threshold, band=band)
-        ranked = sorted((i for i, r in enumerate(results) if r.decision.classified),
-                        key=lambda i: -(results[i].decision.probability_covid or 0.0))[:TOP_SLICES]
-        top = []
-        for position in ranked:
+        heatmaps: dict[int, str | None] = {}
+        heatmap_members: dict[int, tuple[str, ...]] = {}
+        for position in top_slices(results) if explain else []:
             upload_index = ordered[position].upload_index
-            heatmap = None
-            if explain:
-                heatmap = await loop.run_in_executor(None, functools.partial(
-                    _explain, formats[upload_index], blobs[upload_index], entries,
-                    max_pixels=settings.max_pixels, max_side=settings.max_side))
-            top.append(TopSlice(
-                index=position, probability_covid=float(results[position].decision.probability_covid or 0.0),
-                heatmap_png_base64=base64.b64encode(heatmap.png).decode() if heatmap is not None else None,
-                heatmap_members=list(heatmap.members) if heatmap is not None else None))
+            explanation = await loop.run_in_executor(None, functools.partial(
+                _explain, formats[upload_index], blobs[upload_index], entries,
+                max_pixels=settings.max_pixels, max_side=settings.max_side))
+            heatmaps[position] = base64.b64encode(explanation.png).decode()
+            heatmap_members[position] = explanation.members
         explained_at = time.perf_counter()
 
-    slices = [StudySlice(index=position, upload_index=entry.upload_index, position_mm=entry.position_mm,
-                         outcome=result.decision.outcome,  # type: ignore[arg-type]
-                         probability_covid=result.decision.probability_covid,
-                         reasons=[] if result.decision.classified else result.decision.reasons)
-              for position, (entry, result) in enumerate(zip(ordered, results, strict=True))]
-    skipped: dict[str, int] = {}
-    for result in results:
-        if not result.decision.classified:
-            skipped[result.decision.outcome] = skipped.get(result.decision.outcome, 0) + 1
-    if model == ENSEMBLE and ensemble is not None:
-        model_version = ",".join(f"{name}={version}" for name, version in ensemble.members.items())
-    else:
-        model_version = entries[0].version
-    formats_seen = sorted({item.source_format for item in items})
-    return StudyPrediction(
-        outcome=decision.outcome,  # type: ignore[arg-type]
-        outcome_text=OUTCOME_TEXT[decision.outcome],
-        probability_covid=decision.probability_covid,
-        threshold=decision.threshold,
-        indeterminate_band=band if decision.classified else None,
-        reasons=decision.reasons,
-        aggregation=Aggregation(rule=AGGREGATION_RULE, k=k, classified_slices=sum(r.decision.classified
-                                                                                  for r in results)),
-        slice_count=len(slices),
-        skipped=skipped,
-        slices=slices,
-        top_slices=top,
-        model=model,
-        model_version=model_version,
-        request_id=request_id,
-        timings_ms=StudyTimings(slices=(inferred_at - started) * 1000,
-                                gradcam=(explained_at - inferred_at) * 1000 if explain else None,
-                                total=(time.perf_counter() - started) * 1000),
-        source_format="+".join(formats_seen),
-        disclaimer=DISCLAIMER,
-    )
+    return study_prediction(
+        decision=decision, k=k, results=results, positions_mm=[entry.position_mm for entry in ordered],
+        upload_order=[entry.upload_index for entry in ordered], heatmaps=heatmaps,
+        heatmap_members=heatmap_members, model=model,
+        model_version=ensemble_version(ensemble.members) if model == ENSEMBLE and ensemble is not None
+        else entries[0].version,
+        band=band, request_id=request_id,
+        timings=StudyTimings(slices=(inferred_at - started) * 1000,
+                             gradcam=(explained_at - inferred_at) * 1000 if explain else None,
+                             total=(time.perf_counter() - started) * 1000),
+        source_formats=[item.source_format for item in items])

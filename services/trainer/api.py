@@ -16,10 +16,10 @@ from typing import Any
 from ctscan.datasets import open_dataset
 from ctscan.errors import CTScanError, DataError
 from ctscan.hyperparameters import HyperParameterError, checked_hyperparameters, estimated_data_bytes
-from ctscan.job_records import FINISHED_STATES, JobNotFoundError, JobRecords, new_job_id, now, sign
 from ctscan.models import get_spec, parse_init
-from ctscan.records import DatasetManifest, JobRecord
 from ctscan.settings import TrainerSettings, get_trainer_settings
+from ctscan.storage.job_records import FINISHED_STATES, JobNotFoundError, JobRecords, new_job_id, now, sign
+from ctscan.storage.records import DatasetManifest, JobRecord
 from services.trainer.jobs import train_config
 from services.trainer.liveness import lease_holder
 from services.trainer.queueing import send_job
@@ -133,7 +133,7 @@ class JobsClient:
 
     def production_versions(self, models: set[str]) -> dict[str, str | None]:
         """The current production pointer of each model (None where it cannot be read)."""
-        from ctscan.store import open_store
+        from ctscan.storage.store import open_store
 
         store = open_store(self.settings.store.model_store)
         pointers: dict[str, str | None] = {}

@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 from ctscan.errors import CTScanError
-from ctscan.job_records import FINISHED_STATES
-from ctscan.records import JobProgress, JobRecord
+from ctscan.storage.job_records import FINISHED_STATES
+from ctscan.storage.records import JobProgress, JobRecord
 
 
 def _hyperparameter(text: str) -> tuple[str, Any]:

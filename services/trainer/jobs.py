@@ -1,6 +1,6 @@
 """Running one training job: the worker's side of a job record.
 
-The job record (`ctscan.job_records`, in the store) is the source of truth; Redis only
+The job record (`ctscan.storage.job_records`, in the store) is the source of truth; Redis only
 carries the "run job <id>" message and live task state, so losing Redis loses no history.
 
 `run_job` is idempotent by job ID: a finished job is left alone, a job whose lease another
@@ -27,9 +27,9 @@ from typing import Any
 from ctscan.datasets import fetch_dataset
 from ctscan.errors import CTScanError, StoreError
 from ctscan.hyperparameters import checked_hyperparameters
-from ctscan.job_records import FINISHED_STATES, Checkpoints, JobRecords, now, signature_matches
-from ctscan.records import JobAttempt, JobProgress, JobRecord, ModelCard
 from ctscan.settings import TrainerSettings
+from ctscan.storage.job_records import FINISHED_STATES, Checkpoints, JobRecords, now, signature_matches
+from ctscan.storage.records import JobAttempt, JobProgress, JobRecord, ModelCard
 from ctscan.training import BEST_WEIGHTS, LAST_CHECKPOINT, STATE_FILE, EpochReport, TrainConfig
 from services.trainer.liveness import Heartbeat, JobLease, LeaseLost, lease_holder
 from services.trainer.reaper import attempts_summary, close_attempt
@@ -176,7 +176,7 @@ def _run_leased(
     on_progress: Callable[[dict[str, Any]], None] | None,
 ) -> JobRecord:
     from ctscan.publishing import promote_with_reason
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
 
     job_id = record.id
     store_url = settings.store.model_store
@@ -294,8 +294,8 @@ def _train(
     on_progress: Callable[[dict[str, Any]], None] | None,
     guard: _Guard,
 ) -> ModelCard:
+    from ctscan.models import pack_weights
     from ctscan.publishing import pick_verification_images, publish_version
-    from ctscan.store import pack_weights
     from ctscan.training import Trainer, TrainingCancelled, build_card
 
     job_id = record.id

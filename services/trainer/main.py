@@ -13,8 +13,8 @@ import sys
 from pydantic import ValidationError
 
 from ctscan.errors import CTScanError
-from ctscan.job_records import JobRecords
 from ctscan.settings import describe_settings_error, get_trainer_settings
+from ctscan.storage.job_records import JobRecords
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def serve(concurrency: int = 1) -> None:
         raise CTScanError("CTSCAN_ADMIN_TOKEN is not set (or is a placeholder); the trainer refuses "
                           "to start without the admin credential")
     try:
-        # Submitters check their token against this before they queue (see ctscan.job_records).
+        # Submitters check their token against this before they queue (see ctscan.storage.job_records).
         JobRecords.for_store(settings.store.model_store).publish_verifier(token)
     except CTScanError as exc:  # the store may be down now; jobs are still checked one by one
         log.warning("could not publish the admin token's verifier: %s", exc)

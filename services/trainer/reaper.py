@@ -29,9 +29,9 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ctscan.job_records import FINISHED_STATES, JobRecords, collect_checkpoints, now
-from ctscan.records import JobRecord
 from ctscan.settings import TrainerSettings, get_trainer_settings
+from ctscan.storage.job_records import FINISHED_STATES, JobRecords, collect_checkpoints, now
+from ctscan.storage.records import JobRecord
 from services.trainer.liveness import claim, lease_holder
 from services.trainer.queueing import message_waiting, redis_client, send_job
 

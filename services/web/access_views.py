@@ -14,8 +14,8 @@ from urllib.parse import urlsplit
 from flask import Blueprint, flash, g, jsonify, redirect, render_template, request, session, url_for
 
 from ctscan.audit_trail import ActorKind
-from services.web.app import services
 from services.web.auth import BUILTIN_ADMIN, STORE_READ_ERRORS, Role, User, username_key
+from services.web.extensions import services
 from services.web.forms import LoginForm
 
 log = logging.getLogger("ctscan.web")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -14,55 +13,21 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ctscan import DISCLAIMER
-from ctscan.audit_trail import AuditTrail
 from ctscan.formats import accept_attribute
 from ctscan.settings import WebSettings, get_web_settings
-from ctscan.store import ModelStore
-from services.web.auth import Authenticator, LoginThrottle, register_page_key
+from ctscan.storage.store import ModelStore
+from services.web.access_views import account, current_user
+from services.web.auth import register_page_key
 from services.web.console import JobsClientLike, default_jobs_client, default_store
+from services.web.extensions import WebServices, services
 from services.web.inference_client import InferenceClient
+from services.web.views import admin, clinic, render_index, render_study
 
 log = logging.getLogger("ctscan.web")
 
 # Images are shown inline as data: URLs; nothing is loaded from other origins.
 CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
                            "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
-
-
-@dataclass
-class WebServices:
-    """What the routes use, created once per app (tests pass their own)."""
-
-    settings: WebSettings
-    inference: InferenceClient
-    jobs_client_factory: Callable[[], JobsClientLike] = default_jobs_client
-    store_factory: Callable[[str], ModelStore] = default_store
-    # Failed logins per address, and per user name (guessing from many addresses); the second
-    # also lets a stranger lock an account for a while, the usual price of this defence.
-    login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
-    username_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(limit=10, window_s=900.0))
-    auth: Authenticator = field(init=False)
-    trail: AuditTrail = field(init=False)
-    _jobs_client: JobsClientLike | None = field(default=None, repr=False)
-
-    def __post_init__(self) -> None:
-        self.auth = Authenticator(self.settings)
-        self.trail = AuditTrail(self.settings.audit.audit_dir, service="web")
-
-    def jobs(self) -> JobsClientLike:
-        if self._jobs_client is None:
-            self._jobs_client = self.jobs_client_factory()
-        return self._jobs_client
-
-    def store(self) -> ModelStore:
-        return self.store_factory(self.settings.store.model_store)
-
-
-def services() -> WebServices:
-    from flask import current_app
-
-    web: WebServices = current_app.extensions["ctscan_web"]
-    return web
 
 
 def create_app(settings: WebSettings | None = None, *, inference: InferenceClient | None = None,
@@ -104,8 +69,6 @@ def create_app(settings: WebSettings | None = None, *, inference: InferenceClien
                     "people are named by the proxy's headers, which it must strip from clients"
                     if settings.auth == "proxy" else "no login; everyone is clinician and admin (local use only)")
 
-    from services.web.access_views import account, current_user
-    from services.web.views import admin, clinic
 
     app.register_blueprint(account)
     app.register_blueprint(clinic)
@@ -157,20 +120,14 @@ def _register_error_pages(app: Flask) -> None:
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(_: RequestEntityTooLarge) -> tuple[Any, int]:
-        from services.web.access_views import current_user
-
-        limit = app.extensions["ctscan_web"].settings.max_upload_mb
+        limit = services().settings.max_upload_mb
         if current_user() is None:  # raised before the route's guard ran: no form for strangers
             return _error_page(413, "Too large", f"The request is larger than the {limit:g} MB limit.")
         if request.path == "/study":
-            from services.web.views import render_study
-
-            study_limit = app.extensions["ctscan_web"].settings.max_study_mb
+            study_limit = services().settings.max_study_mb
             return render_study(error=f"These files are larger than the {study_limit:g} MB limit for a "
                                       "study (or too many). Please send one series.", status=413)
         if request.path == "/predict":
-            from services.web.views import render_index
-
             return render_index(error=f"This file is larger than the {limit:g} MB limit. Please "
                                       "upload a single CT slice (PNG, JPEG or DICOM).", status=413)
         return _error_page(413, "Too large", f"The request is larger than the {limit:g} MB limit.")

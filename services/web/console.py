@@ -9,22 +9,21 @@ from __future__ import annotations
 import re
 from typing import Any, Protocol
 
-from botocore.exceptions import BotoCoreError, ClientError  # type: ignore[import-untyped]
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from ctscan.errors import CTScanError
-from ctscan.records import JobRecord, ModelCard
-from ctscan.store import ModelStore, open_store
+from ctscan.errors import CTScanError, StoreError
+from ctscan.storage.records import JobRecord, ModelCard
+from ctscan.storage.store import ModelStore, open_store
 
-INIT_CHOICES = ("imagenet", "none")
 ACTIVE_STATES = ("queued", "running")
 METRIC_KEYS = ("accuracy", "precision", "recall", "f1", "auc")
 
 
-# What the trainer's queue (Redis) and an S3 model store raise when they are unreachable.
+# What the trainer's queue (Redis) and the model store raise when they are unreachable (the S3
+# backend turns botocore's errors into StoreError, so no service needs to know it).
 QUEUE_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
-STORE_ERRORS: tuple[type[Exception], ...] = (BotoCoreError, ClientError, OSError)
+STORE_ERRORS: tuple[type[Exception], ...] = (StoreError, OSError)
 
 
 class ConsoleUnavailableError(CTScanError):

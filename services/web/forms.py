@@ -23,16 +23,23 @@ from wtforms.validators import (  # type: ignore[import-untyped]
     Regexp,
 )
 
-from ctscan.models import ARCHITECTURES, FASTEST_ARCHITECTURE, architecture_names
+from ctscan.models import ARCHITECTURES, FASTEST_ARCHITECTURE, architecture_names, ensemble_members
 
 _COUNTS = {2: "two", 3: "three", 4: "four", 5: "five"}
 
 
 def model_labels() -> dict[str, str]:
     """"ensemble" and every architecture, as the page names them (from the registry)."""
-    count = len(ARCHITECTURES)
+    count = len(ensemble_members())
     return {"ensemble": f"Ensemble (all {_COUNTS.get(count, str(count))} models)",
             **{name: spec.label for name, spec in ARCHITECTURES.items()}}
+
+
+def prediction_choices() -> list[SelectChoice]:
+    """What a clinician may ask for: the ensemble and its members (the models served by
+    default); the console's training form offers every architecture."""
+    labels = model_labels()
+    return [SelectChoice(name, labels[name]) for name in ("ensemble", *ensemble_members())]
 
 
 # Small enough for a few minutes per epoch on two CPU cores (InceptionV3 needs at least 75).
@@ -43,7 +50,7 @@ _SAFE_NAME = Regexp(r"^[A-Za-z0-9._-]+$", message="Use letters, digits, dots, da
 class PredictForm(FlaskForm):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self.model.choices = [SelectChoice(n, label) for n, label in model_labels().items()]
+        self.model.choices = prediction_choices()
 
     file = FileField("CT image", validators=[FileRequired("Please choose a CT image to upload.")])
     model = SelectField("Model", default="ensemble")
@@ -53,7 +60,7 @@ class PredictForm(FlaskForm):
 class StudyForm(FlaskForm):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
-        self.model.choices = [SelectChoice(n, label) for n, label in model_labels().items()]
+        self.model.choices = prediction_choices()
 
     files = MultipleFileField("The slices of one series, or one ZIP of it",
                               validators=[DataRequired("Please choose the slices of one series, or a ZIP of it.")])

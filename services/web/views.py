@@ -18,9 +18,8 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 from ctscan.audit_trail import upload_digest
 from ctscan.errors import CTScanError, StoreError, UnsupportedImageError
 from ctscan.models import ENSEMBLE, FASTEST_ARCHITECTURE
-from ctscan.records import EnsembleRecord
+from ctscan.storage.records import EnsembleRecord
 from services.web.access_views import audit, current_name, require
-from services.web.app import services
 from services.web.console import (
     QUEUE_ERRORS,
     STORE_ERRORS,
@@ -31,6 +30,7 @@ from services.web.console import (
     promotion_consequences,
     published_dataset_versions,
 )
+from services.web.extensions import services
 from services.web.forms import (
     ActionForm,
     PredictForm,

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from ctscan.access import AccessError, KeyRing, RateLimiter, open_access
 from ctscan.audit_trail import AuditTrail, read_events, upload_digest
-from ctscan.store import open_store
+from ctscan.storage.store import open_store
 
 
 class Clock:

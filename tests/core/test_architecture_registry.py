@@ -42,11 +42,13 @@ def toy_architecture() -> Iterator[ArchitectureSpec]:
     unregister_architecture(TOY.name)
 
 
+@pytest.mark.slow  # builds, stores and restores a Keras model
 def test_a_registered_architecture_is_built_stored_and_offered(toy_architecture: ArchitectureSpec,
                                                                tmp_path: Path) -> None:
     from ctscan.gradcam import make_gradcam
+    from ctscan.models import load_keras_model, pack_weights
     from ctscan.settings import InferenceSettings
-    from ctscan.store import load_keras_model, open_store, pack_weights
+    from ctscan.storage.store import open_store
     from services.web.forms import model_labels
 
     assert architecture_names()[-1] == "toynet"

@@ -39,7 +39,7 @@ def test_a_cancel_stops_fit_at_the_next_batch_and_the_epoch_does_not_finish() ->
     y = (x[:, 0] > 0).astype("float32")
     with pytest.raises(TrainingCancelled, match="during batch 3"):
         model.fit(x, y, batch_size=4, epochs=2, verbose=0,
-                  callbacks=[Count(), CancelBetweenBatches(should_stop, poll_s=0.0)])
+                  callbacks=[Count(), CancelBetweenBatches(should_stop, cancelled=TrainingCancelled, poll_s=0.0)])
     assert len(batches) == cancelled_after and epochs_ended == []  # stopped inside the first epoch
 
 
@@ -47,7 +47,7 @@ def test_the_cancel_flag_is_read_at_most_once_per_poll_interval() -> None:
     from ctscan.callbacks import CancelBetweenBatches
 
     reads: list[int] = []
-    callback = CancelBetweenBatches(lambda: bool(reads.append(1)), poll_s=3600.0)
+    callback = CancelBetweenBatches(lambda: bool(reads.append(1)), cancelled=RuntimeError, poll_s=3600.0)
     for batch in range(100):
         callback.on_train_batch_end(batch)
     assert len(reads) == 1  # one store read, not one per batch

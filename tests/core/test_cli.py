@@ -15,7 +15,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def saved_versions(store_dir: Path, name: str, count: int) -> list[str]:
     """`count` versions of `name` written through the store (their weights are never loaded)."""
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
 
     store = open_store(store_dir)
     return [store.save(name, weights=f"weights {index}".encode(), version=f"2026010{index + 1}T000000Z-000{index}",
@@ -63,7 +63,7 @@ def test_train_one_epoch_then_evaluate_on_test(data_dir: Path, tmp_path: Path) -
 @pytest.mark.slow
 def test_an_interrupted_run_resumes_after_its_last_finished_epoch(data_dir: Path, tmp_path: Path) -> None:
     from ctscan.publishing import train_and_store
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
     from ctscan.training import EpochReport, TrainConfig, Trainer, TrainingCancelled
 
     config = TrainConfig(model="mobilenetv2", data_dir=str(data_dir), init="none", input_size=32,

@@ -10,6 +10,7 @@ import pytest
 
 from ctscan.data import CTDataset, class_weights, load_arrays, make_pipeline
 from ctscan.errors import ChecksumError, DataError
+from ctscan.preprocessing import LEGACY
 
 
 def test_all_746_real_images_load_in_one_mode(data_dir: Path) -> None:
@@ -18,7 +19,9 @@ def test_all_746_real_images_load_in_one_mode(data_dir: Path) -> None:
     counts = dataset.counts()
     assert counts["train"] == {"covid": 191, "non_covid": 234}
     assert counts["test"] == {"covid": 98, "non_covid": 105}
-    images, targets = load_arrays(dataset.samples, 32, workers=2)
+    # The plain preprocessing: every file decodes and resizes; the lung crop is tested elsewhere
+    # (tests/core/test_preprocessing.py) and would triple this test's time.
+    images, targets = load_arrays(dataset.samples, 32, preprocessing=LEGACY, workers=2)
     assert images.shape == (746, 32, 32, 3) and images.dtype == np.uint8
     assert int(targets.sum()) == 349
     # one colour mode: every image is greyscale in three identical channels
@@ -88,6 +91,7 @@ def test_unreadable_image_is_named(data_dir: Path, tmp_path: Path) -> None:
         load_arrays(dataset.samples, 32)
 
 
+@pytest.mark.slow  # a tf.data pipeline: imports TensorFlow
 def test_training_pipeline_augments_reproducibly(data_dir: Path) -> None:
     dataset = CTDataset(data_dir)
     images, targets = load_arrays(dataset.split("val")[:8], 48)

@@ -15,10 +15,10 @@ from PIL import Image
 from ctscan.data import CTDataset
 from ctscan.gradcam import MIN_HEATMAP_SIDE
 from ctscan.imaging import DecodedImage, decode_image
-from ctscan.models import ENSEMBLE, architecture_names
+from ctscan.models import ENSEMBLE, ensemble_members
 from ctscan.predictor import Predictor
 from ctscan.preprocessing import LUNG_V1, get_preprocessor, prepare
-from ctscan.store import open_store
+from ctscan.storage.store import open_store
 
 RELEASE = Path(__file__).resolve().parents[2] / "models"
 pytestmark = pytest.mark.slow  # loads the three shipped Keras models
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow  # loads the three shipped Keras models
 
 @pytest.fixture(scope="module")
 def predictor() -> Predictor:
-    return Predictor.from_store(open_store(RELEASE), architecture_names())
+    return Predictor.from_store(open_store(RELEASE), ensemble_members())
 
 
 @pytest.fixture(scope="module")

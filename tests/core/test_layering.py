@@ -1,10 +1,18 @@
-"""Each fact written once: the core never imports a service, settings are declared in one
-module, URL schemes are told apart in one place, model names come from the registry, and the
-services plug into the command line through entry points."""
+"""Each fact written once, and layers that only look down: the core never imports a service,
+no module imports another that (directly or not) imports it, a lower layer of the core never
+imports a higher one, the inference service loads no training, data-pipeline or evaluation
+code, settings are declared in one module, URL schemes are told apart in one place, model
+names come from the registry, and the services plug into the command line through entry
+points.
+
+Imports are read from the source (ast), function-local ones included: an import moved into a
+function to dodge a circle is still a circle. Only `if TYPE_CHECKING:` imports are left out
+(they never run)."""
 
 from __future__ import annotations
 
 import ast
+import functools
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -14,8 +22,12 @@ from ctscan.models import architecture_names
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted((REPO_ROOT / "ctscan").rglob("*.py")) + sorted((REPO_ROOT / "services").rglob("*.py"))
+# Model names may be written only in the registry: not in the services, benchmarks or scripts either.
+NAMED_MODELS_FORBIDDEN = [*SOURCES, *sorted((REPO_ROOT / "bench").rglob("*.py")),
+                          *sorted((REPO_ROOT / "scripts").rglob("*.py"))]
 
 
+@functools.cache  # each file is parsed once for all the rules
 def _tree(path: Path) -> ast.Module:
     return ast.parse(path.read_text(), filename=str(path))
 
@@ -32,6 +44,145 @@ def _docstrings(tree: ast.Module) -> set[int]:
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
                 found.add(id(first.value))
     return found
+
+
+# The core's layers, lowest first: a module may import its own layer and those below it.
+LAYERS: dict[str, tuple[str, ...]] = {
+    "foundation": ("ctscan", "errors", "schemas", "metrics", "calibration", "audit_trail"),
+    "imaging and models": ("imaging", "formats", "preprocessing", "screening", "study", "robustness", "models",
+                           "gate", "decision", "gradcam", "hyperparameters"),
+    "settings": ("settings",),
+    "storage": ("storage", "storage.objects", "storage.s3store", "storage.records", "storage.store",
+                "storage.job_records", "access", "release"),
+    "data pipeline": ("data", "download", "datasets", "audit"),
+    "serving": ("predictor", "answers", "onnx_runtime"),
+    "training and evaluation": ("callbacks", "training", "evaluation", "publishing", "safety"),
+    "command line": ("cli", "cli_access"),
+}
+# What the inference service must not load on import (it serves; it neither trains nor evaluates).
+NOT_IN_THE_INFERENCE_SERVICE = ("ctscan.data", "ctscan.datasets", "ctscan.audit", "ctscan.download",
+                                "ctscan.callbacks", "ctscan.training", "ctscan.evaluation", "ctscan.publishing",
+                                "ctscan.safety", "ctscan.cli", "tensorflow", "keras", "tf2onnx")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO_ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _type_checking_nodes(tree: ast.Module) -> set[int]:
+    return {id(inner) for node in ast.walk(tree)
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test) for inner in ast.walk(node)}
+
+
+@functools.cache
+def import_graph() -> dict[str, dict[str, str]]:
+    """module -> {imported module of ctscan or services: where the import is written}."""
+    modules = {_module_name(path): path for path in SOURCES}
+    graph: dict[str, dict[str, str]] = {}
+    for name, path in modules.items():
+        tree = _tree(path)
+        skipped = _type_checking_nodes(tree)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: dict[str, str] = {}
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join([*package.split(".")[:len(package.split(".")) - node.level + 1],
+                                     *([base] if base else [])])
+                targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    found.setdefault(target, _where(path, node))
+        graph[name] = found
+    return graph
+
+
+def _circles(graph: dict[str, dict[str, str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    circles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for target in graph[module]:
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for module in graph:
+        if module not in index:
+            visit(module)
+    return circles
+
+
+def test_no_module_imports_one_that_imports_it() -> None:
+    graph = import_graph()
+    circles = _circles(graph)
+    where = [[graph[a][b] for a in circle for b in circle if b in graph[a]] for circle in circles]
+    assert circles == [], where
+
+
+def test_the_cores_layers_only_look_down() -> None:
+    layer_of = {f"ctscan.{module}" if module != "ctscan" else "ctscan": rank
+                for rank, modules in enumerate(LAYERS.values()) for module in modules}
+    core = {name for name in import_graph() if name.split(".")[0] == "ctscan"}
+    assert core == set(layer_of), "every core module has a layer (add new ones to LAYERS)"
+    upward = [f"{where}: {module} ({list(LAYERS)[layer_of[module]]}) imports {target} "
+              f"({list(LAYERS)[layer_of[target]]})"
+              for module, targets in import_graph().items() if module in layer_of
+              for target, where in targets.items() if target in layer_of and layer_of[target] > layer_of[module]]
+    assert upward == []
+
+
+def test_services_do_not_import_each_others_insides() -> None:
+    """The inference service and the trainer import no other service; the web service talks to
+    the trainer only through its client (services.trainer.api)."""
+    allowed = {"services.web": {"services.trainer.api"}, "services.inference": set(), "services.trainer": set()}
+    found = [f"{where}: {module} imports {target}" for module, targets in import_graph().items()
+             for target, where in targets.items()
+             if module.startswith("services.") and target.startswith("services.")
+             and ".".join(target.split(".")[:2]) != ".".join(module.split(".")[:2])
+             and target not in allowed.get(".".join(module.split(".")[:2]), set())]
+    assert found == []
+
+
+@pytest.mark.slow  # starts a Python process
+def test_the_inference_service_loads_no_training_data_or_evaluation_code() -> None:
+    import json
+    import subprocess
+    import sys
+
+    code = "import json, sys; import services.inference.app; print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
+                          cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = set(json.loads(done.stdout.splitlines()[-1]))
+    assert "services.inference.registry" in loaded and "ctscan.predictor" in loaded
+    assert sorted(loaded & set(NOT_IN_THE_INFERENCE_SERVICE)) == []
 
 
 def test_the_core_never_imports_a_service() -> None:
@@ -53,7 +204,7 @@ def test_settings_classes_live_in_one_module() -> None:
 
 
 def test_only_the_object_store_layer_knows_url_schemes() -> None:
-    allowed = {"ctscan/objects.py", "ctscan/s3store.py"}
+    allowed = {"ctscan/storage/objects.py", "ctscan/storage/s3store.py"}
     found = [_where(path, node) for path in SOURCES for node in ast.walk(_tree(path))
              if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("s3://")
              and str(path.relative_to(REPO_ROOT)) not in allowed and id(node) not in _docstrings(_tree(path))]
@@ -70,7 +221,7 @@ def _line(place: str) -> str:
 def test_model_names_are_written_only_in_the_registry() -> None:
     names = set(architecture_names())
     found = []
-    for path in SOURCES:
+    for path in NAMED_MODELS_FORBIDDEN:
         if path.relative_to(REPO_ROOT).as_posix() == "ctscan/models.py":
             continue
         tree = _tree(path)

@@ -34,7 +34,7 @@ def test_bootstrap_interval_brackets_the_point_estimate() -> None:
     rng = np.random.default_rng(0)
     targets = rng.integers(0, 2, 200)
     probabilities = np.clip(targets * 0.3 + rng.uniform(0, 0.7, 200), 0, 1)
-    report = full_report(targets, probabilities, 0.5, resamples=300)
+    report = full_report(targets, probabilities, 0.5, resamples=100)
     for name in ("accuracy", "f1", "auc"):
         low, high = report["ci95"][name]
         assert low <= report[name] <= high and high - low < 0.3

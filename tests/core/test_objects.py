@@ -2,7 +2,7 @@
 
 `MemoryObjectStore` below is a throwaway backend written for this test and registered for
 `memory://` URLs: the model store, dataset versions and job records then work on it with no
-other change, because nothing above `ctscan.objects` looks at a URL.
+other change, because nothing above `ctscan.storage.objects` looks at a URL.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import ClassVar
 import pytest
 
 from ctscan.errors import ChecksumError, StoreError, VersionExistsError
-from ctscan.objects import (
+from ctscan.storage.objects import (
     FileSource,
     LocalObjectStore,
     ObjectStore,
@@ -108,9 +108,9 @@ CARD = {"architecture": "mobilenetv2", "input_size": 32, "threshold": 0.5, "metr
 def test_a_registered_backend_serves_every_repository(memory_backend: None, tmp_path: Path,
                                                       data_dir: Path) -> None:
     from ctscan.datasets import list_dataset_versions, upload_dataset
-    from ctscan.job_records import JobRecords, new_job_id, now
-    from ctscan.records import JobRecord
-    from ctscan.store import open_store
+    from ctscan.storage.job_records import JobRecords, new_job_id, now
+    from ctscan.storage.records import JobRecord
+    from ctscan.storage.store import open_store
 
     store = open_store("memory://team/models")
     version = store.save("mobilenetv2", weights=b"weights", card=CARD)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ctscan.store import open_store
+from ctscan.storage.store import open_store
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ctscan.errors import CTScanError
-from ctscan.publishing import promote_if_better, should_promote
-from ctscan.store import ModelStore, open_store
+from ctscan.publishing import decide_promotion, promote_with_reason
+from ctscan.storage.records import ModelCard
+from ctscan.storage.store import ModelStore, open_store
+
+
+def promote_if_better(store: ModelStore, name: str, version: str, card: ModelCard, **options: Any) -> bool:
+    """Whether the version is production after the policy ran."""
+    return promote_with_reason(store, name, version, card, **options).promote
+
+
+def should_promote(store: ModelStore, name: str, card: ModelCard, metric: str = "auc") -> bool:
+    """Whether the gate alone would promote the card."""
+    return decide_promotion(store, name, card.version or "", card, metric=metric).promote
 
 
 def _save(store: ModelStore, version: str, auc: float | None, f1: float = 0.5) -> str:

@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 
 from ctscan.errors import StoreError
-from ctscan.models import architecture_names
-from ctscan.records import ModelCard
-from ctscan.store import CARD_FILE, open_store
+from ctscan.models import ensemble_members
+from ctscan.storage.records import ModelCard
+from ctscan.storage.store import CARD_FILE, open_store
 
 RELEASE = Path(__file__).resolve().parents[2] / "models"
 
 
 def test_the_shipped_release_cards_load_as_typed_records() -> None:
     release = open_store(RELEASE)
-    for name in architecture_names():
+    for name in ensemble_members():
         version = release.production(name) or ""
         card = release.card(name, version)
         assert card.architecture == name and card.version == version and card.init == "none"
@@ -29,7 +29,7 @@ def test_the_shipped_release_cards_load_as_typed_records() -> None:
     pointer = release.production_record("mobilenetv2")
     assert pointer.version and pointer.history == [] and pointer.reason
     ensemble = release.ensemble_record()
-    assert ensemble is not None and set(ensemble.members) == set(architecture_names())
+    assert ensemble is not None and set(ensemble.members) == set(ensemble_members())
 
 
 def test_new_card_sections_and_unknown_keys_round_trip(tmp_path: Path) -> None:

@@ -9,23 +9,23 @@ import pytest
 
 from ctscan.errors import ChecksumError
 from ctscan.evaluation import evaluate_store
-from ctscan.models import architecture_names
+from ctscan.models import ensemble_members, load_keras_model
 from ctscan.release import seed_store
-from ctscan.store import ONNX_FOLDER, WEIGHTS_FILE, load_keras_model, open_store
+from ctscan.storage.store import ONNX_FOLDER, WEIGHTS_FILE, open_store
 
 RELEASE = Path(__file__).resolve().parents[2] / "models"
 
 
 def test_release_holds_all_three_models_within_size_limits() -> None:
     release = open_store(RELEASE)
-    assert set(release.list_models()) == set(architecture_names())
+    assert set(release.list_models()) == set(ensemble_members())
     total = 0
     for path in RELEASE.rglob("*"):
         if path.is_file() and ONNX_FOLDER not in path.relative_to(RELEASE).parts:  # ONNX copies: not committed
             assert path.stat().st_size < 50 * 1024 * 1024, path
             total += path.stat().st_size
     assert total < 80 * 1024 * 1024
-    for name in architecture_names():
+    for name in ensemble_members():
         card = release.card(name, release.production(name) or "")
         assert card.init == "none" and "test" in card.metrics and "val" in card.metrics
 
@@ -36,7 +36,7 @@ def test_release_metrics_reproduce_from_a_seeded_store(tmp_path: Path, data_dir:
     seeded = seed_store(RELEASE, store)
     assert len(seeded["promoted"]) == 3
     report = evaluate_store(store=store, data_dir=str(data_dir), split="test", resamples=50)
-    for name in architecture_names():
+    for name in ensemble_members():
         card = store.card(name, store.production(name) or "")
         for metric in ("accuracy", "precision", "recall", "f1", "auc"):
             assert report["models"][name][metric] == pytest.approx(card.metrics["test"][metric], abs=1e-9)

@@ -13,10 +13,10 @@ from ctscan.calibration import Calibration, calibration_metrics, fit_method
 from ctscan.data import CTDataset
 from ctscan.decision import INDETERMINATE, REFUSALS
 from ctscan.evaluation import card_band, decode_samples, predict_split
-from ctscan.models import architecture_names
+from ctscan.models import ensemble_members
 from ctscan.predictor import Predictor
 from ctscan.safety import generated_patterns, outcome_counts, skimage_samples
-from ctscan.store import ModelStore, open_store
+from ctscan.storage.store import ModelStore, open_store
 
 RELEASE = Path(__file__).resolve().parents[2] / "models"
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ def release() -> ModelStore:
 @pytest.fixture(scope="module")
 def guarded(release: ModelStore) -> list[str]:
     """The release's models that carry an input gate and a calibration (lung-v1 cards)."""
-    names = [n for n in architecture_names()
+    names = [n for n in ensemble_members()
              if (card := release.card(n, release.production(n) or "")).get("gate") and card.get("calibration")]
     assert names, "no model of the release has an input gate and a calibration"
     return names
@@ -41,7 +41,7 @@ def guarded(release: ModelStore) -> list[str]:
 def predictor(release: ModelStore) -> Predictor:
     # All production models, as served (the ensemble is calibrated for exactly these); the
     # tests look at the guarded ones.
-    return Predictor.from_store(release, architecture_names())
+    return Predictor.from_store(release, ensemble_members())
 
 
 def test_images_that_are_not_chest_ct_are_refused(predictor: Predictor, guarded: list[str]) -> None:

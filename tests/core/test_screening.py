@@ -10,11 +10,17 @@ import pytest
 
 from ctscan.data import CTDataset
 from ctscan.gate import OUTCOME_NOT_CHEST_CT
-from ctscan.imaging import decode_image
+from ctscan.imaging import DecodedImage, decode_image
 from ctscan.predictor import input_refusal
 from ctscan.preprocessing import LUNG_V1, prepare
 from ctscan.safety import generated_patterns, skimage_samples
 from ctscan.screening import MAX_ROUGHNESS, appearance_refusal, roughness
+
+
+@pytest.fixture(scope="module")
+def foreign() -> dict[str, DecodedImage]:
+    """Photos, drawings and noise, made once (about a second and a half)."""
+    return dict([*skimage_samples(), *generated_patterns()])
 
 
 @pytest.mark.slow
@@ -34,15 +40,15 @@ def test_real_slices_of_both_hospitals_pass(data_dir: Path, ctmd_dir: Path) -> N
     ("pattern:disc-with-two-holes", "grey levels"),
     ("pattern:uniform-noise", "noise"), ("pattern:gaussian-noise", "noise"), ("skimage:grass", "noise"),
 ])
-def test_photos_drawings_and_noise_are_not_chest_ct(name: str, words: str) -> None:
-    decoded = dict([*skimage_samples(), *generated_patterns()])[name]
+def test_photos_drawings_and_noise_are_not_chest_ct(foreign: dict[str, DecodedImage], name: str, words: str) -> None:
+    decoded = foreign[name]
     reason = appearance_refusal(decoded)
     assert reason is not None and words in reason
     decision = input_refusal(decoded, prepare(decoded, LUNG_V1))
     assert decision is not None and decision.outcome == OUTCOME_NOT_CHEST_CT and decision.reasons == [reason]
 
 
-def test_roughness_separates_smooth_images_from_noise() -> None:
-    patterns = dict(generated_patterns())
+def test_roughness_separates_smooth_images_from_noise(foreign: dict[str, DecodedImage]) -> None:
+    patterns = foreign
     assert roughness(patterns["pattern:radial-gradient"].grey) < 0.01
     assert roughness(patterns["pattern:uniform-noise"].grey) > 2 * MAX_ROUGHNESS

@@ -121,6 +121,7 @@ def test_the_machines_redis_is_used_in_a_database_and_queue_of_the_stacks_own(
     assert chosen.env == {"REDIS_URL": "redis://127.0.0.1:6379/7", "CTSCAN_TRAINER_QUEUE": "mine"}
 
 
+@pytest.mark.slow  # copies the shipped release and publishes the whole data set
 def test_first_start_says_the_store_was_seeded_and_the_data_set_published(
         tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from ctscan.datasets import list_dataset_versions
@@ -142,6 +143,7 @@ def test_first_start_says_the_store_was_seeded_and_the_data_set_published(
     assert "copied 0" not in first + second
 
 
+@pytest.mark.slow  # starts a Python process
 def test_down_without_a_stack_says_so(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(DEVSTACK), "down"], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "DEVSTACK_VAR_DIR": str(tmp_path)}, check=False)

@@ -186,6 +186,7 @@ def test_sigterm_stops_the_web_service_cleanly(wheel_web: WheelWeb) -> None:
     assert "SIGTERM received: stopping the web service" in log_path.read_text()
 
 
+@pytest.mark.slow  # starts a Python process
 def test_the_web_imports_no_machine_learning_stack() -> None:
     """The web service's modules, the trainer client it queues jobs with, and the CLI parser
     that `ctscan serve web` goes through: none of them loads TensorFlow or ONNX."""

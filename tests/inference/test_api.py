@@ -55,7 +55,7 @@ def test_health_and_readiness(inference_service: RunningService) -> None:
 
 
 def test_models_lists_versions_thresholds_and_card_metrics(inference_service: RunningService) -> None:
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
 
     store = open_store(inference_service.store_dir)
     body = inference_service.get("/models").json()
@@ -78,7 +78,7 @@ def test_models_lists_versions_thresholds_and_card_metrics(inference_service: Ru
 
 
 def test_stored_onnx_copies_are_used(inference_service: RunningService) -> None:
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
 
     store = open_store(inference_service.store_dir)
     for entry in inference_service.get("/models").json()["models"]:
@@ -110,7 +110,7 @@ def test_ensemble_is_the_default_and_reports_members(inference_service: RunningS
     assert set(body["members"]) == set(MODELS)
     # The ensemble: the members' calibrated probabilities, averaged and calibrated again, as fitted on val.
     from ctscan.calibration import Calibration
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
 
     record = open_store(inference_service.store_dir).ensemble_record()
     assert record is not None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ctscan.store import CARD_FILE, WEIGHTS_FILE, open_store
+from ctscan.storage.store import CARD_FILE, WEIGHTS_FILE, open_store
 from inference.conftest import RunningService, copy_store, start_service, stop_service
 
 pytestmark = pytest.mark.slow

@@ -58,8 +58,8 @@ def _npy_slice(real_png: Path) -> bytes:
 @pytest.fixture()
 def small_store(tmp_path: Path) -> Path:
     """One untrained MobileNetV2 at 32 px in production (no ONNX copy: TensorFlow serves it)."""
-    from ctscan.models import build_model
-    from ctscan.store import open_store, pack_weights
+    from ctscan.models import build_model, pack_weights
+    from ctscan.storage.store import open_store
 
     store = open_store(tmp_path / "store")
     model = build_model("mobilenetv2", init="none", input_size=32, compile_model=False)
@@ -78,6 +78,7 @@ def _app(store: Path, data_dir: Path, **settings: object) -> object:
         store=StoreSettings.from_values(_env_file=None, model_store=str(store)), **settings))
 
 
+@pytest.mark.slow  # builds a Keras model and loads it into the service
 def test_a_registered_input_format_is_served_and_accepted_by_the_page(
         npy_format: InputFormat, small_store: Path, data_dir: Path, real_ct_images: dict[str, Path]) -> None:
     png = next(path for key, path in sorted(real_ct_images.items()) if key.endswith("png"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctscan.store import CARD_FILE, WEIGHTS_FILE, ModelStore, open_store
+from ctscan.storage.store import CARD_FILE, WEIGHTS_FILE, ModelStore, open_store
 from inference.conftest import RunningService, copy_store, start_service, stop_service
 
 MODEL = "mobilenetv2"

@@ -15,6 +15,7 @@ from PIL import Image
 from ctscan.errors import ChecksumError, ModelError, StoreError, VersionExistsError
 from ctscan.gradcam import gradcam_heatmap, make_gradcam, overlay_png
 from ctscan.imaging import decode_image, resize_for_model
+from ctscan.models import load_keras_model
 from ctscan.onnx_runtime import (
     BACKEND_ONNX,
     BACKEND_TF,
@@ -24,7 +25,7 @@ from ctscan.onnx_runtime import (
     load_fast_predictor,
     onnx_predictor,
 )
-from ctscan.store import ONNX_FILE, ONNX_FOLDER, load_keras_model, open_store
+from ctscan.storage.store import ONNX_FILE, ONNX_FOLDER, open_store
 
 MODEL = "mobilenetv2"
 

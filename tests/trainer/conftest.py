@@ -201,7 +201,8 @@ def trainer_env(s3_endpoint: str, redis_server: RedisServer,
 
 
 def _reset_caches() -> None:
-    from ctscan import s3store, settings
+    from ctscan import settings
+    from ctscan.storage import s3store
 
     settings.clear_caches()
     s3store._client.cache_clear()

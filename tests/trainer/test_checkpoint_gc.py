@@ -1,4 +1,4 @@
-"""Checkpoint garbage collection (ctscan.job_records.collect_checkpoints) on a real local
+"""Checkpoint garbage collection (ctscan.storage.job_records.collect_checkpoints) on a real local
 store: cancelled, failed and abandoned jobs lose their checkpoints after the retention time;
 queued and running jobs keep theirs."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from ctscan.job_records import JobRecords, collect_checkpoints
-from ctscan.objects import open_objects
-from ctscan.records import JobRecord
+from ctscan.storage.job_records import JobRecords, collect_checkpoints
+from ctscan.storage.objects import open_objects
+from ctscan.storage.records import JobRecord
 
 HOUR = 3600.0
 

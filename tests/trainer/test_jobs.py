@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def _store(env: dict[str, str]) -> Any:
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
 
     return open_store(env["CTSCAN_MODEL_STORE"])
 
@@ -28,7 +28,7 @@ def test_job_runs_from_submission_to_a_promoted_model(
         start_worker: Callable[..., Any], ctscan_cli: Callable[..., Any], published_dataset: tuple[str, str],
         trainer_env: dict[str, str], real_ct_images: dict[str, Path], tmp_path: Path) -> None:
     from ctscan.data import load_sample_pixels
-    from ctscan.store import load_keras_model
+    from ctscan.models import load_keras_model
 
     worker = start_worker()
     submitted = ctscan_cli("jobs", "submit", "--model", "mobilenetv2", "--dataset", published_dataset[0],
@@ -116,7 +116,7 @@ def test_cancelled_job_stops_within_an_epoch_and_keeps_its_record(
     # Cancelling again is harmless and the record stays as it was.
     assert jobs_client.cancel(job["id"], admin_token=admin_token).state == "cancelled"
     # The worker's reaper deletes the checkpoints of the cancelled job (retention 0 here).
-    from ctscan.objects import open_objects
+    from ctscan.storage.objects import open_objects
 
     runs = open_objects(trainer_env["CTSCAN_MODEL_STORE"]).child(f".runs/{job['id']}")
     wait_until(lambda: not list(runs.walk()), timeout=60, what="the checkpoints to be collected")
@@ -206,8 +206,8 @@ def test_unreachable_s3_fails_the_job_clearly_and_promotes_nothing(
 def test_a_worker_runs_only_jobs_signed_with_its_own_admin_token(
         start_worker: Callable[..., Any], jobs_client: Any, published_dataset: tuple[str, str],
         wait_job: Callable[..., dict[str, Any]], trainer_env: dict[str, str], admin_token: str) -> None:
-    from ctscan.job_records import new_job_id, now, sign
-    from ctscan.records import JobRecord
+    from ctscan.storage.job_records import new_job_id, now, sign
+    from ctscan.storage.records import JobRecord
     from services.trainer.celery_app import TASK_RUN_JOB, app
 
     start_worker()

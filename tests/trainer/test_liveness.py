@@ -173,8 +173,8 @@ def test_a_job_resumes_from_its_checkpoint_after_an_s3_outage(
 
 def test_cancel_of_a_job_waiting_for_its_retry_says_so(jobs_client: Any, admin_token: str) -> None:
     """Not "cancelled before it started" for a job that already ran (the issue's last symptom)."""
-    from ctscan.job_records import new_job_id, now
-    from ctscan.records import JobAttempt, JobRecord
+    from ctscan.storage.job_records import new_job_id, now
+    from ctscan.storage.records import JobAttempt, JobRecord
 
     record = JobRecord(id=new_job_id(), state="queued", model="mobilenetv2", dataset="d", dataset_version="v",
                        init="none", epochs=3, created_at=now(), attempts=1, retry_at=now(),

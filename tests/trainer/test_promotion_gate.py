@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from ctscan.publishing import decide_promotion, promote_with_reason
-from ctscan.records import ModelCard
 from ctscan.settings import PromotionSettings
-from ctscan.store import ModelStore, open_store
+from ctscan.storage.records import ModelCard
+from ctscan.storage.store import ModelStore, open_store
 
 UCSD = "6fb2cb52f1a9" + "0" * 52
 FLOORS = PromotionSettings.from_values(_env_file=None, min_auc=0.7, min_balanced_accuracy=0.65)
@@ -99,8 +99,8 @@ def test_without_production_the_floors_still_apply(tmp_path: Path) -> None:
 
 def test_jobs_list_shows_the_current_pointer_after_a_rollback(
         trainer_env: dict[str, str], ctscan_cli: Callable[..., Any]) -> None:
-    from ctscan.job_records import JobRecords, now
-    from ctscan.records import JobRecord
+    from ctscan.storage.job_records import JobRecords, now
+    from ctscan.storage.records import JobRecord
 
     store = open_store(trainer_env["CTSCAN_MODEL_STORE"] + "-listing")
     records = JobRecords.for_store(store.url)
@@ -122,7 +122,7 @@ def test_jobs_list_shows_the_current_pointer_after_a_rollback(
 
 def test_promote_and_rollback_need_the_admin_credential(
         trainer_env: dict[str, str], ctscan_cli: Callable[..., Any], admin_token: str) -> None:
-    from ctscan.job_records import JobRecords
+    from ctscan.storage.job_records import JobRecords
 
     store = open_store(trainer_env["CTSCAN_MODEL_STORE"] + "-admin")
     JobRecords.for_store(store.url).publish_verifier(admin_token)  # as a worker does when it starts

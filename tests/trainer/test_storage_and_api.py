@@ -22,7 +22,7 @@ CARD = {"architecture": "mobilenetv2", "input_size": 32, "threshold": 0.5, "metr
 
 
 def test_s3_store_never_overwrites_a_version_and_promotes(trainer_env: dict[str, str]) -> None:
-    from ctscan.store import open_store
+    from ctscan.storage.store import open_store
 
     store = open_store(trainer_env["CTSCAN_MODEL_STORE"] + "-unit")
     version = store.save("mobilenetv2", weights=b"first weights", card=CARD)
@@ -37,9 +37,9 @@ def test_s3_store_never_overwrites_a_version_and_promotes(trainer_env: dict[str,
 
 
 def test_unreachable_s3_is_one_clear_error(trainer_env: dict[str, str]) -> None:
-    from ctscan.s3store import S3ObjectStore
     from ctscan.settings import S3Settings
-    from ctscan.store import ModelStore
+    from ctscan.storage.s3store import S3ObjectStore
+    from ctscan.storage.store import ModelStore
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
@@ -53,7 +53,7 @@ def test_unreachable_s3_is_one_clear_error(trainer_env: dict[str, str]) -> None:
 def test_dataset_upload_is_verified_versioned_and_fetch_detects_tampering(
         trainer_env: dict[str, str], tiny_dataset_dir: Path, tmp_path: Path) -> None:
     from ctscan.datasets import fetch_dataset, list_dataset_versions, upload_dataset
-    from ctscan.s3store import S3ObjectStore
+    from ctscan.storage.s3store import S3ObjectStore
 
     datasets_url = trainer_env["CTSCAN_DATASETS_URL"] + "-unit"
     manifest = upload_dataset(tiny_dataset_dir, f"{datasets_url}/tiny", version="a")

@@ -18,7 +18,7 @@ from flask.testing import FlaskClient
 
 from ctscan.access import open_access
 from ctscan.audit_trail import AuditEvent, read_events
-from ctscan.store import open_store
+from ctscan.storage.store import open_store
 from services.web.app import create_app
 
 from .conftest import (

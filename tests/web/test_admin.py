@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
-from ctscan.records import JobProgress, JobRecord
-from ctscan.store import ModelStore, open_store
+from ctscan.storage.records import JobProgress, JobRecord
+from ctscan.storage.store import ModelStore, open_store
 from services.web.app import create_app
 from services.web.console import ConsoleUnavailableError
 

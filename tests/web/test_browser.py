@@ -193,7 +193,7 @@ def test_unsupported_file_message_in_the_browser(page: Any, web_service: Service
 def test_admin_logs_in_and_queues_a_job(page: Any, web_service: Service, tiny_model_store: Path,
                                         published_datasets: tuple[str, str, str], trainer_queue: str,
                                         artifacts_dir: Path) -> None:
-    from ctscan.records import JobProgress
+    from ctscan.storage.records import JobProgress
     from services.trainer.api import JobsClient
 
     page.goto(web_service.url + "/admin")

@@ -1,8 +1,8 @@
 """The model store: versions of each model (weights, card, checksums), production pointers,
-the ensemble record and each version's ONNX copy, on any object store (`ctscan.objects`).
+the ensemble record and each version's ONNX copy, on any object store (`ctscan.storage.objects`).
 
     <root>/<model>/<version>/weights.npz          float16 where lossless enough, float32 otherwise
-    <root>/<model>/<version>/card.json            model card (`ctscan.records.ModelCard`)
+    <root>/<model>/<version>/card.json            model card (`ctscan.storage.records.ModelCard`)
     <root>/<model>/<version>/SHA256SUMS           checksums of the two files above, written last
     <root>/<model>/<version>/onnx/model.onnx      ONNX Runtime copy of the weights (optional)
     <root>/<model>/<version>/onnx/manifest.json   its provenance and check (`OnnxManifest`)
@@ -20,24 +20,20 @@ Every read is verified against the checksums.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import secrets
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
 from pydantic import ValidationError
 
 from ctscan.errors import ChecksumError, StoreError, VersionExistsError
-from ctscan.objects import ObjectStore, open_objects
-from ctscan.records import EnsembleRecord, ModelCard, OnnxManifest, ProductionPointer, Record
+from ctscan.storage.objects import ObjectStore, open_objects
+from ctscan.storage.records import EnsembleRecord, ModelCard, OnnxManifest, ProductionPointer, Record
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-    import keras
 
 WEIGHTS_FILE = "weights.npz"
 CARD_FILE = "card.json"
@@ -49,9 +45,6 @@ ONNX_FOLDER = "onnx"
 ONNX_FILE = "model.onnx"
 ONNX_MANIFEST_FILE = "manifest.json"
 ONNX_FILES = (ONNX_FILE, ONNX_MANIFEST_FILE)
-# float16 keeps 3 significant digits; arrays with larger magnitudes (BatchNorm variances of
-# randomly initialised nets can be big) stay float32 so restoring them is exact enough.
-FLOAT16_SAFE_MAX = 1.0e4
 
 R = TypeVar("R", bound=Record)
 
@@ -88,50 +81,6 @@ def verify_artifacts(files: Mapping[str, bytes], where: str, names: tuple[str, .
             raise ChecksumError(f"{where}: {name} is missing")
         if sums.get(name) != sha256_bytes(files[name]):
             raise ChecksumError(f"{where}: {name} does not match its SHA-256; refusing to load it")
-
-
-def pack_weights(model: keras.Model) -> bytes:
-    """Model weights -> compressed npz (float16 where safe).
-
-    Keys are the variable's position plus its path: Keras numbers unnamed layers per process
-    (InceptionV3's `batch_normalization_57`...), so names alone do not identify a variable
-    once several models were built; the architecture fixes the order.
-    """
-    arrays: dict[str, np.ndarray] = {}
-    for index, variable in enumerate(model.weights):
-        value = np.asarray(variable.numpy())
-        if value.dtype == np.float32 and (value.size == 0 or np.abs(value).max() < FLOAT16_SAFE_MAX):
-            value = value.astype(np.float16)
-        arrays[f"{index:05d}|{variable.path}"] = value
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]
-    return buffer.getvalue()
-
-
-def unpack_weights(model: keras.Model, data: bytes) -> None:
-    """Restore weights packed by `pack_weights` into a model of the same architecture."""
-    try:
-        archive = np.load(io.BytesIO(data))
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"weights file is unreadable: {exc}") from None
-    with archive as arrays:
-        variables = list(model.weights)
-        if all("|" in key for key in arrays.files):
-            ordered = sorted(arrays.files, key=lambda key: int(key.split("|", 1)[0]))
-        else:  # early releases keyed by path only
-            ordered = [variable.path for variable in variables]
-            missing = sorted(set(ordered) - set(arrays.files))[:3]
-            if missing:
-                raise StoreError(f"weights do not fit model {model.name}: missing {missing}")
-        if len(ordered) != len(variables):
-            raise StoreError(f"weights do not fit model {model.name}: {len(ordered)} arrays stored, "
-                             f"the architecture has {len(variables)}")
-        for key, variable in zip(ordered, variables, strict=True):
-            value = arrays[key]
-            if tuple(value.shape) != tuple(variable.shape):
-                raise StoreError(f"weights do not fit model {model.name}: {key} has shape "
-                                 f"{value.shape}, the model expects {tuple(variable.shape)}")
-            variable.assign(value.astype(np.float32))
 
 
 def _check_name(kind: str, value: str) -> str:
@@ -309,21 +258,3 @@ class ModelStore:
 def open_store(url: str | Path) -> ModelStore:
     """The model store at a folder, s3://bucket/prefix or any registered backend's URL."""
     return ModelStore(open_objects(url))
-
-
-def keras_model_from(card: ModelCard, weights: bytes) -> keras.Model:
-    """The architecture named by the card with these (verified) weights restored into it."""
-    from ctscan.models import build_model
-
-    model = build_model(card.architecture, init="none", input_size=card.input_size, compile_model=False)
-    unpack_weights(model, weights)
-    return model
-
-
-def load_keras_model(store: ModelStore, name: str, version: str | None = None) -> tuple[keras.Model, ModelCard]:
-    """Build the architecture named by the card and restore verified weights into it."""
-    version = version or store.production(name)
-    if not version:
-        raise StoreError(f"model {name} has no production version in {store.url}")
-    card, weights = store.verified_card(name, version)
-    return keras_model_from(card, weights), card

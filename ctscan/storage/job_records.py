@@ -1,6 +1,6 @@
 """Training jobs in the store: their records, checkpoints and the admin credential's check.
 
-    <model store>/.jobs/<job id>/job.json     `ctscan.records.JobRecord`, the source of truth
+    <model store>/.jobs/<job id>/job.json     `ctscan.storage.records.JobRecord`, the source of truth
     <model store>/.jobs/<job id>/cancel       a cancel request (written by anyone but the worker)
     <model store>/.jobs/.admin-verifier.json  salted scrypt hash of the workers' admin token
     <model store>/.runs/<job id>/...          the run's last checkpoint (`Checkpoints`)
@@ -25,9 +25,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ctscan.errors import CTScanError
-from ctscan.objects import ObjectStore, open_objects
-from ctscan.records import JobRecord
-from ctscan.store import parse_record
+from ctscan.storage.objects import ObjectStore, open_objects
+from ctscan.storage.records import JobRecord
+from ctscan.storage.store import parse_record
 
 JOBS_FOLDER = ".jobs"
 RUNS_FOLDER = ".runs"

@@ -1,11 +1,11 @@
 """Object stores: one folder-like interface over a local folder, S3 or any registered backend.
 
 Everything the project keeps (model versions, ONNX copies, datasets, job records,
-checkpoints) goes through `ObjectStore`; the typed repositories (`ctscan.store`,
-`ctscan.datasets`, `ctscan.job_records`) sit on top and never look at a URL themselves.
+checkpoints) goes through `ObjectStore`; the typed repositories (`ctscan.storage.store`,
+`ctscan.datasets`, `ctscan.storage.job_records`) sit on top and never look at a URL themselves.
 `open_objects(url)` is the one place that turns a URL into a backend, by its scheme:
 
-    s3://bucket/prefix        ctscan.s3store.S3ObjectStore (registered below, imported lazily)
+    s3://bucket/prefix        ctscan.storage.s3store.S3ObjectStore (registered below, imported lazily)
     /some/folder, file://...  LocalObjectStore
     <scheme>://...            whatever `register_backend(scheme, factory)` installed
 
@@ -227,7 +227,7 @@ class LocalObjectStore(ObjectStore):
 # --- backends by URL scheme -----------------------------------------------------------------
 BackendFactory = Callable[[str], ObjectStore]
 # Built-in backends as "module:attribute" so their dependencies (boto3) load only when used.
-_BACKENDS: dict[str, BackendFactory | str] = {"s3": "ctscan.s3store:S3ObjectStore.from_url"}
+_BACKENDS: dict[str, BackendFactory | str] = {"s3": "ctscan.storage.s3store:S3ObjectStore.from_url"}
 
 
 def register_backend(scheme: str, factory: BackendFactory) -> None:

@@ -1,4 +1,4 @@
-"""The S3 backend of `ctscan.objects`: one bucket prefix seen as a folder of objects.
+"""The S3 backend of `ctscan.storage.objects`: one bucket prefix seen as a folder of objects.
 
 Registered for `s3://bucket/prefix` URLs (AWS S3, MinIO and other S3-compatible servers).
 Endpoint, region and tuning come from `ctscan.settings.S3Settings`, credentials from
@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ctscan.errors import StoreError, VersionExistsError
-from ctscan.objects import TEMP_PREFIX, FileSource, ObjectStore, check_key, read_source, source_size
 from ctscan.settings import S3Settings, get_s3_settings
+from ctscan.storage.objects import TEMP_PREFIX, FileSource, ObjectStore, check_key, read_source, source_size
 
 # Error codes that mean "no such object" / "precondition failed" across S3 implementations.
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}

@@ -1,0 +1,51 @@
+"""The web app's shared per-app objects (settings, clients, throttles, audit trail), in a
+module of their own: the app factory and the views both import it, never each other
+(flaskr's `db.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from flask import current_app
+
+from ctscan.audit_trail import AuditTrail
+from ctscan.settings import WebSettings
+from ctscan.storage.store import ModelStore
+from services.web.auth import Authenticator, LoginThrottle
+from services.web.console import JobsClientLike, default_jobs_client, default_store
+from services.web.inference_client import InferenceClient
+
+
+@dataclass
+class WebServices:
+    """What the routes use, created once per app (tests pass their own)."""
+
+    settings: WebSettings
+    inference: InferenceClient
+    jobs_client_factory: Callable[[], JobsClientLike] = default_jobs_client
+    store_factory: Callable[[str], ModelStore] = default_store
+    # Failed logins per address, and per user name (guessing from many addresses); the second
+    # also lets a stranger lock an account for a while, the usual price of this defence.
+    login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    username_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(limit=10, window_s=900.0))
+    auth: Authenticator = field(init=False)
+    trail: AuditTrail = field(init=False)
+    _jobs_client: JobsClientLike | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.auth = Authenticator(self.settings)
+        self.trail = AuditTrail(self.settings.audit.audit_dir, service="web")
+
+    def jobs(self) -> JobsClientLike:
+        if self._jobs_client is None:
+            self._jobs_client = self.jobs_client_factory()
+        return self._jobs_client
+
+    def store(self) -> ModelStore:
+        return self.store_factory(self.settings.store.model_store)
+
+
+def services() -> WebServices:
+    web: WebServices = current_app.extensions["ctscan_web"]
+    return web
