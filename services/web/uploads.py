@@ -15,11 +15,11 @@ from ctscan.errors import ImageError, UnsupportedImageError
 from ctscan.formats import InputFormat, describe_formats, sniff
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# Flask (werkzeug) spools a multipart file part larger than 500 KB to a temporary file while
-# the request is parsed; it is deleted when the request ends. Say "never written to disk" only
-# once uploads stay in memory.
+# Large multipart file parts are spooled to temporary files while a request is parsed (Flask's
+# werkzeug on the page from about 500 KB, Starlette in the inference service over 1 MB) and
+# deleted when it ends. Say "never written to disk" only once uploads stay in memory.
 UPLOAD_STORAGE_NOTE = ("Uploads are analysed and then discarded: nothing is kept after the request "
-                       "(files over 500 KB pass through a temporary file on the web server while it lasts).")
+                       "(large files pass through temporary files on the servers while it lasts).")
 
 
 def unsupported_message() -> str:
