@@ -192,6 +192,8 @@ class InferenceSettings(Section):
     key_reload_seconds: float = Field(default=5.0, gt=0, le=300)
     # Requests a minute per key (per replica) unless the key has its own limit.
     rate_limit_per_minute: int = Field(default=120, ge=1)
+    # Requests a minute per person behind the web page (the page names them; per replica).
+    user_rate_limit_per_minute: int = Field(default=30, ge=1)
 
     store: StoreSettings = _shared(StoreSettings)
     core: CoreSettings = _shared(CoreSettings)

@@ -360,6 +360,18 @@ def seed_store(env: dict[str, str]) -> None:
     say(f"model store {store} (no release folder at {release}; using the store as it is)")
 
 
+def init_admin_verifier(env: dict[str, str]) -> None:
+    """The store's admin verifier from CTSCAN_ADMIN_TOKEN (`ctscan admin init`): without it
+    every admin command is refused (ctscan.admin_credential)."""
+    from ctscan.admin_credential import AdminCredentialError, AdminVerifier
+
+    try:
+        outcome = AdminVerifier.for_store(env["CTSCAN_MODEL_STORE"]).init(env["CTSCAN_ADMIN_TOKEN"])
+    except AdminCredentialError as exc:
+        raise DevstackError(f"the admin credential does not match this store: {exc}") from None
+    say(f"admin verifier {outcome} (CTSCAN_ADMIN_TOKEN)")
+
+
 # --- dataset ------------------------------------------------------------------------------
 def register_local_key(env: dict[str, str]) -> None:
     """DEVSTACK_API_KEY becomes the store's key "local" (once; a revoked one is replaced)."""
@@ -499,6 +511,7 @@ def cmd_up(layout: Layout) -> int:
     status = 0
     try:
         seed_store(env)
+        init_admin_verifier(env)
         register_local_key(env)
         publish_dataset(env)
         broker = choose_broker(layout, env)

@@ -9,8 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, Request, Response, Security, UploadFile
-from fastapi.security import APIKeyHeader
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ctscan.audit_trail import upload_digest
@@ -28,6 +27,7 @@ from ctscan.schemas import (
     StudyPrediction,
 )
 from ctscan.study import ArchiveError, StudyError, StudyLimits
+from services.inference.auth import API_KEY, PUBLIC, UploadLimit
 from services.inference.deps import MetricsDep, RegistryDep, SettingsDep
 from services.inference.errors import APIError, error_response, image_error
 from services.inference.prediction import UnrecognisedFileError, predict_upload
@@ -35,12 +35,9 @@ from services.inference.registry import EnsembleUnavailableError, ModelNotReadyE
 from services.inference.study import SliceError, predict_study, study_blobs
 
 logger = logging.getLogger(__name__)
+# Every route states its access in `dependencies` (PUBLIC or API_KEY; an upload route also
+# its UploadLimit); one that states nothing is refused to everyone (services/inference/auth.py).
 router = APIRouter()
-# Documents the key in the OpenAPI schema ("Authorize" in /docs); the check itself runs in the
-# request middleware, before the upload is read (services/inference/auth.py).
-API_KEY = [Security(APIKeyHeader(name="X-API-Key", auto_error=False, description=(
-    "An API key from `ctscan keys create` (or Authorization: Bearer KEY); not needed when the "
-    "service runs with INFERENCE_AUTH=off")))]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _READ_CHUNK = 1 << 20
@@ -54,18 +51,23 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def request_id_from(supplied: str) -> str:
-    """The caller's X-Request-ID when it is a sane token, else a new one."""
-    return supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+def new_request_id() -> str:
+    """The service's own id of a request (in the answer, the logs and the audit trail)."""
+    return uuid.uuid4().hex
 
 
-@router.get("/healthz", response_model=Health, tags=["operations"])
+def client_request_id_from(supplied: str) -> str | None:
+    """The caller's X-Request-ID when it is a sane token (kept beside ours), else None."""
+    return supplied if _REQUEST_ID.match(supplied) else None
+
+
+@router.get("/healthz", response_model=Health, tags=["operations"], dependencies=[PUBLIC])
 async def healthz() -> Health:
     """Liveness: the process answers."""
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Readiness, tags=["operations"],
+@router.get("/readyz", response_model=Readiness, tags=["operations"], dependencies=[PUBLIC],
             responses={503: {"model": ErrorResponse, "description": "Models still loading"}})
 async def readyz(registry: RegistryDep) -> Any:
     """200 once every configured model is loaded and warmed up, else 503 naming what is missing."""
@@ -80,7 +82,7 @@ async def readyz(registry: RegistryDep) -> Any:
                      backends={n: m.predictor.backend for n, m in models.items()})
 
 
-@router.get("/models", response_model=ModelsResponse, tags=["models"], dependencies=API_KEY)
+@router.get("/models", response_model=ModelsResponse, tags=["models"], dependencies=[API_KEY])
 async def list_models(registry: RegistryDep) -> ModelsResponse:
     """The loaded models (version, input size, threshold, card metrics) and the ensemble."""
     models = [
@@ -105,7 +107,8 @@ async def list_models(registry: RegistryDep) -> ModelsResponse:
     )
 
 
-@router.get("/metrics", tags=["operations"], response_class=Response)
+# Public inside the cluster: k8s keeps /metrics off the ingress (k8s/networkpolicy.yaml, ingress.yaml).
+@router.get("/metrics", tags=["operations"], response_class=Response, dependencies=[PUBLIC])
 async def metrics(metrics: MetricsDep) -> Response:
     """Prometheus metrics: requests and latency by model and status, batch sizes, versions."""
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -145,7 +148,8 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-@router.post("/predict", response_model=Prediction, responses=ERRORS, tags=["predict"], dependencies=API_KEY)
+@router.post("/predict", response_model=Prediction, responses=ERRORS, tags=["predict"],
+             dependencies=[API_KEY, Depends(UploadLimit("max_upload_bytes"))])
 async def predict(
     request: Request,
     registry: RegistryDep,
@@ -171,7 +175,7 @@ async def predict(
 
 
 @router.post("/predict/study", response_model=StudyPrediction, responses=ERRORS, tags=["predict"],
-             dependencies=API_KEY)
+             dependencies=[API_KEY, Depends(UploadLimit("max_study_bytes"))])
 async def predict_study_route(
     request: Request,
     registry: RegistryDep,

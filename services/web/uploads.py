@@ -15,11 +15,15 @@ from ctscan.errors import ImageError, UnsupportedImageError
 from ctscan.formats import InputFormat, describe_formats, sniff
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-# Large multipart file parts are spooled to temporary files while a request is parsed (Flask's
-# werkzeug on the page from about 500 KB, Starlette in the inference service over 1 MB) and
-# deleted when it ends. Say "never written to disk" only once uploads stay in memory.
-UPLOAD_STORAGE_NOTE = ("Uploads are analysed and then discarded: nothing is kept after the request "
-                       "(large files pass through temporary files on the servers while it lasts).")
+# What the pages say about where uploads go, to change with the behaviour (services/web/app.py,
+# main.py; services/inference/app.py): a slice's body and its parts stay in memory in both
+# services; a study's body above a slice's limit is buffered by waitress in TMPDIR while the
+# request lasts, which compose and Kubernetes mount as a memory-backed tmpfs.
+UPLOAD_STORAGE_NOTE = "The image is analysed in memory, never written to disk, and not kept after the analysis."
+STUDY_STORAGE_NOTE = ("The files are analysed in memory and not kept after the analysis; while a large study is "
+                      "received it is buffered in the web server's temporary folder (memory-backed in the compose "
+                      "and Kubernetes deployments).")
+FOOTER_STORAGE_NOTE = "Uploads are not kept after the analysis; a single slice never touches the disk."
 
 
 def unsupported_message() -> str:

@@ -2,8 +2,8 @@
 
 Routes translate HTTP to the plain functions in `uploads`, `inference_client` and `console`
 and turn their exceptions into friendly pages; they hold no domain logic. Who may call them
-is decided before each route (`access_views.require`); every prediction sent and every admin
-action is written to the audit trail (`access_views.audit`).
+is stated on each route (`@allow`) and checked before it runs (`access_views.guard`); every
+prediction sent and every admin action is written to the audit trail (`access_views.audit`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from ctscan.audit_trail import upload_digest
 from ctscan.errors import CTScanError, StoreError, UnsupportedImageError
 from ctscan.models import ENSEMBLE, FASTEST_ARCHITECTURE
 from ctscan.storage.records import EnsembleRecord
-from services.web.access_views import audit, current_name, require
+from services.web.access_views import audit, current_name
+from services.web.auth import Access, Body, allow
 from services.web.console import (
     QUEUE_ERRORS,
     STORE_ERRORS,
@@ -41,7 +42,14 @@ from services.web.forms import (
 )
 from services.web.inference_client import EnsembleUnavailableError, InferenceError
 from services.web.study_view import probability_strip
-from services.web.uploads import UPLOAD_STORAGE_NOTE, check_upload, png_data_url, preview_data_url
+from services.web.uploads import (
+    FOOTER_STORAGE_NOTE,
+    STUDY_STORAGE_NOTE,
+    UPLOAD_STORAGE_NOTE,
+    check_upload,
+    png_data_url,
+    preview_data_url,
+)
 
 log = logging.getLogger("ctscan.web")
 
@@ -51,20 +59,14 @@ admin = Blueprint("admin", __name__, url_prefix="/admin")
 RouteResult = Any
 
 
-# Every route of each blueprint, present and future, needs its role (access_views.require).
-@clinic.before_request
-def _clinicians_only() -> RouteResult | None:
-    return require("clinician")
-
-
-@admin.before_request
-def _admins_only() -> RouteResult | None:
-    return require("admin")
+# Every route states its access (and its body, when it takes files) where it is declared;
+# one that states nothing is refused to everyone (access_views.guard).
 
 
 @clinic.app_context_processor
 def _page_words() -> dict[str, Any]:
-    return {"upload_storage_note": UPLOAD_STORAGE_NOTE}
+    return {"upload_storage_note": UPLOAD_STORAGE_NOTE, "study_storage_note": STUDY_STORAGE_NOTE,
+            "footer_storage_note": FOOTER_STORAGE_NOTE}
 
 
 @clinic.app_template_filter("label_of")
@@ -74,12 +76,13 @@ def _label_of(name: str) -> str:
 
 
 def new_request_id() -> str:
-    # Sent to the inference service as X-Request-ID: both services' audit events share it.
+    # Sent to the inference service as X-Request-ID, which it keeps as client_request_id
+    # beside its own id; the page's event names that one (service_request_id).
     return uuid.uuid4().hex
 
 
 def echo(answered: str, sent: str) -> dict[str, str]:
-    # The service keeps the id it is sent; one that answers with another is named beside it.
+    # The service mints its own id of each request; the page's event names it beside the page's.
     return {} if answered == sent else {"service_request_id": answered}
 
 
@@ -103,17 +106,20 @@ def render_index(*, form: PredictForm | None = None, result: dict[str, Any] | No
 
 
 @clinic.get("/")
+@allow(Access.CLINICIAN)
 def index() -> RouteResult:
     return render_index()
 
 
 @clinic.get("/predict")
+@allow(Access.CLINICIAN)
 def predict_page() -> RouteResult:
     # A bookmarked or refreshed result page: results are never kept, so start afresh.
     return redirect(url_for("clinic.index"))
 
 
 @clinic.post("/predict")
+@allow(Access.CLINICIAN, body=Body.UPLOAD)
 def predict() -> RouteResult:
     form = PredictForm()
     if not form.validate_on_submit():
@@ -133,7 +139,7 @@ def predict() -> RouteResult:
     try:
         answer = services().inference.predict(data=upload.data, filename=upload.neutral_filename,
                                               model=form.model.data, explain=form.explain.data,
-                                              request_id=request_id)
+                                              request_id=request_id, user=current_name())
     except InferenceError as exc:
         log.warning("prediction failed: request_id=%s %s (%s)", request_id, type(exc).__name__, exc.status)
         audit(action="predict", outcome=exc.outcome, request_id=request_id, model=form.model.data,
@@ -164,11 +170,13 @@ def render_study(*, form: StudyForm | None = None, result: dict[str, Any] | None
 
 
 @clinic.get("/study")
+@allow(Access.CLINICIAN)
 def study_page() -> RouteResult:
     return render_study()
 
 
 @clinic.post("/study")
+@allow(Access.CLINICIAN, body=Body.STUDY)
 def study() -> RouteResult:
     form = StudyForm()
     if not form.validate_on_submit():
@@ -186,7 +194,7 @@ def study() -> RouteResult:
     started = time.perf_counter()
     try:
         answer = services().inference.predict_study(files=files, model=form.model.data, explain=form.explain.data,
-                                                    request_id=request_id)
+                                                    request_id=request_id, user=current_name())
     except InferenceError as exc:
         log.warning("study prediction failed: request_id=%s %s (%s)", request_id, type(exc).__name__, exc.status)
         audit(action="predict_study", outcome=exc.outcome, request_id=request_id, model=form.model.data,
@@ -234,6 +242,7 @@ def _models_view() -> tuple[list[dict[str, Any]], EnsembleRecord | None, str | N
 
 @admin.get("/")  # registered second: url_for builds "/admin"
 @admin.get("")
+@allow(Access.ADMIN)
 def console() -> RouteResult:
     settings = services().settings
     dataset_versions = published_dataset_versions(datasets_url=settings.store.datasets_url,
@@ -253,6 +262,7 @@ def console() -> RouteResult:
 
 
 @admin.get("/jobs/table")
+@allow(Access.ADMIN)
 def jobs_table() -> RouteResult:
     """The jobs table alone, for the page's polling script."""
     jobs, jobs_error = _jobs_view()
@@ -264,6 +274,7 @@ def _trainer_token() -> str | None:
 
 
 @admin.post("/jobs")
+@allow(Access.ADMIN)
 def queue_job() -> RouteResult:
     form = QueueJobForm()
     if not form.validate_on_submit():
@@ -313,6 +324,7 @@ def queue_job() -> RouteResult:
 
 
 @admin.post("/jobs/<job_id>/cancel")
+@allow(Access.ADMIN)
 def cancel_job(job_id: str) -> RouteResult:
     token = _trainer_token()
     if token is None:
@@ -338,6 +350,7 @@ def cancel_job(job_id: str) -> RouteResult:
 
 
 @admin.post("/models/<name>/promote")
+@allow(Access.ADMIN)
 def promote(name: str) -> RouteResult:
     form = PromoteForm()
     if not form.validate_on_submit():
@@ -372,6 +385,7 @@ def promote(name: str) -> RouteResult:
 
 
 @admin.post("/models/<name>/rollback")
+@allow(Access.ADMIN)
 def rollback(name: str) -> RouteResult:
     try:
         version = services().store().rollback(name)

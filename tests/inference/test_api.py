@@ -241,10 +241,10 @@ def test_metrics_count_requests_batches_and_versions(inference_service: RunningS
     assert inference_service.predict(path.read_bytes(), params={"model": "densenet121"}).status_code == 200
     assert inference_service.predict(path.read_bytes(), params={"model": "bogus"}).status_code == 400
     text = inference_service.get("/metrics").text
-    assert 'inference_requests_total{model="densenet121",status="200"}' in text
-    assert 'inference_requests_total{model="invalid",status="400"}' in text
+    assert 'inference_requests_total{action="predict",model="densenet121",status="200"}' in text
+    assert 'inference_requests_total{action="predict",model="invalid",status="400"}' in text
     assert 'inference_batch_size_count{model="densenet121"}' in text
-    assert 'inference_request_seconds_bucket{le="0.5",model="densenet121",status="200"}' in text
+    assert 'inference_request_seconds_bucket{action="predict",le="0.5",model="densenet121",status="200"}' in text
     versions = {e["name"]: e["version"] for e in inference_service.get("/models").json()["models"]}
     served = f'backend="onnxruntime",model="mobilenetv2",version="{versions["mobilenetv2"]}"'
     assert f"inference_model_version_info{{{served}}} 1.0" in text
@@ -272,20 +272,23 @@ def test_concurrent_requests_are_batched(inference_service: RunningService,
     assert counts["images"] > counts["batches"]  # at least one forward pass held several images
 
 
-def test_request_ids_are_echoed_on_answers_and_errors(inference_service: RunningService,
-                                                      real_ct_images: dict[str, Path]) -> None:
+def test_request_ids_are_minted_and_the_clients_is_echoed_beside(inference_service: RunningService,
+                                                                  real_ct_images: dict[str, Path]) -> None:
+    # The service always names a request with its own id; the caller's comes back beside it
+    # (X-Client-Request-ID), so a reused or forged id never stands for two requests.
     content = _first(real_ct_images, "png").read_bytes()
     url = inference_service.url + "/predict"
     ok = requests.post(url, params={"model": "mobilenetv2"}, files={"file": ("a.png", content)},
                        headers={"X-Request-ID": "ward-7.scan-42", **inference_service.headers}, timeout=60)
-    assert ok.status_code == 200 and ok.headers["X-Request-ID"] == "ward-7.scan-42"
-    assert ok.json()["request_id"] == "ward-7.scan-42"
+    assert ok.status_code == 200 and ok.headers["X-Client-Request-ID"] == "ward-7.scan-42"
+    minted = ok.headers["X-Request-ID"]
+    assert minted != "ward-7.scan-42" and len(minted) == 32 and ok.json()["request_id"] == minted
     unknown = requests.post(url, params={"model": "bogus"}, files={"file": ("a.png", content)},
                             headers={"X-Request-ID": "bad id with spaces", **inference_service.headers}, timeout=60)
     generated = unknown.headers["X-Request-ID"]
-    assert unknown.status_code == 400 and generated != "bad id with spaces" and len(generated) == 32
+    assert unknown.status_code == 400 and len(generated) == 32 and "X-Client-Request-ID" not in unknown.headers
     missing_file = requests.post(url, headers={"X-Request-ID": "no-file-1", **inference_service.headers}, timeout=60)
-    assert missing_file.status_code == 422 and missing_file.headers["X-Request-ID"] == "no-file-1"
+    assert missing_file.status_code == 422 and missing_file.headers["X-Client-Request-ID"] == "no-file-1"
 
 
 def test_broken_uploads_in_a_crowd_get_422_and_the_rest_their_answers(inference_service: RunningService,

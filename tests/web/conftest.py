@@ -356,7 +356,11 @@ def web_service(inference_service: Service, tiny_model_store: Path, published_da
                 trainer_queue: str, service_audit_dir: Path, service_accounts: None,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """The real web service (`ctscan serve web`, waitress) in front of the real inference, with
-    accounts (and the built-in admin) and its own API key, which it registers when it starts."""
+    accounts (and the built-in admin) and its own API key, which it registers when it starts.
+    The store's admin verifier is written first, as set-up does (`ctscan admin init`)."""
+    from ctscan.admin_credential import AdminVerifier
+
+    AdminVerifier.for_store(str(tiny_model_store)).init(TRAINER_TOKEN)
     workdir = tmp_path_factory.mktemp("web")
     env = _base_env() | {
         "WEB_SECRET_KEY": SECRET_KEY, "WEB_ADMIN_PASSWORD": ADMIN_PASSWORD, "WEB_AUTH": "accounts",

@@ -139,8 +139,12 @@ def test_repeated_failures_are_throttled(client: FlaskClient) -> None:
 def test_login_sets_a_protected_session_cookie_and_logout_ends_it(client: FlaskClient) -> None:
     response = login(client)
     assert response.status_code == 302 and response.headers["Location"] == "/admin"
-    cookie = response.headers["Set-Cookie"]
-    assert cookie.startswith("ctscan_session=") and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    cookies = response.headers.getlist("Set-Cookie")
+    [cookie] = [c for c in cookies if c.startswith("ctscan_session=")]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    # The device cookie (login throttling) is as protected, and says only whose browser it is.
+    [device] = [c for c in cookies if c.startswith("ctscan_device=")]
+    assert "HttpOnly" in device and "SameSite=Lax" in device
     page = client.get("/admin").get_data(as_text=True)
     assert "Training console" in page
     response = client.post("/logout", data={"csrf_token": csrf_token(page)})
