@@ -84,6 +84,15 @@ class PreparedSlice:
     reason: str | None  # why lungs_visible is False
     findings: LungFindings | None  # None for `legacy`
     lung_mask: np.ndarray | None  # bool, at `grey`'s resolution (None for `legacy`)
+    # bool, the body on the whole decoded slice at working resolution (None for `legacy`):
+    # where a heatmap may be drawn
+    body_mask: np.ndarray | None = None
+
+    @property
+    def view(self) -> tuple[int, int, int, int] | None:
+        """Where `grey` lies on the decoded slice (top, left, bottom, right); None: the whole
+        slice, resized (`legacy`)."""
+        return self.findings.crop_box if self.findings is not None else None
 
     def model_input(self, size: int) -> np.ndarray:
         """(size, size, 3) float32 0..255, what `keras`/ONNX take."""
@@ -540,7 +549,7 @@ class LungPreprocessor:
             lung_balance=float(balance), posterior_fraction=float(posterior_fraction), crop_box=square,
             contrast=float(contrast))
         return PreparedSlice(grey=grey, lungs_visible=visible, reason=reason, findings=findings,
-                             lung_mask=mask)
+                             lung_mask=mask, body_mask=body)
 
 
 PREPROCESSORS: dict[str, Preprocessor] = {

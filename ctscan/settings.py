@@ -438,6 +438,40 @@ def get_trainer_settings() -> TrainerSettings:
     return TrainerSettings()
 
 
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """`NAME=value` lines (optionally `export NAME='value'`, as `make up` writes var/dev.env)."""
+    import shlex
+
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"no environment file {source}")
+    values: dict[str, str] = {}
+    for line in source.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        name, sep, value = line.partition("=")
+        if sep and name.strip().isidentifier():
+            parts = shlex.split(value, posix=True) if value.strip() else [""]
+            values[name.strip()] = parts[0] if parts else ""
+    return values
+
+
+def load_env_file(path: str | Path) -> dict[str, str]:
+    """Put an environment file's variables into this process's environment (they win over
+    what was set before) and forget settings read earlier."""
+    import os
+
+    values = read_env_file(path)
+    os.environ.update(values)
+    for reader in (get_store_settings, get_s3_settings, get_admin_settings, get_promotion_settings,
+                   get_core_settings, get_audit_settings, get_inference_settings, get_web_settings,
+                   get_trainer_settings):
+        reader.cache_clear()
+    return values
+
+
 def describe_settings_error(exc: ValidationError) -> str:
     """One line naming each refused variable (never its value)."""
     problems = []

@@ -61,6 +61,12 @@ class ModelNotReadyError(CTScanError):
     """The model is served but not loaded yet, or failed to load (HTTP 503)."""
 
 
+class EnsembleUnavailableError(ModelNotReadyError):
+    """The members are served but the ensemble is not: its record was calibrated for other
+    member versions (a promotion), or cannot be read. Retrying does not help until it is
+    recalibrated; the single models answer meanwhile (HTTP 503, `ensemble_unavailable`)."""
+
+
 # Keras models are built, and Grad-CAM traced, one at a time: side by side on two cores they
 # took minutes instead of seconds (retracing, and the GIL shared with the requests).
 _BUILDING = threading.Lock()
@@ -232,7 +238,9 @@ class ModelRegistry:
         if missing:
             raise ModelNotReadyError(f"model {', '.join(missing)} is not loaded yet")
         if model == ENSEMBLE and (ensemble is None or set(ensemble.members) != set(names)):
-            raise ModelNotReadyError(self.ensemble_error or "the ensemble is not ready yet")
+            if self.ensemble_error:
+                raise EnsembleUnavailableError(self.ensemble_error)
+            raise ModelNotReadyError("the ensemble is not ready yet")
         entries = [snapshot[name] for name in names]
         for entry in entries:
             entry.enter()

@@ -33,7 +33,7 @@ from services.inference.decoding import DecodeQueueFullError
 from services.inference.deps import MetricsDep, RegistryDep, SettingsDep
 from services.inference.errors import APIError, error_response, image_error
 from services.inference.prediction import UnrecognisedFileError, predict_upload
-from services.inference.registry import ModelNotReadyError, ModelNotServedError
+from services.inference.registry import EnsembleUnavailableError, ModelNotReadyError, ModelNotServedError
 from services.inference.study import SliceError, predict_study, study_blobs
 
 logger = logging.getLogger(__name__)
@@ -123,6 +123,8 @@ def prediction_errors() -> Iterator[None]:
         yield
     except ModelNotServedError as exc:
         raise APIError(400, "unknown_model", str(exc)) from None
+    except EnsembleUnavailableError as exc:  # before its base class: retrying does not help
+        raise APIError(503, "ensemble_unavailable", str(exc)) from None
     except ModelNotReadyError as exc:
         raise APIError(503, "not_ready", str(exc)) from None
     except UnrecognisedFileError as exc:

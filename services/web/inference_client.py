@@ -41,6 +41,17 @@ class InferenceUnavailableError(InferenceError):
     outcome = "unavailable"
 
 
+class EnsembleUnavailableError(InferenceUnavailableError):
+    """The ensemble is switched off until it is recalibrated; the single models answer."""
+
+
+ENSEMBLE_UNAVAILABLE_MESSAGE = (
+    "The combined analysis of all models (the ensemble) is switched off for now: one of its "
+    "models was updated, and the ensemble is only used again once it has been re-checked on "
+    "validation data. Trying again will not help until then. Please choose a single model "
+    "and analyse the image again; an administrator can switch the ensemble back on.")
+
+
 class InferenceTimeoutError(InferenceError):
     status = 504
     outcome = "timeout"
@@ -146,6 +157,8 @@ class InferenceClient:
         if status == 400:
             return InferenceRejectedError(message or "The analysis service refused the request.",
                                           status=400, code=code)
+        if status == 503 and code == "ensemble_unavailable":
+            return EnsembleUnavailableError(ENSEMBLE_UNAVAILABLE_MESSAGE)
         if status == 503:
             return InferenceUnavailableError(
                 "The analysis service is starting up or not ready. Please try again in a minute.")

@@ -129,10 +129,14 @@ def test_an_admin_account_reaches_the_console_and_its_actions_are_audited(app: F
     assert "Training console" in page and "Admin console" in page
     assert client.get("/").status_code == 200  # admins analyse images too
     token = csrf_token(page)
+    # Promote asks first (a confirmation page, nothing changed or audited), then acts on confirm=yes.
     client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": token, "version": "20260102T000000Z-aaaa"})
+    client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": token, "version": "20260102T000000Z-aaaa",
+                                                           "confirm": "yes"})
     client.post("/admin/models/mobilenetv2/rollback", data={"csrf_token": token})
     client.post("/admin/models/mobilenetv2/rollback", data={"csrf_token": token})  # nothing left to roll back
-    client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": token, "version": "20990101T000000Z-zzzz"})
+    client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": token, "version": "20990101T000000Z-zzzz",
+                                                           "confirm": "yes"})
     actions = [(e.action, e.outcome, e.model, e.model_version)
                for e in events(tmp_path / "audit", actor=ADMIN_ACCOUNT[0]) if e.action != "login"]
     assert actions == [("promote", "ok", "mobilenetv2", "20260102T000000Z-aaaa"),

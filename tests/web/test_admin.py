@@ -322,6 +322,12 @@ def test_promote_then_roll_back(client: FlaskClient, store: ModelStore) -> None:
     html = client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": token,
                                                                    "version": "20260102T000000Z-aaaa"},
                        follow_redirects=True).get_data(as_text=True)
+    # First what it changes, and nothing changed yet.
+    assert 'id="promote-confirm"' in html and "instead of version 20260101T000000Z-aaaa" in html
+    assert store.production("mobilenetv2") == "20260101T000000Z-aaaa"
+    html = client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": csrf_token(html), "confirm": "yes",
+                                                                   "version": "20260102T000000Z-aaaa"},
+                       follow_redirects=True).get_data(as_text=True)
     assert "mobilenetv2: production is now 20260102T000000Z-aaaa" in html
     assert store.production("mobilenetv2") == "20260102T000000Z-aaaa"
     html = client.post("/admin/models/mobilenetv2/rollback", data={"csrf_token": token},
@@ -344,7 +350,8 @@ def test_promote_unknown_version_is_refused(client: FlaskClient, store: ModelSto
 
 def test_promote_without_csrf_token_is_refused(client: FlaskClient, store: ModelStore) -> None:
     login(client)
-    response = client.post("/admin/models/mobilenetv2/promote", data={"version": "20260102T000000Z-aaaa"})
+    response = client.post("/admin/models/mobilenetv2/promote", data={"version": "20260102T000000Z-aaaa",
+                                                                       "confirm": "yes"})
     assert response.status_code == 400
     assert store.production("mobilenetv2") == "20260101T000000Z-aaaa"
 
@@ -426,7 +433,14 @@ def test_a_promotion_that_changes_an_ensemble_member_is_shown_as_such(client: Fl
     login(client)
     html = client.get("/admin").get_data(as_text=True)
     assert "calibrated on val for" in html and 'id="ensemble-stale"' not in html
-    client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": console_token(client),
+    confirm = client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": console_token(client),
+                                                                     "version": "20260102T000000Z-aaaa"})
+    consequences = confirm.get_data(as_text=True)
+    consequences = consequences[consequences.index('id="consequences"'):consequences.index("</ul>")]
+    # The admin is told, before confirming, that the clinicians' default goes away until recalibrated.
+    assert "The ensemble (the page&#39;s default) is switched off" in consequences
+    assert "ctscan models calibrate-ensemble" in consequences and "offered the single models" in consequences
+    client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": console_token(client), "confirm": "yes",
                                                            "version": "20260102T000000Z-aaaa"})
     html = client.get("/admin").get_data(as_text=True)
     stale = html[html.index('id="ensemble-stale"'):]
