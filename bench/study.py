@@ -5,8 +5,9 @@ at interleaved positions: a thin-slice series of one patient), zipped as a PACS 
 Measured in one run on this machine:
   * the service: seconds per study (ZIP upload to answer, heatmaps of the top slices off and
     on), and slices per second;
-  * the in-process limit: the same slices decoded, screened and preprocessed on every core
-    and fed to each model's stored ONNX copy in batches, no HTTP (`limit`).
+  * the in-process limit: the same slices through the service's own per-slice function
+    (decode, screening, preprocessing) on every core, the models as the service loads them
+    (forward pass with the gate's features) in batches, decisions and aggregation (`limit`).
 The ratio service / limit says what the HTTP upload, unpacking, ordering and batching cost.
 
     python -m bench.study --store var/model-store --ctmd ../shared/data/covid-ct-md-sample
@@ -33,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
-from bench.run import MODELS, RESULTS_DIR, _free_port, _start, _stop  # noqa: E402
+from bench.run import RESULTS_DIR, _free_port, _start, _stop  # noqa: E402
 
 SLICES = 150
 
@@ -72,42 +73,46 @@ def as_zip(slices: list[bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def in_process_limit(store_url: str, slices: list[bytes], *, batch_size: int = 16) -> dict[str, Any]:
-    """Slices per second for decoding, screening and preprocessing on every core plus the
-    three models' ONNX copies at `batch_size`, in this process."""
-    from ctscan.imaging import decode_image
-    from ctscan.onnx_runtime import onnx_predictor
-    from ctscan.preprocessing import LUNG_V1, card_preprocessing, get_preprocessor, prepare
-    from ctscan.storage.store import open_store
+def in_process_limit(entries: list[Any], slices: list[bytes], *, rule: Any, batch_size: int = 16) -> dict[str, Any]:
+    """Slices per second for what the service does with a study, without HTTP: the same
+    per-slice function (decode, screening, preprocessing) on every core, each model's forward
+    pass (probability and gate distance) in batches, the decisions, ordering and aggregation."""
+    from bench.run import batch_outputs
+    from ctscan.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+    from ctscan.predictor import SliceResult, slice_decision, study_decision
+    from ctscan.study import order_series
+    from services.inference.prediction import member_output, sniff_format
+    from services.inference.study import _expand, _screen
 
-    store = open_store(store_url)
-    members = []
-    for name in MODELS:
-        version = store.production(name)
-        card = store.card(name, version)
-        copy = store.onnx_copy(name, version)
-        if copy is None:
-            raise SystemExit(f"{name} {version} has no ONNX copy: run `make setup` (ctscan models export-onnx)")
-        members.append((card.input_size, card_preprocessing(card), onnx_predictor(copy[0], spinning=False)))
+    forward = [batch_outputs(entry) for entry in entries]
 
-    def screen(data: bytes) -> list[np.ndarray] | None:
-        decoded = decode_image(data)
-        screened = prepare(decoded, LUNG_V1)
-        if not screened.lungs_visible:
-            return None
-        return [(screened if pre == LUNG_V1 else get_preprocessor(pre)(decoded)).model_input(size)
-                for size, pre, _ in members]
+    def screen(index: int) -> Any:
+        return _screen(sniff_format(slices[index]), slices[index], entries, index, max_pixels=DEFAULT_MAX_PIXELS,
+                       max_side=DEFAULT_MAX_SIDE)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-        inputs = [item for item in pool.map(screen, slices) if item is not None]
+        items = list(pool.map(screen, range(len(slices))))
     screened_at = time.perf_counter()
-    for index, (_, _, predict) in enumerate(members):
-        batch = [item[index] for item in inputs]
-        for start in range(0, len(batch), batch_size):
-            predict(np.stack(batch[start:start + batch_size]))
+    accepted = [item for item in items if item.refusal is None]
+    for member, run in enumerate(forward):
+        for start in range(0, len(accepted), batch_size):
+            part = accepted[start:start + batch_size]
+            rows = run(np.stack([_expand(item.inputs[member]) for item in part]))
+            for item, row in zip(part, rows, strict=True):
+                item.rows = [*(item.rows or []), tuple(float(v) for v in row)]
+    ordered = order_series([item.info for item in items])
+    results = []
+    for entry in ordered:
+        item = items[entry.upload_index]
+        if item.refusal is not None or item.rows is None:
+            results.append(SliceResult(item.refusal))
+            continue
+        outputs = [member_output(served, row) for served, row in zip(entries, item.rows, strict=True)]
+        results.append(SliceResult(slice_decision(outputs, ensemble=rule), outputs))
+    study_decision(results, threshold=rule.threshold, band=rule.band)
     finished = time.perf_counter()
-    return {"slices": len(slices), "classified": len(inputs), "screening_s": screened_at - started,
+    return {"slices": len(slices), "classified": len(accepted), "screening_s": screened_at - started,
             "inference_s": finished - screened_at, "seconds": finished - started,
             "slices_per_s": len(slices) / (finished - started)}
 
@@ -132,11 +137,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--store", required=True)
     parser.add_argument("--ctmd", type=Path, default=REPO_ROOT.parent / "shared" / "data" / "covid-ct-md-sample")
+    parser.add_argument("--images", default=str(REPO_ROOT.parent / "shared" / "data" / "ucsd-covid-ct"))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    from bench.run import served_models
+    from services.inference.prediction import ensemble_rule
+
     slices = build_series(args.ctmd)
     archive = as_zip(slices)
-    limit = in_process_limit(args.store, slices)
+    registry, served, ensemble = served_models(args.store, args.images)
+    try:
+        limit = in_process_limit(list(served.values()), slices, rule=ensemble_rule(ensemble))
+    finally:
+        for entry in served.values():
+            entry.batcher.close()
+        registry.decoder.shutdown()
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -153,9 +168,9 @@ def main() -> None:
     finally:
         _stop(process)
     report = {"when": datetime.now(UTC).isoformat(), "cpus": os.cpu_count(), "store": str(args.store),
-              "slices": len(slices), "zip_bytes": len(archive), "limit": limit, "service": plain,
-              "service_with_heatmaps": explained, "ratio": plain["slices_per_s"] / limit["slices_per_s"]}
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+              "load_average": os.getloadavg(), "slices": len(slices), "zip_bytes": len(archive), "limit": limit,
+              "service": plain, "service_with_heatmaps": explained,
+              "ratio": plain["slices_per_s"] / limit["slices_per_s"]}
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     (RESULTS_DIR / f"study-{stamp}.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -32,6 +32,9 @@ ACCESS_PREFIX = ".access"
 KEY_PREFIX = "ctk_"
 ROLES = ("clinician", "admin")
 Role = Literal["clinician", "admin"]
+# The web page's own API key: the one key whose requests may name the signed-in person
+# (services/inference/auth.py), so that limits and the audit trail are per person.
+PAGE_KEY_NAME = "web"
 MIN_KEY_LENGTH = 24
 MIN_ACCOUNT_PASSWORD_LENGTH = 12
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -92,6 +95,11 @@ class AccountRecord(BaseModel):
     @property
     def active(self) -> bool:
         return self.disabled_at is None
+
+
+class SessionsEnded(BaseModel):
+    username: str
+    ended_at: datetime
 
 
 R = TypeVar("R", bound=BaseModel)
@@ -215,13 +223,52 @@ class AccessStore:
         check_password(password)
         updated = record.model_copy(update={"password_hash": generate_password_hash(password)})
         self._write_account(updated, new=False)
+        self.end_sessions(username)  # a stolen session must not outlive the old password
+        return updated
+
+    def set_role(self, username: str, role: str) -> AccountRecord:
+        record = self._existing_account(username)
+        if role not in ROLES:
+            raise AccessError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        updated = record.model_copy(update={"role": role})
+        self._write_account(updated, new=False)
+        self.end_sessions(username)
         return updated
 
     def disable_account(self, username: str) -> AccountRecord:
         record = self._existing_account(username)
         updated = record.model_copy(update={"disabled_at": _now()})
         self._write_account(updated, new=False)
+        self.end_sessions(username)
         return updated
+
+    def remove_account(self, username: str) -> AccountRecord:
+        record = self._existing_account(username)
+        self.end_sessions(username)  # first: a removal that stops half-way still logs out
+        self.objects.delete([f"accounts/{record.username}.json"])
+        return record
+
+    # --- sessions ------------------------------------------------------------------------
+    # The page's session cookie is signed, not stored, so ending a session means refusing
+    # every cookie of that user issued before a moment kept here (one small object per
+    # person, the built-in admin included). Logout, a new password, a new role, disabling
+    # and removal all write it: every session of that person ends at once.
+    def end_sessions(self, username: str, *, at: datetime | None = None) -> SessionsEnded:
+        record = SessionsEnded(username=check_name("account", username), ended_at=at or _now())
+        self.objects.put(f"sessions/{record.username}.json", record.model_dump_json().encode())
+        return record
+
+    def sessions_ended_at(self, username: str) -> datetime | None:
+        """When the sessions of `username` last ended (None: never). An unreadable record
+        ends them now: it fails closed."""
+        key = f"sessions/{check_name('account', username)}.json"
+        data = self.objects.get(key)
+        if data is None:
+            return None
+        try:
+            return SessionsEnded.model_validate_json(data).ended_at
+        except ValidationError:
+            return _now()
 
     def _existing_account(self, username: str) -> AccountRecord:
         record = self.account(username)

@@ -65,7 +65,7 @@ def lung_findings(findings: FoundLungs | None) -> LungFindings | None:
 def slice_prediction(*, decision: Decision, outputs: Sequence[MemberOutput], ensemble: bool, model: str,
                      model_version: str, findings: FoundLungs | None, source_format: str,
                      heatmap_png_base64: str | None, request_id: str, timings: Timings, band: float | None,
-                     calibrated: bool) -> Prediction:
+                     calibrated: bool, heatmap_members: Sequence[str] | None = None) -> Prediction:
     """One slice's answer. `ensemble`: whether the ensemble answered (then each member is listed)."""
     members: dict[str, MemberPrediction] | None = None
     disagreement: bool | None = None
@@ -94,6 +94,7 @@ def slice_prediction(*, decision: Decision, outputs: Sequence[MemberOutput], ens
         disagreement=disagreement,
         lung_findings=lung_findings(findings),
         heatmap_png_base64=heatmap_png_base64,
+        heatmap_members=list(heatmap_members) if heatmap_members is not None else None,
         request_id=request_id,
         timings_ms=timings,
         source_format=source_format,
@@ -111,8 +112,11 @@ def top_slices(results: Sequence[SliceResult], count: int = TOP_SLICES) -> list[
 def study_prediction(*, decision: Decision, k: int | None, results: Sequence[SliceResult],
                      positions_mm: Sequence[float | None], upload_order: Sequence[int],
                      heatmaps: Mapping[int, str | None], model: str, model_version: str, band: float | None,
-                     request_id: str, timings: StudyTimings, source_formats: Sequence[str]) -> StudyPrediction:
-    """A study's answer; `results` in body order, `heatmaps` by position (base64 PNGs)."""
+                     request_id: str, timings: StudyTimings, source_formats: Sequence[str],
+                     heatmap_members: Mapping[int, Sequence[str]] | None = None) -> StudyPrediction:
+    """A study's answer; `results` in body order, `heatmaps` by position (base64 PNGs) and
+    `heatmap_members` (whose maps each combines) by position."""
+    combined = heatmap_members or {}
     slices = [StudySlice(index=position, upload_index=upload, position_mm=millimetres,
                          outcome=cast(Outcome, result.decision.outcome),
                          probability_covid=result.decision.probability_covid,
@@ -124,7 +128,9 @@ def study_prediction(*, decision: Decision, k: int | None, results: Sequence[Sli
         if not result.decision.classified:
             skipped[result.decision.outcome] = skipped.get(result.decision.outcome, 0) + 1
     top = [TopSlice(index=position, probability_covid=float(results[position].decision.probability_covid or 0.0),
-                    heatmap_png_base64=heatmaps.get(position)) for position in top_slices(results)]
+                    heatmap_png_base64=heatmaps.get(position),
+                    heatmap_members=list(combined[position]) if position in combined else None)
+           for position in top_slices(results)]
     return StudyPrediction(
         outcome=cast(Outcome, decision.outcome),
         outcome_text=OUTCOME_TEXT[decision.outcome],

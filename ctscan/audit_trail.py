@@ -37,7 +37,9 @@ class AuditEvent(BaseModel):
     outcome: str  # ok, refused, error, or the prediction's outcome (covid, non_covid, indeterminate...)
     actor: str
     actor_kind: ActorKind
-    request_id: str | None = None
+    request_id: str | None = None  # always minted by the service that writes the event
+    # The id a caller sent (X-Request-ID), kept apart: a forged one never mixes two requests.
+    client_request_id: str | None = None
     model: str | None = None
     model_version: str | None = None
     upload_sha256: str | None = None
@@ -89,7 +91,7 @@ class AuditTrail:
 
 def read_events(directory: Path | str, *, since: datetime | None = None, until: datetime | None = None,
                 actor: str | None = None, request_id: str | None = None,
-                action: str | None = None) -> Iterator[AuditEvent]:
+                action: str | None = None, client_request_id: str | None = None) -> Iterator[AuditEvent]:
     """Events in time order, filtered; damaged lines are skipped."""
     root = Path(directory).expanduser()
     if not root.is_dir():
@@ -117,6 +119,8 @@ def read_events(directory: Path | str, *, since: datetime | None = None, until: 
                 if actor and event.actor != actor:
                     continue
                 if request_id and event.request_id != request_id:
+                    continue
+                if client_request_id and event.client_request_id != client_request_id:
                     continue
                 if action and event.action != action:
                     continue

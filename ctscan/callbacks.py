@@ -1,6 +1,7 @@
 """Keras callbacks of a training run (`ctscan.training.Trainer` hands them in): exact
-validation AUC, early stopping that survives a resume, weight averaging, and a hook at each
-epoch's end. They know nothing of the trainer (it imports them, never the other way)."""
+validation AUC, early stopping that survives a resume, weight averaging, a hook at each
+epoch's end, and a cancel checked between batches. They know nothing of the trainer (it
+imports them, never the other way)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,30 @@ from ctscan.models import predict_probabilities
 
 if TYPE_CHECKING:
     from ctscan.training import RunState
+
+
+CANCEL_POLL_S = 2.0  # how often a running job asks whether it was cancelled (one store read)
+
+
+class CancelBetweenBatches(keras.callbacks.Callback):  # type: ignore[misc]
+    """Stops a run at the end of a batch once `should_stop()` says so (asked at most every
+    `poll_s` seconds), raising `cancelled`: a cancel takes effect within a batch and a poll,
+    not at the end of a long epoch. The last epoch's checkpoint is kept; the unfinished
+    epoch is lost."""
+
+    def __init__(self, should_stop: Callable[[], bool], *, cancelled: type[Exception],
+                 poll_s: float = CANCEL_POLL_S) -> None:
+        super().__init__()
+        self.should_stop, self.cancelled, self.poll_s = should_stop, cancelled, poll_s
+        self.asked_at = -math.inf
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        now = time.monotonic()
+        if now - self.asked_at < self.poll_s:
+            return
+        self.asked_at = now
+        if self.should_stop():
+            raise self.cancelled(f"cancelled during batch {batch + 1} of the epoch")
 
 
 def selection_auc(targets: np.ndarray, probabilities: np.ndarray,

@@ -262,6 +262,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             decision=found.decision, k=found.k, results=found.slices, positions_mm=found.positions_mm,
             upload_order=found.upload_order, heatmaps={i: png_base64(r.heatmap_png) for i, r in enumerate(found.slices)
                                                        if r.heatmap_png is not None},
+            heatmap_members={i: r.heatmap_members for i, r in enumerate(found.slices) if r.heatmap_members},
             model=args.model, model_version=version, band=band, request_id=request_id,
             # Grad-CAM runs inside classify_study here; its time is part of `slices`.
             timings=StudyTimings(slices=(time.perf_counter() - loaded_at) * 1000, gradcam=None,
@@ -273,7 +274,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             decision=result.decision, outputs=result.members, ensemble=rule is not None, model=args.model,
             model_version=version, findings=result.prepared.findings if result.prepared is not None else None,
             source_format=decoded[0].source_format, heatmap_png_base64=png_base64(result.heatmap_png),
-            request_id=request_id, band=band,
+            heatmap_members=result.heatmap_members, request_id=request_id, band=band,
             calibrated=is_calibrated(rule.calibration if rule is not None else None,
                                      [m.calibration for m in members]),
             # Grad-CAM runs inside classify here; its time is part of `inference`.
@@ -348,9 +349,28 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
 
     store = _store(args)
     require_admin(store)
+    ensemble = store.ensemble_record()
+    # The ensemble is served only for the member versions it was calibrated for: promoting a
+    # member switches it off unless it is fitted again, on val, in the same step.
+    recalibrate = (ensemble is not None and args.name in ensemble.members
+                   and ensemble.members[args.name] != args.version and not args.no_recalibrate)
+    if recalibrate:
+        from ctscan.data import CTDataset
+
+        CTDataset(_data_dir(args))  # a missing or broken data set fails before anything changes
     store.promote(args.name, args.version, reason="promoted by an admin")
     record_admin_action("promote", model=args.name, model_version=args.version)
     print(f"{args.name}: production is now {args.version}")
+    if recalibrate:
+        from ctscan.evaluation import calibrate_ensemble
+
+        record = calibrate_ensemble(store=store, data_dir=_data_dir(args))
+        record_admin_action("calibrate_ensemble", model="ensemble",
+                            model_version=",".join(f"{n}={v}" for n, v in record.members.items()))
+        print(f"ensemble recalibrated on val for the new versions: threshold {record.threshold:.3f}")
+    elif ensemble is not None and args.name in ensemble.members and ensemble.members[args.name] != args.version:
+        print("the ensemble is switched off until `ctscan models calibrate-ensemble` fits it for the new "
+              "versions (the single models keep answering)", file=sys.stderr)
     return 0
 
 
@@ -411,7 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     names = ", ".join(architecture_names())
     parser = argparse.ArgumentParser(prog="ctscan", description=__doc__)
+    parser.add_argument("--env", metavar="FILE", help="read variables from FILE first, e.g. var/dev.env that "
+                        "`make up` writes: the CLI then uses the running dev stack's store, audit folder and queue")
     sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="which store, audit folder, data set and queue this command line uses")
+    info.set_defaults(func=cmd_info)
 
     train = sub.add_parser("train", help="train one model and save it to the model store")
     train.add_argument("--model", required=True, help=f"one of {names}")
@@ -523,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("name")
     promote.add_argument("version")
     promote.add_argument("--store")
+    promote.add_argument("--data", help="data set whose val split recalibrates the ensemble (default CTSCAN_DATA_DIR)")
+    promote.add_argument("--no-recalibrate", action="store_true",
+                         help="leave the ensemble switched off until `ctscan models calibrate-ensemble`")
     promote.set_defaults(func=cmd_models_promote)
     rollback = models.add_parser("rollback")
     rollback.add_argument("name")
@@ -565,11 +592,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+INFO_VARIABLES = ("CTSCAN_MODEL_STORE", "CTSCAN_DATASETS_URL", "CTSCAN_AUDIT_DIR", "CTSCAN_DATA_DIR",
+                  "CTSCAN_RUNS_DIR", "REDIS_URL", "CELERY_BROKER_URL", "CTSCAN_TRAINER_QUEUE", "INFERENCE_URL")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Where this command line reads and writes, and where each value came from (never a secret)."""
+    from ctscan.settings import (
+        get_admin_settings,
+        get_audit_settings,
+        get_core_settings,
+        get_store_settings,
+        get_trainer_settings,
+    )
+
+    from_file = set(getattr(args, "env_loaded", ()) or ())
+
+    def origin(variable: str) -> str:
+        if variable in from_file:
+            return f"--env {args.env}"
+        return "environment" if variable in os.environ else "default"
+
+    trainer = get_trainer_settings()
+    values = {
+        "CTSCAN_MODEL_STORE": get_store_settings().model_store,
+        "CTSCAN_DATASETS_URL": get_store_settings().datasets_url,
+        "CTSCAN_AUDIT_DIR": str(get_audit_settings().audit_dir),
+        "CTSCAN_DATA_DIR": str(get_core_settings().data_dir),
+        "CTSCAN_RUNS_DIR": str(get_core_settings().runs_dir),
+        "REDIS_URL": trainer.redis_url,
+        "CELERY_BROKER_URL": trainer.celery_broker_url,
+        "CTSCAN_TRAINER_QUEUE": trainer.queue,
+        "INFERENCE_URL": os.environ.get("INFERENCE_URL", "http://127.0.0.1:8000"),
+    }
+    report = {name: {"value": values[name], "from": origin(name)} for name in INFO_VARIABLES}
+    report["CTSCAN_ADMIN_TOKEN"] = {"value": "set" if get_admin_settings().token() else "not set",
+                                    "from": origin("CTSCAN_ADMIN_TOKEN")}
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        if args.env:
+            from ctscan.settings import load_env_file
+
+            try:
+                args.env_loaded = tuple(load_env_file(args.env))
+            except OSError as exc:
+                raise CTScanError(f"--env: {exc}") from None
         return func(args)
     except CTScanError as exc:
         print(f"ctscan: error: {exc}", file=sys.stderr)

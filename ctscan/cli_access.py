@@ -1,5 +1,6 @@
-"""`ctscan keys`, `ctscan accounts` and `ctscan audit-log`: who may use the services, and what
-they did. Changing keys or accounts needs the admin credential, as promoting does."""
+"""`ctscan admin`, `ctscan keys`, `ctscan accounts` and `ctscan audit-log`: who may use the
+services, and what they did. Changing keys or accounts needs the admin credential, as
+promoting does, checked against the store's verifier (`ctscan admin init` writes it)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ctscan.access import ROLES, AccessStore, describe_account, describe_key, open_access
+from ctscan.admin_credential import AdminCredentialError, AdminVerifier
+from ctscan.admin_credential import require_admin as require_admin_at
 from ctscan.audit_trail import AuditTrail, read_events
 from ctscan.errors import CTScanError
 
@@ -38,28 +41,47 @@ def record_admin_action(action: str, *, outcome: str = "ok", **fields: Any) -> N
     cli_trail().record(action=action, outcome=outcome, actor=cli_actor(), actor_kind="cli", **fields)
 
 
-def require_admin(store: Any) -> None:
-    """Changing production needs the admin credential (CTSCAN_ADMIN_TOKEN, never a flag), as
-    queueing a job does; once a trainer worker has published its token's verifier in this
-    store, the token must be that one."""
-    from pydantic import ValidationError
-
-    from ctscan.settings import describe_settings_error, get_admin_settings
-    from ctscan.storage.job_records import JobRecords
-
-    try:
-        token = get_admin_settings().token()
-    except ValidationError as exc:
-        raise CTScanError(describe_settings_error(exc)) from None
-    if not token:
-        raise CTScanError("set CTSCAN_ADMIN_TOKEN: changing production, API keys or accounts needs the admin "
-                          "credential")
-    if JobRecords.for_store(store.url).token_accepted(token) is False:
-        raise CTScanError("admin token rejected: the trainer workers of this store hold another CTSCAN_ADMIN_TOKEN")
+def require_admin(store: Any) -> str:
+    """The admin credential (CTSCAN_ADMIN_TOKEN, never a flag) checked against the store's
+    verifier, fail-closed (ctscan.admin_credential)."""
+    return require_admin_at(store.url)
 
 
 def _admin(args: argparse.Namespace, store: AccessStore) -> None:
     require_admin(store)
+
+
+def _store_url(args: argparse.Namespace) -> str:
+    from ctscan.settings import get_store_settings
+
+    return str(args.store or get_store_settings().model_store)
+
+
+def cmd_admin_init(args: argparse.Namespace) -> int:
+    """Write the store's admin verifier from CTSCAN_ADMIN_TOKEN (set-up; idempotent)."""
+    from pydantic import ValidationError
+
+    from ctscan.settings import describe_settings_error, get_admin_settings
+
+    try:
+        token = get_admin_settings().token()
+    except ValidationError as exc:
+        raise AdminCredentialError(describe_settings_error(exc)) from None
+    if not token:
+        raise AdminCredentialError("set CTSCAN_ADMIN_TOKEN to the deployment's admin credential first")
+    verifier = AdminVerifier.for_store(_store_url(args))
+    outcome = verifier.init(token, replace=args.replace)
+    record_admin_action("admin_init", outcome="ok", detail={"verifier": outcome})
+    print(f"admin verifier {outcome}: {verifier.url}")
+    return 0
+
+
+def cmd_admin_check(args: argparse.Namespace) -> int:
+    """Whether CTSCAN_ADMIN_TOKEN is this store's admin credential (exit 0) or not (exit 2)."""
+    verifier = AdminVerifier.for_store(_store_url(args))
+    require_admin_at(_store_url(args))
+    print(f"CTSCAN_ADMIN_TOKEN is the admin credential of {verifier.url}")
+    return 0
 
 
 def _expiry(days: int | None) -> datetime | None:
@@ -132,6 +154,24 @@ def cmd_accounts_password(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_accounts_role(args: argparse.Namespace) -> int:
+    access = _access(args)
+    _admin(args, access)
+    record = access.set_role(args.username, args.role)
+    record_admin_action("account_role", detail={"account": record.username, "role": record.role})
+    print(json.dumps(describe_account(record), indent=2))
+    return 0
+
+
+def cmd_accounts_remove(args: argparse.Namespace) -> int:
+    access = _access(args)
+    _admin(args, access)
+    record = access.remove_account(args.username)
+    record_admin_action("account_remove", detail={"account": record.username})
+    print(json.dumps(describe_account(record), indent=2))
+    return 0
+
+
 def cmd_accounts_disable(args: argparse.Namespace) -> int:
     access = _access(args)
     _admin(args, access)
@@ -159,7 +199,8 @@ def cmd_audit_log(args: argparse.Namespace) -> int:
     directory = args.dir or get_audit_settings().audit_dir
     events = read_events(directory, since=_when(args.since) if args.since else None,
                          until=_when(args.until) if args.until else None, actor=args.user,
-                         request_id=args.request_id, action=args.action)
+                         request_id=args.request_id, action=args.action,
+                         client_request_id=args.client_request_id)
     count = 0
     for event in events:
         count += 1
@@ -201,18 +242,35 @@ def add_access_commands(sub: Any, positive_int: Callable[[str], int]) -> None:
     password = accounts.add_parser("set-password")
     password.add_argument("username")
     password.add_argument("--password-stdin", action="store_true")
-    password.set_defaults(func=cmd_accounts_password)
-    disable = accounts.add_parser("disable")
+    password.set_defaults(func=cmd_accounts_password)  # ends the account's sessions
+    disable = accounts.add_parser("disable", help="disable an account (ends its sessions)")
     disable.add_argument("username")
     disable.set_defaults(func=cmd_accounts_disable)
-    for parser in (*keys.choices.values(), *accounts.choices.values()):
+    role = accounts.add_parser("set-role", help="change an account's role (ends its sessions)")
+    role.add_argument("username")
+    role.add_argument("role", choices=ROLES)
+    role.set_defaults(func=cmd_accounts_role)
+    remove = accounts.add_parser("remove", help="remove an account (ends its sessions)")
+    remove.add_argument("username")
+    remove.set_defaults(func=cmd_accounts_remove)
+
+    admin = sub.add_parser("admin", help="the admin credential: its verifier in the store").add_subparsers(
+        dest="admin_command", required=True)
+    init = admin.add_parser("init", help="write the store's admin verifier from CTSCAN_ADMIN_TOKEN (set-up)")
+    init.add_argument("--replace", action="store_true",
+                      help="replace a verifier of another token or an unreadable one (rotation, repair)")
+    init.set_defaults(func=cmd_admin_init)
+    check = admin.add_parser("check", help="whether CTSCAN_ADMIN_TOKEN is the store's admin credential")
+    check.set_defaults(func=cmd_admin_check)
+    for parser in (*keys.choices.values(), *accounts.choices.values(), *admin.choices.values()):
         parser.add_argument("--store", help="model store holding the keys and accounts (default: CTSCAN_MODEL_STORE)")
 
     audit_log = sub.add_parser("audit-log", help="who asked for which prediction, and what admins did")
     audit_log.add_argument("--user", help="a user name or API key name")
     audit_log.add_argument("--since", help="ISO time or a span back from now (30m, 12h, 7d)")
     audit_log.add_argument("--until")
-    audit_log.add_argument("--request-id")
+    audit_log.add_argument("--request-id", help="the id a service minted (X-Request-ID of its answer)")
+    audit_log.add_argument("--client-request-id", help="the id a caller sent (kept apart: callers may reuse one)")
     audit_log.add_argument("--action", help="predict, predict_study, login, promote, key_create, ...")
     audit_log.add_argument("--dir", help="audit folder (default: CTSCAN_AUDIT_DIR)")
     audit_log.add_argument("--json", action="store_true", help="one JSON event a line")

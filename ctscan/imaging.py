@@ -10,7 +10,9 @@ kept, logged or returned.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -23,9 +25,14 @@ from ctscan.errors import ImageTooLargeError, UnsupportedImageError, Unsupported
 LUNG_WINDOW_CENTER = -600.0
 LUNG_WINDOW_WIDTH = 1500.0
 
-DEFAULT_MAX_PIXELS = 50_000_000  # about 7000 x 7000; CT slices are 512 x 512
-DEFAULT_MAX_SIDE = 10_000
+# What a CT slice can be: 512 x 512 is the norm, 1024 x 1024 the largest matrix scanners
+# reconstruct. Larger images cost time and memory in proportion (a 7000 x 7000 slice: seconds
+# and a gigabyte) and are refused from their header, before any pixel is decoded, unless
+# configured otherwise (INFERENCE_MAX_PIXELS, INFERENCE_MAX_SIDE).
+DEFAULT_MAX_PIXELS = 2048 * 2048
+DEFAULT_MAX_SIDE = 2048
 MIN_SIDE = 8
+_DEFLATED = "1.2.840.10008.1.2.1.99"
 
 _DICOM_MAGIC_OFFSET = 128
 
@@ -227,6 +234,99 @@ def lung_window(hounsfield: np.ndarray) -> np.ndarray:
     return windowed.round().astype(np.uint8)
 
 
+def _png_dimensions(data: bytes) -> tuple[int, int] | None:
+    if len(data) >= 24 and data[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", data[16:24])
+        return int(width), int(height)
+    return None
+
+
+_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOFn (not DHT, JPG, DAC)
+
+
+def _jpeg_dimensions(data: bytes) -> tuple[int, int] | None:
+    index = 2
+    while index + 9 <= len(data):
+        if data[index] != 0xFF:
+            return None
+        marker = data[index + 1]
+        if marker == 0xFF:  # fill byte
+            index += 1
+            continue
+        if marker in _JPEG_FRAME_MARKERS:
+            height, width = struct.unpack(">HH", data[index + 5:index + 9])
+            return int(width), int(height)
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:  # markers without a length
+            index += 2
+            continue
+        index += 2 + struct.unpack(">H", data[index + 2:index + 4])[0]
+    return None
+
+
+def _inflated_prefix(data: bytes, offset: int, limit: int) -> tuple[bytes, bool]:
+    """At most `limit` bytes of the raw deflate stream from `offset`, and whether it ends there."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    try:
+        prefix = inflater.decompress(data[offset:], limit)
+    except zlib.error:
+        return b"", True
+    return prefix, inflater.eof or not inflater.unconsumed_tail
+
+
+def _dicom_meta_end(data: bytes) -> int | None:
+    """Where the file meta group ends (its group length element comes first)."""
+    if data[132:136] == b"\x02\x00\x00\x00" and data[136:138] == b"UL":
+        return 144 + int(struct.unpack("<I", data[140:144])[0])
+    return None
+
+
+def _dicom_dimensions(data: bytes) -> tuple[int, int] | None:
+    """Rows and Columns from the header, reading no pixel data (and, for a deflated file,
+    inflating only its first kilobytes)."""
+    meta_end = _dicom_meta_end(data)
+    if meta_end is not None and _DEFLATED.encode() in data[:meta_end]:
+        prefix, _ = _inflated_prefix(data, meta_end, 1 << 16)
+        found = [prefix.find(b"\x28\x00" + element + b"US\x02\x00") for element in (b"\x10\x00", b"\x11\x00")]
+        if min(found) < 0:
+            return None
+        rows, columns = (struct.unpack("<H", prefix[at + 8:at + 10])[0] for at in found)
+        return int(columns), int(rows)
+    import pydicom
+
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                                  specific_tags=[(0x0028, 0x0010), (0x0028, 0x0011)])
+        return int(dataset.Columns), int(dataset.Rows)
+    except Exception:  # any unreadable header: unknown here, the decoder will say why
+        return None
+
+
+def image_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) a PNG, JPEG or DICOM announces in its header, without decoding it;
+    None when the header cannot tell. For budgets and scheduling: decoding checks again."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return _png_dimensions(data)
+    if data.startswith(b"\xff\xd8\xff"):
+        return _jpeg_dimensions(data)
+    if is_dicom(data):
+        return _dicom_dimensions(data)
+    return None
+
+
+def announced_pixels(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     max_side: int = DEFAULT_MAX_SIDE) -> int | None:
+    """The pixels an upload's header announces (None: it does not say), refusing one beyond
+    the limits (ImageTooLargeError) before anything is decoded or queued."""
+    dimensions = image_dimensions(data)
+    if dimensions is None:
+        return None
+    width, height = dimensions
+    if width > max_side or height > max_side or width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"image is {width}x{height} pixels; the limit is {max_side} per side and {max_pixels} pixels in all")
+    return width * height
+
+
 def decode_dicom(
     data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE
 ) -> DecodedImage:
@@ -238,6 +338,16 @@ def decode_dicom(
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    announced = _dicom_dimensions(data)
+    if announced is not None and min(announced) >= MIN_SIDE:
+        _check_dimensions(*announced, max_pixels=max_pixels, max_side=max_side)
+    meta_end = _dicom_meta_end(data)
+    if meta_end is not None and _DEFLATED.encode() in data[:meta_end]:
+        # pydicom inflates a deflated file whole before reading its header: a few kilobytes
+        # can inflate to gigabytes. Only as much as the pixel limit needs is allowed.
+        _, complete = _inflated_prefix(data, meta_end, max_pixels * 8 + (1 << 20))
+        if not complete:
+            raise ImageTooLargeError(f"the deflated DICOM file expands beyond what {max_pixels} pixels need; refused")
     try:
         dataset = pydicom.dcmread(io.BytesIO(data), force=False)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError, AttributeError) as exc:
@@ -260,7 +370,8 @@ def decode_dicom(
             f"multi-frame DICOM ({frames} frames) is not supported; export the series as "
             "single-frame slices (one file per slice)")
     try:
-        raw = dataset.pixel_array.astype(np.float64)
+        # float32 holds every 16-bit stored value exactly, at half the memory traffic of float64.
+        raw = dataset.pixel_array.astype(np.float32)
     except Exception as exc:  # pydicom and its plugins raise many types for broken pixel data
         reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise UnsupportedImageError(
@@ -271,7 +382,7 @@ def decode_dicom(
         raise UnsupportedImageError(f"DICOM pixel array has unsupported shape {raw.shape}")
     slope = _float_or_none(dataset.get("RescaleSlope", 1)) or 1.0
     intercept = _float_or_none(dataset.get("RescaleIntercept", 0)) or 0.0
-    hounsfield = (raw * slope + intercept).astype(np.float32)
+    hounsfield = raw * np.float32(slope) + np.float32(intercept) if (slope, intercept) != (1.0, 0.0) else raw
     return DecodedImage(grey=lung_window(hounsfield), source_format="DICOM",
                         hounsfield=hounsfield, dicom=_slice_info(dataset))
 

@@ -18,12 +18,13 @@ from ctscan.calibration import Calibration
 from ctscan.decision import DEFAULT_BAND, Decision, decide, refuse
 from ctscan.errors import CTScanError
 from ctscan.gate import OUTCOME_NO_LUNGS, OUTCOME_NOT_CHEST_CT, FeatureGate
+from ctscan.gradcam import Explanation, MemberMap, explain_slice
 from ctscan.imaging import DecodedImage
 from ctscan.models import ENSEMBLE, predict_probabilities
 from ctscan.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
 from ctscan.screening import appearance_refusal
 from ctscan.storage.records import EnsembleRecord, ModelCard
-from ctscan.study import AGGREGATION_RULE, aggregate, order_series
+from ctscan.study import aggregate, order_series
 
 if TYPE_CHECKING:
     from ctscan.storage.store import ModelStore
@@ -114,12 +115,26 @@ def slice_decision(outputs: Sequence[MemberOutput], *, ensemble: EnsembleRule | 
                   members_disagree=len(sides) > 1)
 
 
+def explain_members(original: DecodedImage, screen: PreparedSlice,
+                    members: Sequence[tuple[str, np.ndarray, PreparedSlice]]) -> Explanation:
+    """The served heatmap of one slice (the service and `ctscan predict` alike): every
+    member's Grad-CAM map, each placed where that member's view lies on the original slice,
+    averaged, masked to the body `screen` (lung-v1) found, drawn over the original slice.
+
+    Every member counts, whatever it saw: a crop and a whole slice add up once both sit on
+    the slice (before, the service left out members that saw another frame and the command
+    line averaged maps of different frames pixel by pixel)."""
+    return explain_slice(original.grey, [MemberMap(name, heatmap, seen.view) for name, heatmap, seen in members],
+                         body=screen.body_mask)
+
+
 @dataclass
 class SliceResult:
     decision: Decision
     members: list[MemberOutput] = field(default_factory=list)
     prepared: PreparedSlice | None = None
     heatmap_png: bytes | None = None
+    heatmap_members: list[str] | None = None  # whose Grad-CAM maps the heatmap combines
 
 
 @dataclass
@@ -150,8 +165,10 @@ def study_decision(slices: Sequence[SliceResult], *, threshold: float, band: flo
     probability, k = aggregate(classified)
     covid_side = sum(s.decision.label_side == "covid" for s in slices if s.decision.classified)
     decision = decide(probability=probability, threshold=threshold, band=band)
-    reasons = [*decision.reasons, f"{AGGREGATION_RULE}: mean of the {k} most suspicious of {len(classified)} "
-               f"classified slices; {covid_side} slice(s) lie on the COVID-19 side of the threshold"]
+    # In a clinician's words; the rule's name is in the answer's `aggregation`.
+    slices_word = "slice" if covid_side == 1 else "slices"
+    reasons = [*decision.reasons, f"The study's probability is the average of its {k} most suspicious slices "
+               f"(of {len(classified)} analysed); {covid_side} {slices_word} on their own would be called COVID-19"]
     return Decision(decision.outcome, decision.probability_covid, decision.threshold, reasons), k
 
 
@@ -252,24 +269,16 @@ class Predictor:
             decision = slice_decision(outputs, ensemble=ensemble)
             result = SliceResult(decision, outputs, prepared=prepared_by[members[0].name][position[index]])
             if explain and decision.classified:
-                result.heatmap_png = self.explain(members, [prepared_by[m.name][position[index]] for m in members])
+                explanation = self.explain(image, screen, members,
+                                           [prepared_by[m.name][position[index]] for m in members])
+                result.heatmap_png, result.heatmap_members = explanation.png, list(explanation.members)
             results.append(result)
         return results
 
-    def explain(self, members: Sequence[LoadedModel], prepared: Sequence[PreparedSlice]) -> bytes:
-        """Members' Grad-CAM heatmaps averaged, over the slice as the first member saw it."""
-        from PIL import Image
-
-        from ctscan.gradcam import overlay_png
-
-        grid = 224
-        heatmaps = []
-        for member, item in zip(members, prepared, strict=True):
-            heat = member.heatmap(item.model_input(member.input_size))
-            heatmaps.append(np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize(
-                (grid, grid), Image.Resampling.BILINEAR)))
-        base = prepared[0].grey
-        return overlay_png(np.repeat(base[:, :, None], 3, axis=2), np.mean(heatmaps, axis=0))
+    def explain(self, original: DecodedImage, screen: PreparedSlice, members: Sequence[LoadedModel],
+                prepared: Sequence[PreparedSlice]) -> Explanation:
+        return explain_members(original, screen, [(m.name, m.heatmap(p.model_input(m.input_size)), p)
+                                                  for m, p in zip(members, prepared, strict=True)])
 
     def classify_study(self, decoded: Sequence[DecodedImage], *, model: str = ENSEMBLE,
                        explain_top: int = 3) -> StudyResult:
@@ -282,7 +291,9 @@ class Predictor:
         ranked = sorted((i for i, r in enumerate(results) if r.decision.classified),
                         key=lambda i: -(results[i].decision.probability_covid or 0.0))
         for index in ranked[:explain_top]:
-            prepared = [get_preprocessor(m.preprocessing)(decoded[ordered[index].upload_index]) for m in members]
-            results[index].heatmap_png = self.explain(members, prepared)
+            original = decoded[ordered[index].upload_index]
+            prepared = [get_preprocessor(m.preprocessing)(original) for m in members]
+            explanation = self.explain(original, prepare(original, LUNG_V1), members, prepared)
+            results[index].heatmap_png, results[index].heatmap_members = explanation.png, list(explanation.members)
         return StudyResult(decision=decision, slices=results, positions_mm=[s.position_mm for s in ordered], k=k,
                            upload_order=[s.upload_index for s in ordered])

@@ -102,6 +102,8 @@ class Prediction(BaseModel):
     disagreement: bool | None
     lung_findings: LungFindings | None = None
     heatmap_png_base64: str | None
+    heatmap_members: list[str] | None = Field(default=None, description=(
+        "Whose Grad-CAM maps the heatmap combines (their mean on the original slice, masked to the body)"))
     request_id: str
     timings_ms: Timings
     source_format: str  # one of ctscan.formats.format_names(): PNG, JPEG, DICOM
@@ -121,6 +123,7 @@ class TopSlice(BaseModel):
     index: int
     probability_covid: float
     heatmap_png_base64: str | None
+    heatmap_members: list[str] | None = Field(default=None, description="Whose Grad-CAM maps the heatmap combines")
 
 
 class Aggregation(BaseModel):

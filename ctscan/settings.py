@@ -31,6 +31,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ctscan.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from ctscan.study import DEFAULT_MAX_TOTAL_PIXELS
 
 # Values people paste from examples; refused whatever their case or surrounding spaces.
 PLACEHOLDER_SECRETS = frozenset({
@@ -159,8 +160,16 @@ class InferenceSettings(Section):
     max_study_bytes: int = Field(default=512 * 1024 * 1024, ge=1)
     max_study_slices: int = Field(default=1000, ge=1, le=5000)
     max_zip_ratio: int = Field(default=100, ge=2)  # expansion ratio beyond which a ZIP entry is a bomb
+    # Per slice, from its header before decoding (CT: 512-1024 px a side), and per study in all.
     max_pixels: int = Field(default=DEFAULT_MAX_PIXELS, ge=64)
     max_side: int = Field(default=DEFAULT_MAX_SIDE, ge=8)
+    max_study_pixels: int = Field(default=DEFAULT_MAX_TOTAL_PIXELS, ge=64)
+    # Decoding: uploads waiting for a decode thread beyond this are refused at once (503 with
+    # Retry-After) rather than queued behind minutes of work; slices larger than
+    # `decode_heavy_pixels` (beyond a 1024 x 1024 CT matrix) decode on their own threads, a
+    # share of the cores, so they cannot hold up ordinary slices.
+    decode_queue: int = Field(default=64, ge=1, le=100_000)
+    decode_heavy_pixels: int = Field(default=1024 * 1024, ge=64)
     # Dynamic batching: a batch closes at max_batch_size or max_wait_ms after its first request.
     max_batch_size: int = Field(default=16, ge=1, le=256)
     max_wait_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
@@ -192,6 +201,8 @@ class InferenceSettings(Section):
     key_reload_seconds: float = Field(default=5.0, gt=0, le=300)
     # Requests a minute per key (per replica) unless the key has its own limit.
     rate_limit_per_minute: int = Field(default=120, ge=1)
+    # Requests a minute per person behind the web page (the page names them; per replica).
+    user_rate_limit_per_minute: int = Field(default=30, ge=1)
 
     store: StoreSettings = _shared(StoreSettings)
     core: CoreSettings = _shared(CoreSettings)
@@ -425,6 +436,40 @@ def get_web_settings() -> WebSettings:
 @lru_cache
 def get_trainer_settings() -> TrainerSettings:
     return TrainerSettings()
+
+
+def read_env_file(path: str | Path) -> dict[str, str]:
+    """`NAME=value` lines (optionally `export NAME='value'`, as `make up` writes var/dev.env)."""
+    import shlex
+
+    source = Path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"no environment file {source}")
+    values: dict[str, str] = {}
+    for line in source.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        name, sep, value = line.partition("=")
+        if sep and name.strip().isidentifier():
+            parts = shlex.split(value, posix=True) if value.strip() else [""]
+            values[name.strip()] = parts[0] if parts else ""
+    return values
+
+
+def load_env_file(path: str | Path) -> dict[str, str]:
+    """Put an environment file's variables into this process's environment (they win over
+    what was set before) and forget settings read earlier."""
+    import os
+
+    values = read_env_file(path)
+    os.environ.update(values)
+    for reader in (get_store_settings, get_s3_settings, get_admin_settings, get_promotion_settings,
+                   get_core_settings, get_audit_settings, get_inference_settings, get_web_settings,
+                   get_trainer_settings):
+        reader.cache_clear()
+    return values
 
 
 def describe_settings_error(exc: ValidationError) -> str:

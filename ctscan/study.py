@@ -37,6 +37,7 @@ AGGREGATION_RULE = "top_k_mean"
 DEFAULT_MAX_SLICES = 1000
 DEFAULT_MAX_TOTAL_BYTES = 1 << 30  # 1 GiB expanded: 500 uncompressed 512x512 slices take 260 MB
 DEFAULT_MAX_RATIO = 100  # DICOM compresses 2-5x; far more is a bomb
+DEFAULT_MAX_TOTAL_PIXELS = DEFAULT_MAX_SLICES * 512 * 512  # decoding cost: 1000 slices of 512 x 512
 _ARCHIVE_SUFFIXES = (".zip", ".gz", ".tgz", ".tar", ".7z", ".rar", ".bz2", ".xz")
 
 
@@ -68,12 +69,17 @@ def unpack_zip(data: bytes, limits: StudyLimits) -> list[bytes]:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError) as exc:
         raise ArchiveError(f"cannot read the ZIP archive: {type(exc).__name__}") from None
     files: list[bytes] = []
-    total = 0
     with archive:
         entries = archive.infolist()
         if len(entries) > limits.max_slices + 16:  # a few index and readme files besides the slices
             raise ImageTooLargeError(f"the ZIP holds {len(entries)} entries; at most {limits.max_slices} slices "
                                      "per study are accepted")
+        # The budget from the central directory, before a single byte is inflated (a lying
+        # entry is caught below: no entry is read beyond the size it announced).
+        total = sum(entry.file_size for entry in entries if not entry.is_dir())
+        if total > limits.max_total_bytes:
+            raise ImageTooLargeError(f"the ZIP expands to more than {limits.max_total_bytes} bytes ({total}); "
+                                     "refused")
         for number, entry in enumerate(entries, 1):
             name = entry.filename.replace("\\", "/")
             if entry.is_dir():
@@ -92,9 +98,6 @@ def unpack_zip(data: bytes, limits: StudyLimits) -> list[bytes]:
                 ratio = entry.file_size / max(entry.compress_size, 1)
                 raise ImageTooLargeError(f"ZIP entry {number} expands {ratio:.0f} times (limit {limits.max_ratio}); "
                                          "refused as a ZIP bomb")
-            total += entry.file_size
-            if total > limits.max_total_bytes:
-                raise ImageTooLargeError(f"the ZIP expands to more than {limits.max_total_bytes} bytes; refused")
             try:
                 with archive.open(entry) as handle:
                     # Read at most what the header announced (+1 byte to catch a lying header).
@@ -107,6 +110,28 @@ def unpack_zip(data: bytes, limits: StudyLimits) -> list[bytes]:
     if not files:
         raise StudyError("the ZIP holds no files")
     return files
+
+
+def check_pixel_budget(blobs: Sequence[bytes], *, max_total_pixels: int, max_pixels: int,
+                       max_side: int) -> list[int | None]:
+    """Refuse a study whose slices announce (in their headers: PNG IHDR, JPEG SOF, DICOM Rows
+    x Columns) more pixels than one slice or the whole study may have, before any is decoded.
+    Returns each slice's announced pixels (None where the header does not say)."""
+    from ctscan.imaging import announced_pixels
+
+    announced: list[int | None] = []
+    total = 0
+    for number, data in enumerate(blobs, 1):
+        try:
+            pixels = announced_pixels(data, max_pixels=max_pixels, max_side=max_side)
+        except ImageTooLargeError as exc:
+            raise ImageTooLargeError(f"slice {number} of the upload: {exc}") from None
+        announced.append(pixels)
+        total += pixels or 0
+        if total > max_total_pixels:
+            raise ImageTooLargeError(f"the study's slices hold more than {max_total_pixels} pixels in all "
+                                     f"(as many as {max_total_pixels // (512 * 512)} slices of 512x512); refused")
+    return announced
 
 
 @dataclass(frozen=True)

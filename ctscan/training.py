@@ -283,12 +283,14 @@ class Trainer:
         run_dir: str | Path,
         *,
         on_epoch: Callable[[EpochReport], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
         verbose: int = 1,
     ) -> None:
         config.validate()
         self.config = config
         self.run_dir = Path(run_dir)
         self.on_epoch = on_epoch
+        self.should_stop = should_stop  # asked between batches (a cancel): TrainingCancelled
         self.verbose = verbose
         self.phases = plan_phases(config)
         self.spec = get_spec(config.model)
@@ -485,7 +487,13 @@ class Trainer:
     def _callbacks(self, state: RunState, phase: Phase, total_epochs: int, epoch_variable: Any) -> list[Any]:
         import keras
 
-        from ctscan.callbacks import EpochHook, ResumableEarlyStopping, ValidationAUC, WeightAverage
+        from ctscan.callbacks import (
+            CancelBetweenBatches,
+            EpochHook,
+            ResumableEarlyStopping,
+            ValidationAUC,
+            WeightAverage,
+        )
 
         config = self.config
 
@@ -509,6 +517,8 @@ class Trainer:
               if config.swa_epochs and state.phase_index == len(self.phases) - 1 else []),
             EpochHook(on_begin=lambda: epoch_variable.assign(state.epochs_done),
                       on_end=functools.partial(self._end_epoch, state, phase, total_epochs)),
+            *([CancelBetweenBatches(self.should_stop, cancelled=TrainingCancelled)]
+              if self.should_stop is not None else []),
         ]
 
 

@@ -3,7 +3,9 @@
 1. creates the S3 bucket named in CTSCAN_MODEL_STORE (s3://bucket/prefix) if it is missing;
 2. copies the shipped release (CTSCAN_RELEASE_DIR, mounted from ./models) into that store
    with `ctscan models seed` (never replaces what the store already holds);
-3. when CTSCAN_SEED_DATASET_DIR holds a dataset (split.csv), publishes it to
+3. writes the store's admin verifier from CTSCAN_ADMIN_TOKEN (`ctscan admin init`): without
+   it every admin command is refused; a store that verifies another token stops the seed;
+4. when CTSCAN_SEED_DATASET_DIR holds a dataset (split.csv), publishes it to
    CTSCAN_DATASETS_URL as dataset `ucsd-covid-ct` (CTSCAN_SEED_DATASET_NAME), unless the same
    data is already published there, so the admin console can queue a job at once; and makes
    the ONNX copy of every version that came without one (`ctscan models export-onnx`, checked
@@ -47,6 +49,14 @@ def main() -> int:
     if status:
         print(f"seed: copying the release from {release} failed (is ./models present?)", file=sys.stderr)
         return status
+    if os.environ.get("CTSCAN_ADMIN_TOKEN"):
+        status = ctscan_main(["admin", "init", "--store", store])
+        if status:
+            print("seed: writing the admin verifier failed (see above)", file=sys.stderr)
+            return status
+    else:
+        print("seed: CTSCAN_ADMIN_TOKEN is not set: no admin verifier written, admin commands stay refused",
+              file=sys.stderr)
     dataset = Path(os.environ.get("CTSCAN_SEED_DATASET_DIR", "/dataset"))
     datasets_url = os.environ.get("CTSCAN_DATASETS_URL", "")
     if (dataset / "split.csv").is_file() and datasets_url:

@@ -112,6 +112,10 @@ class Layout:
     def secrets_file(self) -> Path:
         return self.var_dir / "dev-secrets.env"
 
+    @property
+    def cli_env_file(self) -> Path:
+        return self.var_dir / "dev.env"
+
     def url(self, port: int) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
         return f"http://{host}:{port}"
@@ -147,6 +151,27 @@ def dev_secrets(layout: Layout, env: dict[str, str]) -> dict[str, str]:
     elif missing:
         say(f"development secrets from {layout.secrets_file}")
     return chosen
+
+
+# What the command line needs to work against the running stack (`ctscan --env var/dev.env …`
+# or `. var/dev.env`): the same store, audit folder, data, queue and admin token.
+CLI_VARIABLES = ("CTSCAN_MODEL_STORE", "CTSCAN_DATASETS_URL", "CTSCAN_AUDIT_DIR", "CTSCAN_TRAINER_WORK_DIR",
+                 "CTSCAN_BROKER_DIR", "CTSCAN_DATA_DIR", "REDIS_URL", "CELERY_BROKER_URL", "CTSCAN_TRAINER_QUEUE",
+                 "INFERENCE_URL", "CTSCAN_ADMIN_TOKEN")
+
+
+def write_cli_env(layout: Layout, env: dict[str, str]) -> Path:
+    """<var>/dev.env: `export NAME='value'` lines, readable by the shell and by `ctscan --env`;
+    owner-only, since it holds the admin token."""
+    import shlex
+
+    lines = ["# Written by `make up`: `. var/dev.env` or `ctscan --env var/dev.env …` points the CLI at this stack."]
+    lines += [f"export {name}={shlex.quote(env[name])}" for name in CLI_VARIABLES if env.get(name)]
+    path = layout.cli_env_file
+    path.touch(mode=0o600, exist_ok=True)
+    path.chmod(0o600)
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def port_free(host: str, port: int) -> bool:
@@ -335,6 +360,18 @@ def seed_store(env: dict[str, str]) -> None:
     say(f"model store {store} (no release folder at {release}; using the store as it is)")
 
 
+def init_admin_verifier(env: dict[str, str]) -> None:
+    """The store's admin verifier from CTSCAN_ADMIN_TOKEN (`ctscan admin init`): without it
+    every admin command is refused (ctscan.admin_credential)."""
+    from ctscan.admin_credential import AdminCredentialError, AdminVerifier
+
+    try:
+        outcome = AdminVerifier.for_store(env["CTSCAN_MODEL_STORE"]).init(env["CTSCAN_ADMIN_TOKEN"])
+    except AdminCredentialError as exc:
+        raise DevstackError(f"the admin credential does not match this store: {exc}") from None
+    say(f"admin verifier {outcome} (CTSCAN_ADMIN_TOKEN)")
+
+
 # --- dataset ------------------------------------------------------------------------------
 def register_local_key(env: dict[str, str]) -> None:
     """DEVSTACK_API_KEY becomes the store's key "local" (once; a revoked one is replaced)."""
@@ -474,10 +511,12 @@ def cmd_up(layout: Layout) -> int:
     status = 0
     try:
         seed_store(env)
+        init_admin_verifier(env)
         register_local_key(env)
         publish_dataset(env)
         broker = choose_broker(layout, env)
         env.update(broker.env)
+        cli_env = write_cli_env(layout, env)
         if broker.child:
             children["redis"] = broker.child
         children["inference"] = Child("inference", ctscan_argv(
@@ -503,6 +542,8 @@ def cmd_up(layout: Layout) -> int:
         say(f"  admin console  {layout.url(layout.web_port)}/admin  (user admin, password "
             f"{env['WEB_ADMIN_PASSWORD']}; kept in {layout.secrets_file})")
         say(f"  audit trail    {env['CTSCAN_AUDIT_DIR']}  (ctscan audit-log)")
+        say(f"  command line   `. {cli_env}` or `ctscan --env {cli_env} …` uses this stack's store, audit "
+            "trail and queue (`ctscan info` shows which)")
         say("Ctrl-C (or `make down`) stops everything")
         while not stop_requested:
             dead = [name for name, child in children.items() if not child.running()]

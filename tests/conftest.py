@@ -1,9 +1,10 @@
 """Fixtures shared by every test package: the real data folder, a small model store, and the
 test tiers.
 
-Tiers: a test is `slow` when it trains a network, converts one to ONNX or starts a process
-(a service, a worker, the `ctscan` command, a browser); every other test runs in `make
-test-fast` (`pytest -m "not slow"`). Tests get the mark from the fixtures they use
+Tiers: a test is `slow` when it trains or builds a network (TensorFlow's import alone takes
+10-20 s on a busy CI machine), converts one to ONNX, publishes the whole data set or starts a
+process (a service, a worker, the `ctscan` command, a browser); every other test runs in
+`make test-fast` (`pytest -m "not slow"`). Tests get the mark from the fixtures they use
 (SLOW_FIXTURES) or from an explicit `@pytest.mark.slow`.
 """
 
@@ -14,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from harness import temp_file_watch  # noqa: F401 (a fixture for every suite)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Services started by tests append their audit events here unless a test chooses a folder.
@@ -23,11 +25,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS_DIR = REPO_ROOT / "test-artifacts"
 RELEASE_DIR = REPO_ROOT / "models"
 
-# Fixtures that train, convert or start processes: any test using one is in the slow tier.
+# Fixtures that train, convert, start processes or publish the whole data set (a copy of 746
+# images with their checksums): any test using one is in the slow tier.
 SLOW_FIXTURES = frozenset({
     "tiny_model_store", "inference_service", "reloading_service", "web_service", "start_worker",
-    "published_dataset", "published_second_dataset", "redis_server", "trainer_env", "jobs_client", "tiny_job",
-    "ctscan_cli",
+    "published_dataset", "published_datasets", "published_second_dataset", "redis_server", "trainer_env",
+    "jobs_client", "tiny_job", "ctscan_cli",
     "page", "browser",
 })
 

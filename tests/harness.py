@@ -9,6 +9,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -105,3 +107,38 @@ def chromium_executable() -> str:
     if not Path(path).is_file():
         pytest.fail("Debian's chromium is missing: apt-get install -y chromium")
     return path
+
+
+# --- uploads must never reach the disk ----------------------------------------------------------
+class TempFileWatch:
+    """Notes every temporary file opened in this process while on (an audit hook sees every
+    `open`, including the O_TMPFILE ones `tempfile.TemporaryFile` makes)."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.opened: list[str] = []
+        self.tempdir = os.path.realpath(tempfile.gettempdir())
+
+    def hook(self, event: str, args: tuple[Any, ...]) -> None:
+        if not self.on:
+            return
+        if event.startswith("tempfile."):
+            self.opened.append(f"{event} {args!r}")
+        elif event == "open" and isinstance(args[0], str):
+            flags = args[2] if len(args) > 2 and isinstance(args[2], int) else 0
+            if flags & getattr(os, "O_TMPFILE", 0) or os.path.realpath(args[0]).startswith(self.tempdir + "/tmp"):
+                self.opened.append(f"open {args[0]}")
+
+
+_WATCH = TempFileWatch()
+sys.addaudithook(_WATCH.hook)  # hooks cannot be removed: this one is idle unless switched on
+
+
+@pytest.fixture()
+def temp_file_watch() -> Iterator[TempFileWatch]:
+    _WATCH.opened.clear()
+    _WATCH.on = True
+    try:
+        yield _WATCH
+    finally:
+        _WATCH.on = False

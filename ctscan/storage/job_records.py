@@ -10,8 +10,8 @@ a cancel request is a separate object so the two writers never overwrite each ot
 
 The admin token is checked where the work is done: a submitter signs the job's request with
 the token it holds (`sign`), and a worker runs only jobs signed with its own token
-(`signature_matches`). Workers publish a verifier of their token when they start, so a
-submitter learns at once, not when the job fails, that its token is not theirs.
+(`signature_matches`). Submitters are checked first against the store's verifier of the token
+(`ctscan.admin_credential`, fail-closed), so they learn at once, not when the job fails.
 """
 
 from __future__ import annotations
@@ -24,16 +24,15 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ctscan.admin_credential import JOBS_FOLDER, AdminVerifier
 from ctscan.errors import CTScanError
 from ctscan.storage.objects import ObjectStore, open_objects
 from ctscan.storage.records import JobRecord
 from ctscan.storage.store import parse_record
 
-JOBS_FOLDER = ".jobs"
 RUNS_FOLDER = ".runs"
 RECORD_FILE = "job.json"
 CANCEL_FILE = "cancel"
-VERIFIER_FILE = ".admin-verifier.json"
 FINISHED_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 
@@ -59,11 +58,6 @@ def sign(record: JobRecord, token: str) -> str:
 
 def signature_matches(record: JobRecord, token: str) -> bool:
     return bool(record.signature) and hmac.compare_digest(record.signature or "", sign(record, token))
-
-
-def _token_hash(token: str, salt: bytes) -> str:
-    # scrypt: a store reader must not be able to try many tokens per second against it.
-    return hashlib.scrypt(token.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32).hex()
 
 
 class JobRecords:
@@ -112,26 +106,20 @@ class JobRecords:
     def cancel_requested(self, job_id: str) -> bool:
         return self.objects.exists(f"{job_id}/{CANCEL_FILE}")
 
-    # --- the workers' admin token, published as a verifier ----------------------------------
+    # --- the admin token's verifier (ctscan.admin_credential) ---------------------------------
+    def verifier(self) -> AdminVerifier:
+        return AdminVerifier(self.objects)
+
     def publish_verifier(self, token: str) -> None:
-        """Written by a worker when it starts (replacing an earlier worker's)."""
-        if self.token_accepted(token):
-            return  # the same token: keep the file (and its salt) as it is
-        salt = secrets.token_bytes(16)
-        self.objects.put(VERIFIER_FILE, json.dumps({"salt": salt.hex(), "scrypt": _token_hash(token, salt),
-                                                    "published_at": now()}).encode())
+        """A worker's start: writes the verifier on a store that has none; refuses
+        (AdminCredentialError) when the store verifies another token."""
+        self.verifier().init(token)
 
     def token_accepted(self, token: str) -> bool | None:
-        """Whether the workers hold `token`; None when no worker has published a verifier."""
-        data = self.objects.get(VERIFIER_FILE)
-        if data is None:
-            return None
-        try:
-            verifier = json.loads(data)
-            expected, salt = str(verifier["scrypt"]), bytes.fromhex(verifier["salt"])
-        except (ValueError, KeyError, TypeError):
-            return None  # unreadable: the worker's own check still applies
-        return hmac.compare_digest(expected, _token_hash(token, salt))
+        """Whether the store's verifier accepts `token`; None when there is none (or it is
+        unreadable): admin commands are then refused (`AdminVerifier.require`)."""
+        state = self.verifier().state(token)
+        return None if state in ("missing", "unreadable") else state == "match"
 
 
 class Checkpoints:

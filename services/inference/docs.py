@@ -16,6 +16,8 @@ from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagge
 from fastapi.staticfiles import StaticFiles
 from starlette.responses import HTMLResponse
 
+from services.inference.auth import PUBLIC, public_mount
+
 DOCS_URL = "/docs"
 REDOC_URL = "/redoc"
 STATIC_URL = "/docs-static"
@@ -39,11 +41,11 @@ def install_offline_docs(app: FastAPI) -> None:
     """Serve /docs and /redoc from local files; create the app with docs_url=redoc_url=None."""
     if app.docs_url or app.redoc_url:
         raise ValueError("create the FastAPI app with docs_url=None and redoc_url=None")
-    app.mount(STATIC_URL, StaticFiles(directory=docs_static_dir()), name="docs-static")
+    app.router.routes.append(public_mount(STATIC_URL, StaticFiles(directory=docs_static_dir()), name="docs-static"))
     openapi_url = app.openapi_url or "/openapi.json"
     oauth2_redirect_url = app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect"
 
-    @app.get(DOCS_URL, include_in_schema=False)
+    @app.get(DOCS_URL, include_in_schema=False, dependencies=[PUBLIC])
     async def swagger_ui(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
         page = get_swagger_ui_html(
@@ -57,11 +59,11 @@ def install_offline_docs(app: FastAPI) -> None:
         page.headers["Content-Security-Policy"] = DOCS_CSP
         return page
 
-    @app.get(oauth2_redirect_url, include_in_schema=False)
+    @app.get(oauth2_redirect_url, include_in_schema=False, dependencies=[PUBLIC])
     async def swagger_ui_redirect() -> HTMLResponse:
         return get_swagger_ui_oauth2_redirect_html()
 
-    @app.get(REDOC_URL, include_in_schema=False)
+    @app.get(REDOC_URL, include_in_schema=False, dependencies=[PUBLIC])
     async def redoc(request: Request) -> HTMLResponse:
         root = request.scope.get("root_path", "")
         page = get_redoc_html(

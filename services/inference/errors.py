@@ -68,6 +68,9 @@ def install_error_handlers(app: FastAPI) -> None:
             code = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_")
         except ValueError:
             code = "http_error"
+        if exc.status_code == 413:  # a streamed upload past its limit (app.UploadTooLarge)
+            code = "upload_too_large"
+        request.state.error_code = code
         return error_response(exc.status_code, code, str(exc.detail),
                               headers=getattr(exc, "headers", None))
 

@@ -12,11 +12,11 @@ class InferenceMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "inference_requests_total", "Prediction requests by model and HTTP status",
-            ["model", "status"], registry=self.registry)
+            "inference_requests_total", "Upload requests by model, HTTP status and action",
+            ["model", "status", "action"], registry=self.registry)
         self.latency = Histogram(
-            "inference_request_seconds", "Prediction latency by model and HTTP status",
-            ["model", "status"], buckets=LATENCY_BUCKETS, registry=self.registry)
+            "inference_request_seconds", "Upload latency by model, HTTP status and action",
+            ["model", "status", "action"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.batch_size = Histogram(
             "inference_batch_size", "Images per forward pass", ["model"],
             buckets=BATCH_BUCKETS, registry=self.registry)

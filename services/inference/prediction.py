@@ -13,28 +13,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import functools
 import math
 import time
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from ctscan.answers import ensemble_version, is_calibrated, slice_prediction
 from ctscan.calibration import Calibration
 from ctscan.decision import Decision
 from ctscan.formats import InputFormat, describe_formats, sniff
-from ctscan.gradcam import overlay_png
-from ctscan.imaging import DecodedImage
+from ctscan.gradcam import Explanation
+from ctscan.imaging import DecodedImage, announced_pixels
 from ctscan.models import ENSEMBLE
-from ctscan.predictor import EnsembleRule, MemberOutput, input_refusal, slice_decision
+from ctscan.predictor import EnsembleRule, MemberOutput, explain_members, input_refusal, slice_decision
 from ctscan.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
 from ctscan.schemas import Prediction, Timings
+from services.inference.decoding import SINGLE
 from services.inference.registry import EnsembleInfo, ModelRegistry, ServedModel
-
-HEATMAP_GRID = 224  # members' heatmaps are averaged on a common grid before the overlay
 
 
 class UnrecognisedFileError(ValueError):
@@ -99,27 +96,23 @@ def ensemble_rule(ensemble: EnsembleInfo | None) -> EnsembleRule | None:
                         band=ensemble.band)
 
 
-def explain_png(entries: list[ServedModel], prepared: list[PreparedSlice], inputs: list[np.ndarray]) -> str:
-    """Members' Grad-CAM heatmaps, averaged, over the slice as the first model saw it (only
-    members that saw the same frame: heatmaps of a crop and of a whole slice do not add)."""
-    heatmaps = []
-    for entry, pixels, seen in zip(entries, inputs, prepared, strict=True):
-        if seen is not prepared[0]:
-            continue
-        heat = Image.fromarray(entry.gradcam(pixels).astype(np.float32), mode="F")
-        heatmaps.append(np.asarray(heat.resize((HEATMAP_GRID, HEATMAP_GRID), Image.Resampling.BILINEAR)))
-    base = prepared[0].grey
-    return base64.b64encode(overlay_png(np.repeat(base[:, :, None], 3, axis=2), np.mean(heatmaps, axis=0))).decode()
+def heatmap_for(entries: list[ServedModel], screened: Screened) -> Explanation:
+    """The served heatmap (the core's one rule, `ctscan.predictor.explain_members`)."""
+    return explain_members(screened.decoded, screened.screen, [
+        (entry.name, entry.gradcam(pixels), seen)
+        for entry, pixels, seen in zip(entries, screened.inputs, screened.prepared, strict=True)])
 
 
 def build_answer(*, decision: Decision, outputs: list[MemberOutput], model: str, model_version: str,
-                 screened: Screened, entries: list[ServedModel], heatmap: str | None, request_id: str,
+                 screened: Screened, entries: list[ServedModel], heatmap: Explanation | None, request_id: str,
                  timings: Timings, band: float | None, calibration: Calibration | None = None) -> Prediction:
     """`calibration`: the ensemble's own (its probability is calibrated again on val), else None."""
     return slice_prediction(
         decision=decision, outputs=outputs, ensemble=model == ENSEMBLE, model=model, model_version=model_version,
         findings=screened.screen.findings, source_format=screened.decoded.source_format,
-        heatmap_png_base64=heatmap, request_id=request_id, timings=timings, band=band,
+        heatmap_png_base64=base64.b64encode(heatmap.png).decode() if heatmap is not None else None,
+        heatmap_members=heatmap.members if heatmap is not None else None,
+        request_id=request_id, timings=timings, band=band,
         calibrated=is_calibrated(calibration, [entry.calibration for entry in entries]))
 
 
@@ -131,13 +124,14 @@ async def predict_upload(
     registry.check_model(model)  # a wrong model name is reported before anything about the file
     input_format = sniff_format(data)
     settings = registry.settings
+    # From the header: too many pixels is refused here, before the upload waits for a thread.
+    pixels = announced_pixels(data, max_pixels=settings.max_pixels, max_side=settings.max_side)
     with registry.acquire(model) as (entries, ensemble), contextlib.ExitStack() as arrivals:
         # Announced before decoding, so batches under load wait for this request's pixels.
         on_the_way = [arrivals.enter_context(entry.batcher.expect()) for entry in entries]
-        screened = await asyncio.get_running_loop().run_in_executor(
-            registry.decode_pool, functools.partial(
-                _decode_and_screen, input_format, data, entries,
-                max_pixels=settings.max_pixels, max_side=settings.max_side))
+        screened = await registry.decoder.run(
+            _decode_and_screen, input_format, data, entries, pixels=pixels, priority=SINGLE,
+            max_pixels=settings.max_pixels, max_side=settings.max_side)
         decoded_at = time.perf_counter()
         rule = ensemble_rule(ensemble) if model == ENSEMBLE else None
         outputs: list[MemberOutput] = []
@@ -151,7 +145,7 @@ async def predict_upload(
         inferred_at = time.perf_counter()
         heatmap = None
         if explain and decision.classified:
-            heatmap = await run_in_threadpool(explain_png, entries, screened.prepared, screened.inputs)
+            heatmap = await run_in_threadpool(heatmap_for, entries, screened)
         explained_at = time.perf_counter()
 
     if model == ENSEMBLE and ensemble is not None:

@@ -22,7 +22,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +47,7 @@ from ctscan.settings import InferenceSettings
 from ctscan.storage.records import ModelCard
 from ctscan.storage.store import ModelStore
 from services.inference.batching import DynamicBatcher
+from services.inference.decoding import DecodePool
 from services.inference.metrics import InferenceMetrics
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,12 @@ class ModelNotServedError(CTScanError):
 
 class ModelNotReadyError(CTScanError):
     """The model is served but not loaded yet, or failed to load (HTTP 503)."""
+
+
+class EnsembleUnavailableError(ModelNotReadyError):
+    """The members are served but the ensemble is not: its record was calibrated for other
+    member versions (a promotion), or cannot be read. Retrying does not help until it is
+    recalibrated; the single models answer meanwhile (HTTP 503, `ensemble_unavailable`)."""
 
 
 # Keras models are built, and Grad-CAM traced, one at a time: side by side on two cores they
@@ -186,8 +192,8 @@ class ModelRegistry:
         self.configured: tuple[str, ...] = tuple(settings.models)
         # Uploads are decoded here, not in the event loop's large shared pool: one thread per
         # core is as fast, and fewer threads keep fewer malloc arenas (resident memory).
-        self.decode_pool = ThreadPoolExecutor(max_workers=settings.decode_threads or os.cpu_count() or 1,
-                                              thread_name_prefix="decode")
+        self.decoder = DecodePool(workers=settings.decode_threads or os.cpu_count() or 1,
+                                  max_waiting=settings.decode_queue, heavy_pixels=settings.decode_heavy_pixels)
         self._models: dict[str, ServedModel] = {}
         self._ensemble: EnsembleInfo | None = None
         self.ensemble_error: str | None = None  # why the ensemble is not servable
@@ -232,7 +238,9 @@ class ModelRegistry:
         if missing:
             raise ModelNotReadyError(f"model {', '.join(missing)} is not loaded yet")
         if model == ENSEMBLE and (ensemble is None or set(ensemble.members) != set(names)):
-            raise ModelNotReadyError(self.ensemble_error or "the ensemble is not ready yet")
+            if self.ensemble_error:
+                raise EnsembleUnavailableError(self.ensemble_error)
+            raise ModelNotReadyError("the ensemble is not ready yet")
         entries = [snapshot[name] for name in names]
         for entry in entries:
             entry.enter()
@@ -431,4 +439,4 @@ class ModelRegistry:
             thread.join(timeout=10)  # a load in progress is abandoned
         for served in self._models.values():
             served.retire()
-        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.decoder.shutdown()

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, Query, Request, Response, Security, UploadFile
-from fastapi.security import APIKeyHeader
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
 
 from ctscan.audit_trail import upload_digest
 from ctscan.errors import ImageError
@@ -28,19 +28,18 @@ from ctscan.schemas import (
     StudyPrediction,
 )
 from ctscan.study import ArchiveError, StudyError, StudyLimits
+from services.inference.auth import API_KEY, PUBLIC, UploadLimit
+from services.inference.decoding import DecodeQueueFullError
 from services.inference.deps import MetricsDep, RegistryDep, SettingsDep
 from services.inference.errors import APIError, error_response, image_error
 from services.inference.prediction import UnrecognisedFileError, predict_upload
-from services.inference.registry import ModelNotReadyError, ModelNotServedError
+from services.inference.registry import EnsembleUnavailableError, ModelNotReadyError, ModelNotServedError
 from services.inference.study import SliceError, predict_study, study_blobs
 
 logger = logging.getLogger(__name__)
+# Every route states its access in `dependencies` (PUBLIC or API_KEY; an upload route also
+# its UploadLimit); one that states nothing is refused to everyone (services/inference/auth.py).
 router = APIRouter()
-# Documents the key in the OpenAPI schema ("Authorize" in /docs); the check itself runs in the
-# request middleware, before the upload is read (services/inference/auth.py).
-API_KEY = [Security(APIKeyHeader(name="X-API-Key", auto_error=False, description=(
-    "An API key from `ctscan keys create` (or Authorization: Bearer KEY); not needed when the "
-    "service runs with INFERENCE_AUTH=off")))]
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _READ_CHUNK = 1 << 20
@@ -54,18 +53,23 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def request_id_from(supplied: str) -> str:
-    """The caller's X-Request-ID when it is a sane token, else a new one."""
-    return supplied if _REQUEST_ID.match(supplied) else uuid.uuid4().hex
+def new_request_id() -> str:
+    """The service's own id of a request (in the answer, the logs and the audit trail)."""
+    return uuid.uuid4().hex
 
 
-@router.get("/healthz", response_model=Health, tags=["operations"])
+def client_request_id_from(supplied: str) -> str | None:
+    """The caller's X-Request-ID when it is a sane token (kept beside ours), else None."""
+    return supplied if _REQUEST_ID.match(supplied) else None
+
+
+@router.get("/healthz", response_model=Health, tags=["operations"], dependencies=[PUBLIC])
 async def healthz() -> Health:
     """Liveness: the process answers."""
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Readiness, tags=["operations"],
+@router.get("/readyz", response_model=Readiness, tags=["operations"], dependencies=[PUBLIC],
             responses={503: {"model": ErrorResponse, "description": "Models still loading"}})
 async def readyz(registry: RegistryDep) -> Any:
     """200 once every configured model is loaded and warmed up, else 503 naming what is missing."""
@@ -80,7 +84,7 @@ async def readyz(registry: RegistryDep) -> Any:
                      backends={n: m.predictor.backend for n, m in models.items()})
 
 
-@router.get("/models", response_model=ModelsResponse, tags=["models"], dependencies=API_KEY)
+@router.get("/models", response_model=ModelsResponse, tags=["models"], dependencies=[API_KEY])
 async def list_models(registry: RegistryDep) -> ModelsResponse:
     """The loaded models (version, input size, threshold, card metrics) and the ensemble."""
     models = [
@@ -105,7 +109,8 @@ async def list_models(registry: RegistryDep) -> ModelsResponse:
     )
 
 
-@router.get("/metrics", tags=["operations"], response_class=Response)
+# Public inside the cluster: k8s keeps /metrics off the ingress (k8s/networkpolicy.yaml, ingress.yaml).
+@router.get("/metrics", tags=["operations"], response_class=Response, dependencies=[PUBLIC])
 async def metrics(metrics: MetricsDep) -> Response:
     """Prometheus metrics: requests and latency by model and status, batch sizes, versions."""
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -118,6 +123,8 @@ def prediction_errors() -> Iterator[None]:
         yield
     except ModelNotServedError as exc:
         raise APIError(400, "unknown_model", str(exc)) from None
+    except EnsembleUnavailableError as exc:  # before its base class: retrying does not help
+        raise APIError(503, "ensemble_unavailable", str(exc)) from None
     except ModelNotReadyError as exc:
         raise APIError(503, "not_ready", str(exc)) from None
     except UnrecognisedFileError as exc:
@@ -131,6 +138,8 @@ def prediction_errors() -> Iterator[None]:
         raise APIError(cause.status_code, cause.code, str(exc)) from None
     except ImageError as exc:
         raise image_error(exc) from None
+    except DecodeQueueFullError as exc:
+        raise APIError(503, "busy", str(exc), headers={"Retry-After": str(exc.retry_after_s)}) from None
 
 
 async def _read_limited(upload: UploadFile, limit: int) -> bytes:
@@ -143,7 +152,8 @@ async def _read_limited(upload: UploadFile, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-@router.post("/predict", response_model=Prediction, responses=ERRORS, tags=["predict"], dependencies=API_KEY)
+@router.post("/predict", response_model=Prediction, responses=ERRORS, tags=["predict"],
+             dependencies=[API_KEY, Depends(UploadLimit("max_upload_bytes"))])
 async def predict(
     request: Request,
     registry: RegistryDep,
@@ -169,7 +179,7 @@ async def predict(
 
 
 @router.post("/predict/study", response_model=StudyPrediction, responses=ERRORS, tags=["predict"],
-             dependencies=API_KEY)
+             dependencies=[API_KEY, Depends(UploadLimit("max_study_bytes"))])
 async def predict_study_route(
     request: Request,
     registry: RegistryDep,
@@ -200,7 +210,7 @@ async def predict_study_route(
     limits = StudyLimits(max_slices=settings.max_study_slices, max_total_bytes=settings.max_study_bytes,
                          max_ratio=settings.max_zip_ratio)
     with prediction_errors():
-        blobs = study_blobs(parts, limits)
+        blobs = await run_in_threadpool(study_blobs, parts, limits)  # unpacking a ZIP: off the event loop
         answer = await predict_study(registry=registry, blobs=blobs, model=model_name, explain=want_heatmaps,
                                      request_id=request.state.request_id, limits=limits)
     request.state.outcome, request.state.model_version = answer.outcome, answer.model_version

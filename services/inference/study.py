@@ -2,42 +2,42 @@
 body, and aggregate one verdict (`ctscan.study`, `ctscan.predictor.study_decision`).
 
 Slices are decoded on the decode pool and go to the same dynamic batchers as single-slice
-requests, so a study's slices fill batches. Only small copies of each slice are kept
-(the model inputs as 8-bit greyscale, the crop for the top slices' heatmaps): a 500-slice
-study does not hold 500 decoded scans in memory. Nothing from the DICOM headers is kept
+requests, so a study's slices fill batches. Only small copies of each slice are kept (the
+model inputs as 8-bit greyscale): a 500-slice study does not hold 500 decoded scans in
+memory; the few top slices are decoded again for their heatmaps (the one heatmap rule,
+`ctscan.predictor.explain_members`, draws on the original slice). Nothing from the DICOM headers is kept
 beyond the slice positions and one-way digests that check the series.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import time
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from ctscan.answers import ensemble_version, study_prediction, top_slices
 from ctscan.decision import Decision
 from ctscan.errors import ImageError
 from ctscan.formats import InputFormat, describe_formats, sniff
+from ctscan.gradcam import Explanation
 from ctscan.imaging import DicomSliceInfo
 from ctscan.models import ENSEMBLE
 from ctscan.predictor import SliceResult, slice_decision, study_decision
-from ctscan.preprocessing import PreparedSlice
 from ctscan.schemas import StudyPrediction, StudyTimings
-from ctscan.study import StudyLimits, is_zip, order_series, unpack_zip
+from ctscan.study import StudyLimits, check_pixel_budget, is_zip, order_series, unpack_zip
+from services.inference.decoding import STUDY
 from services.inference.prediction import (
     UnrecognisedFileError,
     _decode_and_screen,
     ensemble_rule,
-    explain_png,
+    heatmap_for,
     member_output,
 )
 from services.inference.registry import ModelRegistry, ServedModel
-
-DISPLAY_SIDE = 256  # the crops kept for the top slices' heatmaps
 
 
 class SliceError(ImageError):
@@ -54,7 +54,6 @@ class _Slice:
     source_format: str
     refusal: Decision | None
     inputs: list[np.ndarray]  # per model, (S, S) uint8 greyscale (expanded to 3 channels on use)
-    crop: np.ndarray | None  # the first model's view, for a heatmap
     rows: list[float | tuple[float, ...]] | None = None
 
 
@@ -74,12 +73,14 @@ def _screen(input_format: InputFormat, data: bytes, entries: list[ServedModel], 
     except ImageError as exc:
         raise SliceError(index, exc) from None
     inputs = [np.asarray(pixels[:, :, 0]).round().astype(np.uint8) for pixels in screened.inputs]
-    crop = None
-    if screened.prepared:
-        image = Image.fromarray(screened.prepared[0].grey)
-        image.thumbnail((DISPLAY_SIDE, DISPLAY_SIDE))
-        crop = np.asarray(image)
-    return _Slice(screened.decoded.dicom, screened.decoded.source_format, screened.refusal, inputs, crop)
+    return _Slice(screened.decoded.dicom, screened.decoded.source_format, screened.refusal, inputs)
+
+
+def _explain(input_format: InputFormat, data: bytes, entries: list[ServedModel], *, max_pixels: int,
+             max_side: int) -> Explanation:
+    """A top slice's heatmap: decoded again (its copy was not kept), then the one rule."""
+    return heatmap_for(entries, _decode_and_screen(input_format, data, entries, max_pixels=max_pixels,
+                                                   max_side=max_side))
 
 
 def _expand(grey: np.ndarray) -> np.ndarray:
@@ -102,11 +103,18 @@ async def predict_study(*, registry: ModelRegistry, blobs: list[bytes], model: s
         formats.append(found)
     settings = registry.settings
     loop = asyncio.get_running_loop()
+    # Every slice's header, before any is decoded: a study over its pixel budget costs nothing.
+    announced = await asyncio.to_thread(check_pixel_budget, blobs, max_total_pixels=settings.max_study_pixels,
+                                        max_pixels=settings.max_pixels, max_side=settings.max_side)
+    # A few slices at a time on the decode threads (a study's slices queue behind single
+    # uploads): enough to keep every core busy, too few to crowd the queue.
+    in_flight = asyncio.Semaphore(2 * registry.decoder.workers)
     with registry.acquire(model) as (entries, ensemble):
         async def one(index: int) -> _Slice:
-            item = await loop.run_in_executor(registry.decode_pool, functools.partial(
-                _screen, formats[index], blobs[index], entries, index,
-                max_pixels=settings.max_pixels, max_side=settings.max_side))
+            async with in_flight:
+                item = await registry.decoder.run(
+                    _screen, formats[index], blobs[index], entries, index, pixels=announced[index], priority=STUDY,
+                    max_pixels=settings.max_pixels, max_side=settings.max_side)
             if item.refusal is None:
                 futures = [asyncio.wrap_future(entry.batcher.submit(_expand(grey)))
                            for entry, grey in zip(entries, item.inputs, strict=True)]
@@ -129,18 +137,20 @@ async def predict_study(*, registry: ModelRegistry, blobs: list[bytes], model: s
         band = rule.band if rule else entries[0].band
         decision, k = study_decision(results, threshold=threshold, band=band)
         heatmaps: dict[int, str | None] = {}
+        heatmap_members: dict[int, tuple[str, ...]] = {}
         for position in top_slices(results) if explain else []:
-            item = items[ordered[position].upload_index]
-            if item.crop is not None:
-                prepared = [PreparedSlice(grey=item.crop, lungs_visible=True, reason=None, findings=None,
-                                          lung_mask=None)] * len(entries)
-                heatmaps[position] = await loop.run_in_executor(None, explain_png, entries, prepared,
-                                                                [_expand(grey) for grey in item.inputs])
+            upload_index = ordered[position].upload_index
+            explanation = await loop.run_in_executor(None, functools.partial(
+                _explain, formats[upload_index], blobs[upload_index], entries,
+                max_pixels=settings.max_pixels, max_side=settings.max_side))
+            heatmaps[position] = base64.b64encode(explanation.png).decode()
+            heatmap_members[position] = explanation.members
         explained_at = time.perf_counter()
 
     return study_prediction(
         decision=decision, k=k, results=results, positions_mm=[entry.position_mm for entry in ordered],
-        upload_order=[entry.upload_index for entry in ordered], heatmaps=heatmaps, model=model,
+        upload_order=[entry.upload_index for entry in ordered], heatmaps=heatmaps,
+        heatmap_members=heatmap_members, model=model,
         model_version=ensemble_version(ensemble.members) if model == ENSEMBLE and ensemble is not None
         else entries[0].version,
         band=band, request_id=request_id,

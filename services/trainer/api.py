@@ -4,8 +4,8 @@ Records come from the store (durable); the Celery result backend is consulted on
 notice a job whose worker failed without being able to write its record (store outage).
 
 The caller's admin token is its credential: a job is signed with it, and the workers run
-only jobs signed with their own token. When a worker has published its token's verifier
-(it does when it starts), a token the workers do not hold is refused here at once.
+only jobs signed with their own token. The token is checked first against the store's
+verifier (`ctscan.admin_credential`): refused at once, fail-closed, without one.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from ctscan.admin_credential import AdminCredentialError
 from ctscan.datasets import open_dataset
 from ctscan.errors import CTScanError, DataError
 from ctscan.hyperparameters import HyperParameterError, checked_hyperparameters, estimated_data_bytes
@@ -53,9 +54,10 @@ class JobsClient:
         if not admin_token:
             raise AdminAuthError("CTSCAN_ADMIN_TOKEN is not configured (or is a placeholder); "
                                  "queueing and cancelling jobs are disabled")
-        if self.records.token_accepted(admin_token) is False:
-            raise AdminAuthError("admin token rejected: the training workers hold another CTSCAN_ADMIN_TOKEN")
-        return admin_token
+        try:  # fail-closed: no verifier, an unreadable one or another token's is a refusal
+            return self.records.verifier().require(admin_token)
+        except AdminCredentialError as exc:
+            raise AdminAuthError(str(exc)) from None
 
     def submit(self, *, model: str, dataset: str, dataset_version: str, init: str, epochs: int,
                hyperparameters: dict[str, Any], admin_token: str | None,

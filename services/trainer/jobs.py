@@ -332,7 +332,9 @@ def _train(
     if records.cancel_requested(job_id):
         raise _Cancelled
     started = time.monotonic()
-    trainer = Trainer(config, checkpoints.run_dir, on_epoch=on_epoch, verbose=0)
+    # A cancel is also asked for between batches: a long epoch no longer delays it.
+    trainer = Trainer(config, checkpoints.run_dir, on_epoch=on_epoch,
+                      should_stop=lambda: records.cancel_requested(job_id), verbose=0)
     try:
         model, state, _ = trainer.run(resume=resumed_from is not None)
     except TrainingCancelled:

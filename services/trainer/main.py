@@ -12,6 +12,7 @@ import sys
 
 from pydantic import ValidationError
 
+from ctscan.admin_credential import AdminCredentialError
 from ctscan.errors import CTScanError
 from ctscan.settings import describe_settings_error, get_trainer_settings
 from ctscan.storage.job_records import JobRecords
@@ -54,8 +55,11 @@ def serve(concurrency: int = 1) -> None:
         raise CTScanError("CTSCAN_ADMIN_TOKEN is not set (or is a placeholder); the trainer refuses "
                           "to start without the admin credential")
     try:
-        # Submitters check their token against this before they queue (see ctscan.storage.job_records).
+        # Writes the verifier on a store without one (submitters are checked against it);
+        # a store that verifies another token refuses this worker (ctscan.admin_credential).
         JobRecords.for_store(settings.store.model_store).publish_verifier(token)
+    except AdminCredentialError as exc:
+        raise CTScanError(f"the trainer refuses to start: {exc}") from None
     except CTScanError as exc:  # the store may be down now; jobs are still checked one by one
         log.warning("could not publish the admin token's verifier: %s", exc)
     gpus = visible_gpus()

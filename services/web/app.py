@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from flask import Flask, Response, jsonify, render_template, request
+from flask import Flask, Request, Response, jsonify, render_template, request
 from flask_wtf.csrf import CSRFError, CSRFProtect  # type: ignore[import-untyped]
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -16,8 +17,8 @@ from ctscan import DISCLAIMER
 from ctscan.formats import accept_attribute
 from ctscan.settings import WebSettings, get_web_settings
 from ctscan.storage.store import ModelStore
-from services.web.access_views import account, current_user
-from services.web.auth import register_page_key
+from services.web.access_views import account, current_user, guard
+from services.web.auth import Access, allow, register_page_key
 from services.web.console import JobsClientLike, default_jobs_client, default_store
 from services.web.extensions import WebServices, services
 from services.web.inference_client import InferenceClient
@@ -30,16 +31,29 @@ CONTENT_SECURITY_POLICY = ("default-src 'self'; img-src 'self' data:; style-src 
                            "form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 
 
+class InMemoryRequest(Request):
+    """Werkzeug spools each uploaded file above 500 KB to a temporary file, where a DICOM's
+    patient data would sit on the disk; here every part stays in memory. Bodies are bounded
+    before they are read (`access_views.guard`: the route's limit, by Content-Length and while
+    streaming), so memory is bounded too."""
+
+    def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
+                         filename: str | None = None, content_length: int | None = None) -> io.BytesIO:
+        return io.BytesIO()
+
+
 def create_app(settings: WebSettings | None = None, *, inference: InferenceClient | None = None,
                jobs_client_factory: Callable[[], JobsClientLike] | None = None,
                store_factory: Callable[[str], ModelStore] | None = None) -> Flask:
     settings = settings or get_web_settings()
     app = Flask(__name__, static_folder="static", template_folder="templates")
+    app.request_class = InMemoryRequest
+    allow(Access.PUBLIC)(app.view_functions["static"])  # the stylesheet and scripts
     app.config.update(
         SECRET_KEY=settings.secret_key.get_secret_value(),
         # The larger limit is the study page's; /predict checks its own (one slice).
         MAX_CONTENT_LENGTH=max(settings.max_upload_bytes, settings.max_study_bytes),
-        # Keep multipart parts in memory: uploads must never touch the disk.
+        # Form fields in memory (files: InMemoryRequest); uploads must never touch the disk.
         MAX_FORM_MEMORY_SIZE=settings.max_upload_bytes,
         SESSION_COOKIE_NAME="ctscan_session",
         SESSION_COOKIE_HTTPONLY=True,
@@ -49,7 +63,6 @@ def create_app(settings: WebSettings | None = None, *, inference: InferenceClien
         MAX_FORM_PARTS=settings.max_study_files + 10,  # a study's slices, and the form's fields
         WTF_CSRF_TIME_LIMIT=int(settings.session_hours * 3600),
     )
-    CSRFProtect(app)
     if settings.trusted_proxy_hops:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxy_hops,  # type: ignore[method-assign]
                                 x_proto=settings.trusted_proxy_hops)
@@ -69,10 +82,13 @@ def create_app(settings: WebSettings | None = None, *, inference: InferenceClien
                     "people are named by the proxy's headers, which it must strip from clients"
                     if settings.auth == "proxy" else "no login; everyone is clinician and admin (local use only)")
 
-
     app.register_blueprint(account)
     app.register_blueprint(clinic)
     app.register_blueprint(admin)
+    # The guard runs before CSRF's check, which reads the form: an oversize or anonymous
+    # upload is refused unread.
+    app.before_request(guard)
+    CSRFProtect(app)
 
     @app.context_processor
     def _globals() -> dict[str, Any]:

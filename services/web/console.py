@@ -116,23 +116,56 @@ def input_size_problem(*, model: str, input_size: int | None) -> str | None:
     return None
 
 
+PROMOTE_HINT = ("It stays a candidate; the model table below can promote it after showing what that "
+                "changes for the clinicians.")
+
+
+def promotion_consequences(store: ModelStore, name: str, version: str) -> list[str]:
+    """What promoting `version` of `name` changes for the clinicians, in words the console
+    shows before it asks for confirmation. Raises StoreError for an unknown version."""
+    from ctscan.publishing import balanced_accuracy
+    from ctscan.settings import PromotionSettings
+
+    card = store.card(name, version)
+    production = store.production(name)
+    val = card.metrics.get("val") or {}
+    words = []
+    now = f"version {production}" if production else "no version"
+    auc = val.get("auc")
+    words.append(f"Clinicians who choose {name} get answers from version {version} instead of {now}"
+                 + (f" (val AUC {auc:.3f})." if auc is not None else "."))
+    floors = PromotionSettings()
+    balanced = balanced_accuracy(val)
+    below = []
+    if auc is not None and auc < floors.min_auc:
+        below.append(f"val AUC {auc:.3f} < {floors.min_auc:.2f}")
+    if balanced is not None and balanced < floors.min_balanced_accuracy:
+        below.append(f"val balanced accuracy {balanced:.3f} < {floors.min_balanced_accuracy:.2f}")
+    if below:
+        words.append("It is below the promotion floors (" + "; ".join(below) + "): the gate would not serve it.")
+    record = store.ensemble_record()
+    if record is not None and name in record.members and record.members[name] != version:
+        words.append("The ensemble (the page's default) is switched off from the next reload until it is "
+                     "recalibrated on val for the new versions: run ctscan models calibrate-ensemble. Until "
+                     "then clinicians who choose it are told so and offered the single models.")
+    return words
+
+
 def promotion_note(job: dict[str, Any]) -> str | None:
     """Why a finished job's model is not serving, with the numbers the gate compared."""
     if job.get("state") != "succeeded" or job.get("promoted") is not False:
         return None
     gate = job.get("promotion") or {}
     if gate.get("reason"):  # the gate's own words (floors, validation sets, the comparison)
-        return f"Not promoted: {gate['reason']}. Promote it in the model table below to serve it anyway."
+        return f"Not promoted: {gate['reason']}. {PROMOTE_HINT}"
     metric = str(gate.get("metric") or "auc")
     label = METRIC_LABELS.get(metric, metric)
     candidate = gate.get("candidate", (job.get("metrics") or {}).get(metric))
     production = gate.get("production")
     if candidate is None or production is None:
-        return (f"Not promoted: it did not beat the production model on val {label}. "
-                "Promote it in the model table below to serve it anyway.")
+        return f"Not promoted: it did not beat the production model on val {label}. {PROMOTE_HINT}"
     return (f"Not promoted: val {label} {candidate:.3f} does not beat production "
-            f"{gate.get('production_version') or ''} (val {label} {production:.3f}). "
-            "Promote it in the model table below to serve it anyway.")
+            f"{gate.get('production_version') or ''} (val {label} {production:.3f}). {PROMOTE_HINT}")
 
 
 def job_summary(record: JobRecord | dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from flask import current_app
 from ctscan.audit_trail import AuditTrail
 from ctscan.settings import WebSettings
 from ctscan.storage.store import ModelStore
-from services.web.auth import Authenticator, LoginThrottle
+from services.web.auth import Authenticator, LoginThrottle, NameDelay
 from services.web.console import JobsClientLike, default_jobs_client, default_store
 from services.web.inference_client import InferenceClient
 
@@ -25,10 +25,10 @@ class WebServices:
     inference: InferenceClient
     jobs_client_factory: Callable[[], JobsClientLike] = default_jobs_client
     store_factory: Callable[[str], ModelStore] = default_store
-    # Failed logins per address, and per user name (guessing from many addresses); the second
-    # also lets a stranger lock an account for a while, the usual price of this defence.
+    # Failed logins per address (a lock for minutes), and per user name (guessing from many
+    # addresses): an exponential delay that the person's own browser does not wait for.
     login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
-    username_throttle: LoginThrottle = field(default_factory=lambda: LoginThrottle(limit=10, window_s=900.0))
+    name_delay: NameDelay = field(default_factory=NameDelay)
     auth: Authenticator = field(init=False)
     trail: AuditTrail = field(init=False)
     _jobs_client: JobsClientLike | None = field(default=None, repr=False)

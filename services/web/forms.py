@@ -101,3 +101,5 @@ class ActionForm(FlaskForm):
 
 class PromoteForm(FlaskForm):
     version = HiddenField(validators=[DataRequired(), Length(max=100), _SAFE_NAME])
+    # "yes" only from the confirmation page, which names what the promotion changes.
+    confirm = HiddenField(validators=[Optional(), Length(max=3)])

@@ -3,11 +3,14 @@
 Answers are parsed with the service's own response models (`ctscan.schemas`). Every failure
 becomes an `InferenceError` subclass whose message is fit to show a clinician; routes never
 see a `requests` exception or a traceback. The page calls with its own API key (X-API-Key)
-and names each request (X-Request-ID) so that both services' audit events share the id.
+and its own id of each request (X-Request-ID; the service keeps it as the client's id beside
+its own, which comes back in the answer), and names the signed-in person (X-CTScan-User): the
+service believes that from the page's key only, and limits and audits each person apart.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import requests
@@ -15,12 +18,14 @@ from pydantic import ValidationError
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from ctscan.access import check_name
 from ctscan.errors import CTScanError
 from ctscan.models import ENSEMBLE, architecture_names
 from ctscan.schemas import ModelsResponse, Prediction, StudyPrediction
 
 KEY_HEADER = "X-API-Key"
 REQUEST_ID_HEADER = "X-Request-ID"
+USER_HEADER = "X-CTScan-User"
 
 
 class InferenceError(CTScanError):
@@ -36,6 +41,17 @@ class InferenceUnavailableError(InferenceError):
     outcome = "unavailable"
 
 
+class EnsembleUnavailableError(InferenceUnavailableError):
+    """The ensemble is switched off until it is recalibrated; the single models answer."""
+
+
+ENSEMBLE_UNAVAILABLE_MESSAGE = (
+    "The combined analysis of all models (the ensemble) is switched off for now: one of its "
+    "models was updated, and the ensemble is only used again once it has been re-checked on "
+    "validation data. Trying again will not help until then. Please choose a single model "
+    "and analyse the image again; an administrator can switch the ensemble back on.")
+
+
 class InferenceTimeoutError(InferenceError):
     status = 504
     outcome = "timeout"
@@ -48,9 +64,9 @@ class InferenceCredentialsError(InferenceError):
 
 
 class InferenceBusyError(InferenceError):
-    """The service rate-limits the page's key: everyone on the page is asking at once."""
+    """The service rate-limits this person (or the page's key): too many requests a minute."""
 
-    status = 503
+    status = 429
     outcome = "rate_limited"
 
     def __init__(self, message: str, *, retry_after_s: int) -> None:
@@ -124,7 +140,7 @@ class InferenceClient:
                 "The analysis service refused this page's credentials; tell the service desk.")
         if status == 429:
             wait = _retry_after(response)
-            return InferenceBusyError(f"The analysis service is busy. Please try again in {wait} s.",
+            return InferenceBusyError(f"Too many requests: please wait {wait} s before you try again.",
                                       retry_after_s=wait)
         if study and status in (413, 415, 422):  # the service names the slice or entry at fault
             return InferenceRejectedError(f"This study could not be analysed: {message or code}.",
@@ -141,6 +157,8 @@ class InferenceClient:
         if status == 400:
             return InferenceRejectedError(message or "The analysis service refused the request.",
                                           status=400, code=code)
+        if status == 503 and code == "ensemble_unavailable":
+            return EnsembleUnavailableError(ENSEMBLE_UNAVAILABLE_MESSAGE)
         if status == 503:
             return InferenceUnavailableError(
                 "The analysis service is starting up or not ready. Please try again in a minute.")
@@ -148,12 +166,12 @@ class InferenceClient:
 
     # --- contract ---------------------------------------------------------------------
     def predict(self, *, data: bytes, filename: str, model: str = ENSEMBLE, explain: bool = True,
-                request_id: str | None = None) -> Prediction:
+                request_id: str | None = None, user: str | None = None) -> Prediction:
         if model != ENSEMBLE and model not in architecture_names():
             raise InferenceRejectedError(f"Unknown model {model!r}.", status=400, code="unknown_model")
         response = self._request(
             "POST", "/predict", params={"model": model, "explain": "true" if explain else "false"},
-            files={"file": (filename, data, "application/octet-stream")}, headers=_named(request_id),
+            files={"file": (filename, data, "application/octet-stream")}, headers=_named(request_id, user),
         )
         if response.status_code != 200:
             raise self._error_from(response)
@@ -167,7 +185,7 @@ class InferenceClient:
             raise InferenceError("The analysis service sent an incomplete answer.") from None
 
     def predict_study(self, *, files: list[bytes], model: str = ENSEMBLE, explain: bool = True,
-                      request_id: str | None = None) -> StudyPrediction:
+                      request_id: str | None = None, user: str | None = None) -> StudyPrediction:
         """A whole study: several slices, or one ZIP of a series (file names are not sent)."""
         if model != ENSEMBLE and model not in architecture_names():
             raise InferenceRejectedError(f"Unknown model {model!r}.", status=400, code="unknown_model")
@@ -175,7 +193,7 @@ class InferenceClient:
             "POST", "/predict/study", timeout=self.study_timeout,
             params={"model": model, "explain": "true" if explain else "false"},
             files=[("file", (f"part{index}", data, "application/octet-stream")) for index, data in enumerate(files)],
-            headers=_named(request_id),
+            headers=_named(request_id, user),
         )
         if response.status_code != 200:
             raise self._error_from(response, study=True)
@@ -203,8 +221,20 @@ class InferenceClient:
         return response.status_code == 200
 
 
-def _named(request_id: str | None) -> dict[str, str]:
-    return {REQUEST_ID_HEADER: request_id} if request_id else {}
+def _named(request_id: str | None, user: str | None = None) -> dict[str, str]:
+    headers = {REQUEST_ID_HEADER: request_id} if request_id else {}
+    if user:
+        headers[USER_HEADER] = api_user_name(user)
+    return headers
+
+
+def api_user_name(user: str) -> str:
+    """The person's name as the service accepts it; a name a proxy gave that is not a valid
+    account name (spaces, ...) goes as a stable digest of it (the web's audit has the name)."""
+    try:
+        return check_name("user", user)
+    except CTScanError:
+        return "u-" + hashlib.sha256(user.encode()).hexdigest()[:24]
 
 
 def _retry_after(response: requests.Response) -> int:

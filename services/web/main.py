@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from ctscan.errors import CTScanError
 from ctscan.settings import describe_settings_error, get_web_settings
 from services.web.app import create_app
+from services.web.auth import MULTIPART_OVERHEAD
 
 DEFAULT_PORT = 8080
 
@@ -52,5 +53,12 @@ def serve(host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
         return
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     log.info("web service on http://%s:%d (waitress)", host, port)
-    waitress_serve(app, host=host, port=port, threads=8, ident="ctscan-web")
+    # Waitress reads a whole body before the page sees it, into a temporary file above
+    # inbuf_overflow (512 KB by default): a DICOM's patient data on the disk. A slice's body
+    # stays in memory; a study's larger one goes to TMPDIR, which compose and k8s mount as a
+    # memory-backed 0700 tmpfs (docs/security.md). A body announced above the largest limit
+    # is refused (413) before it is read.
+    largest = max(settings.max_upload_bytes, settings.max_study_bytes) + MULTIPART_OVERHEAD
+    waitress_serve(app, host=host, port=port, threads=8, ident="ctscan-web",
+                   inbuf_overflow=settings.max_upload_bytes + MULTIPART_OVERHEAD, max_request_body_size=largest)
     log.info("web service stopped")

@@ -1,7 +1,8 @@
 """Checks on an uploaded CT image and the preview shown back to the clinician.
 
-Uploads live only in memory for the length of one request: nothing is written to disk, the
-original file name (which may carry a patient's name) is neither shown, logged nor sent on.
+Uploads are kept only for the length of one request; the original file name (which may carry
+a patient's name) is neither shown, logged nor sent on. `UPLOAD_STORAGE_NOTE` is what the
+pages say about it: one sentence, to change with the behaviour.
 """
 
 from __future__ import annotations
@@ -14,6 +15,15 @@ from ctscan.errors import ImageError, UnsupportedImageError
 from ctscan.formats import InputFormat, describe_formats, sniff
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# What the pages say about where uploads go, to change with the behaviour (services/web/app.py,
+# main.py; services/inference/app.py): a slice's body and its parts stay in memory in both
+# services; a study's body above a slice's limit is buffered by waitress in TMPDIR while the
+# request lasts, which compose and Kubernetes mount as a memory-backed tmpfs.
+UPLOAD_STORAGE_NOTE = "The image is analysed in memory, never written to disk, and not kept after the analysis."
+STUDY_STORAGE_NOTE = ("The files are analysed in memory and not kept after the analysis; while a large study is "
+                      "received it is buffered in the web server's temporary folder (memory-backed in the compose "
+                      "and Kubernetes deployments).")
+FOOTER_STORAGE_NOTE = "Uploads are not kept after the analysis; a single slice never touches the disk."
 
 
 def unsupported_message() -> str:

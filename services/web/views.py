@@ -2,8 +2,8 @@
 
 Routes translate HTTP to the plain functions in `uploads`, `inference_client` and `console`
 and turn their exceptions into friendly pages; they hold no domain logic. Who may call them
-is decided before each route (`access_views.require`); every prediction sent and every admin
-action is written to the audit trail (`access_views.audit`).
+is stated on each route (`@allow`) and checked before it runs (`access_views.guard`); every
+prediction sent and every admin action is written to the audit trail (`access_views.audit`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 
 from ctscan.audit_trail import upload_digest
 from ctscan.errors import CTScanError, StoreError, UnsupportedImageError
+from ctscan.models import ENSEMBLE, FASTEST_ARCHITECTURE
 from ctscan.storage.records import EnsembleRecord
-from services.web.access_views import audit, current_name, require
+from services.web.access_views import audit, current_name
+from services.web.auth import Access, Body, allow
 from services.web.console import (
     QUEUE_ERRORS,
     STORE_ERRORS,
@@ -26,6 +28,7 @@ from services.web.console import (
     input_size_problem,
     job_summary,
     model_overview,
+    promotion_consequences,
     published_dataset_versions,
 )
 from services.web.extensions import services
@@ -37,9 +40,16 @@ from services.web.forms import (
     StudyForm,
     model_labels,
 )
-from services.web.inference_client import InferenceError
+from services.web.inference_client import EnsembleUnavailableError, InferenceError
 from services.web.study_view import probability_strip
-from services.web.uploads import check_upload, png_data_url, preview_data_url
+from services.web.uploads import (
+    FOOTER_STORAGE_NOTE,
+    STUDY_STORAGE_NOTE,
+    UPLOAD_STORAGE_NOTE,
+    check_upload,
+    png_data_url,
+    preview_data_url,
+)
 
 log = logging.getLogger("ctscan.web")
 
@@ -49,48 +59,67 @@ admin = Blueprint("admin", __name__, url_prefix="/admin")
 RouteResult = Any
 
 
-# Every route of each blueprint, present and future, needs its role (access_views.require).
-@clinic.before_request
-def _clinicians_only() -> RouteResult | None:
-    return require("clinician")
+# Every route states its access (and its body, when it takes files) where it is declared;
+# one that states nothing is refused to everyone (access_views.guard).
 
 
-@admin.before_request
-def _admins_only() -> RouteResult | None:
-    return require("admin")
+@clinic.app_context_processor
+def _page_words() -> dict[str, Any]:
+    return {"upload_storage_note": UPLOAD_STORAGE_NOTE, "study_storage_note": STUDY_STORAGE_NOTE,
+            "footer_storage_note": FOOTER_STORAGE_NOTE}
+
+
+@clinic.app_template_filter("label_of")
+def _label_of(name: str) -> str:
+    """A model's name as people read it ("DenseNet-121")."""
+    return model_labels().get(name, name)
 
 
 def new_request_id() -> str:
-    # Sent to the inference service as X-Request-ID: both services' audit events share it.
+    # Sent to the inference service as X-Request-ID, which it keeps as client_request_id
+    # beside its own id; the page's event names that one (service_request_id).
     return uuid.uuid4().hex
 
 
 def echo(answered: str, sent: str) -> dict[str, str]:
-    # The service keeps the id it is sent; one that answers with another is named beside it.
+    # The service mints its own id of each request; the page's event names it beside the page's.
     return {} if answered == sent else {"service_request_id": answered}
 
 
 # --- clinicians ---------------------------------------------------------------------------
+def single_models() -> dict[str, str]:
+    """The models that answer while the ensemble is switched off, as the page names them."""
+    return {name: label for name, label in model_labels().items() if name != ENSEMBLE}
+
+
+def offer_single_models(form: PredictForm | StudyForm) -> None:
+    """The ensemble is off: the form comes back with a single model chosen."""
+    form.model.data = FASTEST_ARCHITECTURE
+
+
 def render_index(*, form: PredictForm | None = None, result: dict[str, Any] | None = None,
-                 error: str | None = None, status: int = 200) -> tuple[str, int]:
+                 error: str | None = None, status: int = 200, ensemble_off: bool = False) -> tuple[str, int]:
     # formdata=None: this also renders the "too large" page, where the body must not be read.
     form = form or PredictForm(formdata=None)
-    return render_template("index.html", form=form, result=result, error=error,
-                           model_labels=model_labels()), status
+    return render_template("index.html", form=form, result=result, error=error, ensemble_off=ensemble_off,
+                           single_models=single_models(), model_labels=model_labels()), status
 
 
 @clinic.get("/")
+@allow(Access.CLINICIAN)
 def index() -> RouteResult:
     return render_index()
 
 
 @clinic.get("/predict")
+@allow(Access.CLINICIAN)
 def predict_page() -> RouteResult:
     # A bookmarked or refreshed result page: results are never kept, so start afresh.
     return redirect(url_for("clinic.index"))
 
 
 @clinic.post("/predict")
+@allow(Access.CLINICIAN, body=Body.UPLOAD)
 def predict() -> RouteResult:
     form = PredictForm()
     if not form.validate_on_submit():
@@ -110,12 +139,15 @@ def predict() -> RouteResult:
     try:
         answer = services().inference.predict(data=upload.data, filename=upload.neutral_filename,
                                               model=form.model.data, explain=form.explain.data,
-                                              request_id=request_id)
+                                              request_id=request_id, user=current_name())
     except InferenceError as exc:
         log.warning("prediction failed: request_id=%s %s (%s)", request_id, type(exc).__name__, exc.status)
         audit(action="predict", outcome=exc.outcome, request_id=request_id, model=form.model.data,
               upload_sha256=sha256, status=exc.status)
-        return render_index(form=form, error=str(exc), status=exc.status)
+        ensemble_off = isinstance(exc, EnsembleUnavailableError)
+        if ensemble_off:
+            offer_single_models(form)
+        return render_index(form=form, error=str(exc), status=exc.status, ensemble_off=ensemble_off)
     round_trip_ms = (time.perf_counter() - started) * 1000
     audit(action="predict", outcome=answer.outcome, request_id=request_id, model=answer.model,
           model_version=answer.model_version, upload_sha256=sha256, status=200,
@@ -131,18 +163,20 @@ def predict() -> RouteResult:
 
 
 def render_study(*, form: StudyForm | None = None, result: dict[str, Any] | None = None,
-                 error: str | None = None, status: int = 200) -> tuple[str, int]:
+                 error: str | None = None, status: int = 200, ensemble_off: bool = False) -> tuple[str, int]:
     form = form or StudyForm(formdata=None)
-    return render_template("study.html", form=form, result=result, error=error,
-                           model_labels=model_labels()), status
+    return render_template("study.html", form=form, result=result, error=error, ensemble_off=ensemble_off,
+                           single_models=single_models(), model_labels=model_labels()), status
 
 
 @clinic.get("/study")
+@allow(Access.CLINICIAN)
 def study_page() -> RouteResult:
     return render_study()
 
 
 @clinic.post("/study")
+@allow(Access.CLINICIAN, body=Body.STUDY)
 def study() -> RouteResult:
     form = StudyForm()
     if not form.validate_on_submit():
@@ -160,12 +194,15 @@ def study() -> RouteResult:
     started = time.perf_counter()
     try:
         answer = services().inference.predict_study(files=files, model=form.model.data, explain=form.explain.data,
-                                                    request_id=request_id)
+                                                    request_id=request_id, user=current_name())
     except InferenceError as exc:
         log.warning("study prediction failed: request_id=%s %s (%s)", request_id, type(exc).__name__, exc.status)
         audit(action="predict_study", outcome=exc.outcome, request_id=request_id, model=form.model.data,
               upload_sha256=sha256, status=exc.status, detail={"files": len(files)})
-        return render_study(form=form, error=str(exc), status=exc.status)
+        ensemble_off = isinstance(exc, EnsembleUnavailableError)
+        if ensemble_off:
+            offer_single_models(form)
+        return render_study(form=form, error=str(exc), status=exc.status, ensemble_off=ensemble_off)
     round_trip_ms = (time.perf_counter() - started) * 1000
     audit(action="predict_study", outcome=answer.outcome, request_id=request_id, model=answer.model,
           model_version=answer.model_version, upload_sha256=sha256, status=200,
@@ -205,6 +242,7 @@ def _models_view() -> tuple[list[dict[str, Any]], EnsembleRecord | None, str | N
 
 @admin.get("/")  # registered second: url_for builds "/admin"
 @admin.get("")
+@allow(Access.ADMIN)
 def console() -> RouteResult:
     settings = services().settings
     dataset_versions = published_dataset_versions(datasets_url=settings.store.datasets_url,
@@ -224,6 +262,7 @@ def console() -> RouteResult:
 
 
 @admin.get("/jobs/table")
+@allow(Access.ADMIN)
 def jobs_table() -> RouteResult:
     """The jobs table alone, for the page's polling script."""
     jobs, jobs_error = _jobs_view()
@@ -235,6 +274,7 @@ def _trainer_token() -> str | None:
 
 
 @admin.post("/jobs")
+@allow(Access.ADMIN)
 def queue_job() -> RouteResult:
     form = QueueJobForm()
     if not form.validate_on_submit():
@@ -284,6 +324,7 @@ def queue_job() -> RouteResult:
 
 
 @admin.post("/jobs/<job_id>/cancel")
+@allow(Access.ADMIN)
 def cancel_job(job_id: str) -> RouteResult:
     token = _trainer_token()
     if token is None:
@@ -309,6 +350,7 @@ def cancel_job(job_id: str) -> RouteResult:
 
 
 @admin.post("/models/<name>/promote")
+@allow(Access.ADMIN)
 def promote(name: str) -> RouteResult:
     form = PromoteForm()
     if not form.validate_on_submit():
@@ -317,6 +359,17 @@ def promote(name: str) -> RouteResult:
         flash("Promotion refused: no valid version was given.", "error")
         return redirect(url_for("admin.console"))
     version = form.version.data
+    if form.confirm.data != "yes":
+        # First the consequences, then the change: the confirmation page posts back with confirm=yes.
+        try:
+            consequences = promotion_consequences(services().store(), name, version)
+        except StoreError as exc:
+            audit(action="promote", outcome="refused", model=name[:100], model_version=version, status=302,
+                  detail={"reason": str(exc)})
+            flash(f"Promotion refused: {exc}", "error")
+            return redirect(url_for("admin.console"))
+        return render_template("promote_confirm.html", name=name, version=version, consequences=consequences,
+                               form=PromoteForm(formdata=None, version=version, confirm="yes"))
     try:
         services().store().promote(name, version, reason=f"promoted from the web console by {current_name()}")
     except StoreError as exc:
@@ -332,6 +385,7 @@ def promote(name: str) -> RouteResult:
 
 
 @admin.post("/models/<name>/rollback")
+@allow(Access.ADMIN)
 def rollback(name: str) -> RouteResult:
     try:
         version = services().store().rollback(name)

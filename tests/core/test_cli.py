@@ -145,6 +145,7 @@ def test_models_list_promote_and_rollback(tmp_path: Path) -> None:
     store = tmp_path / "store"
     admin = {"CTSCAN_ADMIN_TOKEN": "cli-test-admin-token-0123456789", "CTSCAN_AUDIT_DIR": str(tmp_path / "audit")}
     versions_saved = saved_versions(store, "mobilenetv2", 2)
+    assert ctscan("admin", "init", "--store", str(store), env=admin).returncode == 0  # set-up
     # Without the admin credential nothing changes production.
     _one_line_error(ctscan("models", "promote", "mobilenetv2", versions_saved[0], "--store", str(store),
                            env={"CTSCAN_ADMIN_TOKEN": ""}), "CTSCAN_ADMIN_TOKEN")

@@ -53,7 +53,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
                            "gate", "decision", "gradcam", "hyperparameters"),
     "settings": ("settings",),
     "storage": ("storage", "storage.objects", "storage.s3store", "storage.records", "storage.store",
-                "storage.job_records", "access", "release"),
+                "storage.job_records", "access", "admin_credential", "release"),
     "data pipeline": ("data", "download", "datasets", "audit"),
     "serving": ("predictor", "answers", "onnx_runtime"),
     "training and evaluation": ("callbacks", "training", "evaluation", "lesion_metrics", "publishing", "safety"),

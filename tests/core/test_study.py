@@ -77,3 +77,30 @@ def test_the_study_probability_is_the_mean_of_its_most_suspicious_slices() -> No
     assert probability < 0.2
     with pytest.raises(StudyError, match="no slice"):
         aggregate([])
+
+
+def test_a_zip_over_its_budget_is_refused_before_any_entry_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench.hostile import zip_of_zeros
+
+    archive = zip_of_zeros(600)  # 600 MiB of zeros in about 0.6 MB; the default budget is 512 MiB
+    assert len(archive) < 1_000_000
+
+    def no_reading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("an entry was read")
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", no_reading)
+    with pytest.raises(ImageTooLargeError, match="expands to more than"):
+        unpack_zip(archive, StudyLimits(max_total_bytes=512 << 20))
+
+
+def test_a_study_over_its_pixel_budget_is_refused_from_the_headers(ctmd_dir: Path, ctmd_slices: dict) -> None:
+    from bench.hostile import deflated_dicom
+    from ctscan.study import check_pixel_budget
+
+    with pytest.raises(ImageTooLargeError, match="slice 1 of the upload"):
+        check_pixel_budget([deflated_dicom(7000)] * 6, max_total_pixels=10**9, max_pixels=2048**2, max_side=2048)
+    slices = [(ctmd_dir / r["path"]).read_bytes() for r in ctmd_slices["P001"][:6]]
+    assert check_pixel_budget(slices, max_total_pixels=6 * 512 * 512, max_pixels=2048**2,
+                              max_side=2048) == [512 * 512] * 6
+    with pytest.raises(ImageTooLargeError, match="pixels in all"):
+        check_pixel_budget(slices, max_total_pixels=5 * 512 * 512, max_pixels=2048**2, max_side=2048)

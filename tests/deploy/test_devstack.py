@@ -49,6 +49,47 @@ def test_dev_secrets_are_generated_once_and_private(tmp_path: Path, monkeypatch:
     assert devstack.dev_secrets(layout, {})["WEB_SECRET_KEY"] == first["WEB_SECRET_KEY"]  # reused
 
 
+def test_the_cli_finds_the_running_stack_through_dev_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`make up` writes var/dev.env; `ctscan --env var/dev.env info` then names the stack's store,
+    audit folder and queue (not the per-user defaults), and never prints the admin token."""
+    import json
+
+    from ctscan import cli, settings
+
+    devstack = load_devstack()
+    monkeypatch.setenv("DEVSTACK_VAR_DIR", str(tmp_path))
+    for name in devstack.CLI_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    layout = devstack.Layout.from_env()
+    stack = {"CTSCAN_MODEL_STORE": str(tmp_path / "model store"), "CTSCAN_AUDIT_DIR": str(tmp_path / "audit"),
+             "CTSCAN_TRAINER_QUEUE": "ctscan-devstack-abc", "REDIS_URL": "redis://127.0.0.1:6379/1",
+             "CTSCAN_ADMIN_TOKEN": "dev-admin-token-0123456789abcdef", "UNRELATED": "x"}
+    path = devstack.write_cli_env(layout, stack)
+    assert path == tmp_path / "dev.env" and (path.stat().st_mode & 0o777) == 0o600
+    assert "UNRELATED" not in path.read_text()
+    # The shell reads it as the CLI does.
+    shell = subprocess.run(["bash", "-c", f". {path} && printf %s \"$CTSCAN_MODEL_STORE\""], capture_output=True,
+                           text=True, check=True)
+    assert shell.stdout == stack["CTSCAN_MODEL_STORE"]
+    saved = dict(os.environ)
+    try:
+        assert cli.main(["--env", str(path), "info"]) == 0
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        settings.get_store_settings.cache_clear()
+        settings.get_audit_settings.cache_clear()
+        settings.get_trainer_settings.cache_clear()
+        settings.get_admin_settings.cache_clear()
+    output = capsys.readouterr().out
+    info = json.loads(output)
+    assert info["CTSCAN_MODEL_STORE"] == {"value": stack["CTSCAN_MODEL_STORE"], "from": f"--env {path}"}
+    assert info["CTSCAN_AUDIT_DIR"]["value"] == stack["CTSCAN_AUDIT_DIR"]
+    assert info["CTSCAN_TRAINER_QUEUE"]["value"] == "ctscan-devstack-abc"
+    assert info["CTSCAN_ADMIN_TOKEN"]["value"] == "set" and stack["CTSCAN_ADMIN_TOKEN"] not in output
+
+
 def test_broker_falls_back_to_the_filesystem_transport(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     devstack = load_devstack()
     monkeypatch.setenv("DEVSTACK_VAR_DIR", str(tmp_path))
@@ -262,7 +303,8 @@ def test_make_up_serves_a_real_ct_image_and_stops_cleanly(
 
         events = list(read_events(var_dir / "audit"))
         who = {(e.service, e.action, e.actor) for e in events}
-        assert {("inference", "predict", "local"), ("web", "predict", "admin"), ("inference", "predict", "web"),
+        # (The API names the person behind the page: the page's key passes who is signed in.)
+        assert {("inference", "predict", "local"), ("web", "predict", "admin"), ("inference", "predict", "admin"),
                 ("web", "job_queue", "admin")} <= who, who
     finally:
         down = subprocess.run([sys.executable, str(DEVSTACK), "down"], cwd=REPO_ROOT, env=env,

@@ -59,7 +59,7 @@ def test_expected_objects_in_one_namespace(manifests: list[dict[str, Any]]) -> N
     for wanted in [("Namespace", "ctscan"), ("ConfigMap", "ctscan-config"), ("Secret", "ctscan-secrets"),
                    ("Deployment", "inference"), ("Deployment", "web"), ("Deployment", "trainer"),
                    ("StatefulSet", "redis"), ("Service", "inference"), ("Service", "web"), ("Service", "redis"),
-                   ("Ingress", "ctscan"), ("HorizontalPodAutoscaler", "inference")]:
+                   ("Ingress", "ctscan"), ("HorizontalPodAutoscaler", "inference"), ("Job", "admin-init")]:
         assert wanted in kinds, f"missing {wanted}"
     for doc in manifests:
         if doc["kind"] != "Namespace":
@@ -112,6 +112,14 @@ def test_commands_are_ctscan_serve_entry_points(manifests: list[dict[str, Any]],
             check_serve_command(container["command"] + container.get("args", []), SERVES[workload])
             seen.add(workload)
     assert seen == set(SERVES)
+
+
+def test_set_up_writes_the_admin_verifier_from_the_secret(manifests: list[dict[str, Any]]) -> None:
+    # Admin commands are refused on a store without the verifier (ctscan.admin_credential).
+    [(_, _, container)] = [entry for entry in containers(manifests) if entry[0] == "admin-init"]
+    assert container["command"] == ["ctscan", "admin", "init"]
+    token = next(v for v in container["env"] if v["name"] == "CTSCAN_ADMIN_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "ctscan-secrets", "key": "CTSCAN_ADMIN_TOKEN"}
 
 
 def test_credentials_come_from_the_secret(manifests: list[dict[str, Any]]) -> None:

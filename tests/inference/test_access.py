@@ -84,6 +84,11 @@ def test_probes_metrics_and_docs_need_no_key(inference_service: RunningService) 
 
 def test_a_key_revoked_with_the_cli_stops_working_while_the_service_runs(
         inference_service: RunningService, real_ct_images: dict[str, Path]) -> None:
+    # Set-up writes the store's admin verifier (make up, the compose seed, the k8s job).
+    # (--replace: this copy of the shared tiny store may hold another suite's verifier)
+    initialised = _ctscan("admin", "init", "--replace", store=inference_service.store_dir,
+                          audit_dir=inference_service.audit_dir)
+    assert initialised.returncode == 0, initialised.stderr
     created = _ctscan("keys", "create", "ward-7-pacs", store=inference_service.store_dir,
                       audit_dir=inference_service.audit_dir)
     assert created.returncode == 0, created.stderr
@@ -144,7 +149,8 @@ def test_predictions_are_audited_without_patient_data(inference_service: Running
     response = inference_service.predict(dicom, filename="Doe_Jane.dcm", params={"model": "mobilenetv2"},
                                          headers={"X-Request-ID": "audit-dicom-1"})
     assert response.status_code == 200, response.text
-    [event] = _events(inference_service, "audit-dicom-1")
+    [event] = _events(inference_service, response.headers["X-Request-ID"])
+    assert event.client_request_id == "audit-dicom-1"
     assert (event.action, event.actor, event.actor_kind, event.service) == ("predict", "tests", "key", "inference")
     assert event.model == "mobilenetv2" and event.model_version == response.json()["model_version"]
     assert event.outcome == response.json()["outcome"] and event.status == 200
@@ -152,7 +158,7 @@ def test_predictions_are_audited_without_patient_data(inference_service: Running
     refused = inference_service.predict(b"not an image at all", params={"model": "mobilenetv2"},
                                         headers={"X-Request-ID": "audit-refused-1"})
     assert refused.status_code == 415
-    [event] = _events(inference_service, "audit-refused-1")
+    [event] = _events(inference_service, refused.headers["X-Request-ID"])
     assert (event.outcome, event.status) == ("unsupported_media_type", 415)
     trail = "".join(p.read_text() for p in inference_service.audit_dir.rglob("*.jsonl"))
     for secret in ("Doe", "Jane", "SECRET-PATIENT-4711"):

@@ -116,9 +116,10 @@ class Uptime(BaseModel):
 
 
 def test_a_route_added_to_the_router_is_served_with_its_response_model(tmp_path: Path, data_dir: Path) -> None:
+    from services.inference.auth import PUBLIC
     from services.inference.routes import router
 
-    @router.get("/toy/uptime", response_model=Uptime, tags=["toy"])
+    @router.get("/toy/uptime", response_model=Uptime, tags=["toy"], dependencies=[PUBLIC])
     async def toy_uptime(registry: RegistryDep) -> dict[str, object]:
         # Extra keys are dropped by the response model: only the contract goes out.
         return {"served_models": sorted(registry.models), "ready": registry.is_ready(), "secret": "x"}

@@ -243,3 +243,28 @@ def test_service_still_predicts_after_the_barrage(inference_service: RunningServ
     response = inference_service.predict(path.read_bytes(), params={"model": "ensemble"})
     assert response.status_code == 200 and response.json()["label"] in ("COVID", "non-COVID")
     assert "Traceback" not in inference_service.log()
+
+
+def test_oversized_slices_and_studies_are_refused_from_their_headers_while_others_are_served(
+        inference_service: RunningService, real_ct_images: dict[str, Path]) -> None:
+    """Issue 24's attacks: a 7000 x 7000 PNG (86 kB), a ZIP of six 7000 x 7000 deflated DICOM
+    slices (1 MB) and a ZIP of 250 MiB of zeros (over the 64 MiB study budget here) each get 413 without being decoded,
+    while an ordinary slice sent alongside is answered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bench.hostile import big_png, deflated_dicom, zip_of, zip_of_zeros
+
+    ordinary = next(iter(sorted(real_ct_images.values()))).read_bytes()
+    with ThreadPoolExecutor(4) as pool:
+        png = pool.submit(inference_service.predict, big_png(7000), params={"model": "mobilenetv2"})
+        dicoms = pool.submit(inference_service.predict_study, [zip_of([deflated_dicom(7000)] * 6)],
+                             params={"model": "mobilenetv2"})
+        zeros = pool.submit(inference_service.predict_study, [zip_of_zeros(250)], params={"model": "mobilenetv2"})
+        answer = pool.submit(inference_service.predict, ordinary, params={"model": "mobilenetv2"})
+        refused = [png.result(), dicoms.result(), zeros.result()]
+        assert answer.result().status_code == 200
+    for response in refused:
+        assert response.status_code == 413, response.text[:300]
+        assert response.json()["error"]["code"] == "image_too_large"
+    assert "7000x7000" in refused[0].text and "slice 1 of the upload" in refused[1].text
+    assert "expands to more than" in refused[2].text

@@ -157,7 +157,8 @@ def _prediction(model: str, mode: str = "ok") -> dict[str, Any]:
         indeterminate_band=0.1, reasons=["the ensemble's models disagree"] if members else [], label="COVID",
         confidence=0.623, calibrated=True, model=model, model_version="ensemble-v1" if members else "v-single",
         members=members, disagreement=bool(members), heatmap_png_base64=base64.b64encode(tiny_png()).decode(),
-        request_id="req-123", timings_ms=timings, source_format="PNG", disclaimer=DISCLAIMER,
+        heatmap_members=list(members) if members else [model], request_id="req-123", timings_ms=timings,
+        source_format="PNG", disclaimer=DISCLAIMER,
     )
     return answer.model_dump(mode="json")
 
@@ -175,7 +176,9 @@ def _study_prediction(model: str) -> dict[str, Any]:
               for i, p in enumerate(probabilities)]
     return StudyPrediction(
         outcome="covid", outcome_text=OUTCOME_TEXT["covid"], probability_covid=0.767, threshold=0.5,
-        indeterminate_band=0.1, reasons=["top_k_mean: mean of the 3 most suspicious of 4 classified slices"],
+        indeterminate_band=0.1,
+        reasons=["The study's probability is the average of its 3 most suspicious slices (of 4 analysed); "
+                 "2 slices on their own would be called COVID-19"],
         aggregation=Aggregation(rule="top_k_mean", k=3, classified_slices=4), slice_count=6,
         skipped={"no_lungs_visible": 2}, slices=slices,
         top_slices=[TopSlice(index=3, probability_covid=0.9, heatmap_png_base64=base64.b64encode(tiny_png()).decode()),
@@ -218,6 +221,7 @@ def contract_server() -> Iterator[ContractServer]:
             errors = {"reject415": (415, "unsupported_image", "cannot decode image"),
                       "reject413": (413, "too_large", "upload too large"),
                       "notready": (503, "not_ready", "models are loading"),
+                      "ensemble_off": (503, "ensemble_unavailable", "the ensemble was calibrated for other versions"),
                       "error500": (500, "internal", "boom")}
             if state.mode == "unauthorised":  # what the real service answers a wrong key
                 self._send(401, {"error": {"code": "unauthorised", "message": "this API key is not valid"}},
@@ -352,7 +356,11 @@ def web_service(inference_service: Service, tiny_model_store: Path, published_da
                 trainer_queue: str, service_audit_dir: Path, service_accounts: None,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """The real web service (`ctscan serve web`, waitress) in front of the real inference, with
-    accounts (and the built-in admin) and its own API key, which it registers when it starts."""
+    accounts (and the built-in admin) and its own API key, which it registers when it starts.
+    The store's admin verifier is written first, as set-up does (`ctscan admin init`)."""
+    from ctscan.admin_credential import AdminVerifier
+
+    AdminVerifier.for_store(str(tiny_model_store)).init(TRAINER_TOKEN)
     workdir = tmp_path_factory.mktemp("web")
     env = _base_env() | {
         "WEB_SECRET_KEY": SECRET_KEY, "WEB_ADMIN_PASSWORD": ADMIN_PASSWORD, "WEB_AUTH": "accounts",

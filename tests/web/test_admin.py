@@ -139,8 +139,12 @@ def test_repeated_failures_are_throttled(client: FlaskClient) -> None:
 def test_login_sets_a_protected_session_cookie_and_logout_ends_it(client: FlaskClient) -> None:
     response = login(client)
     assert response.status_code == 302 and response.headers["Location"] == "/admin"
-    cookie = response.headers["Set-Cookie"]
-    assert cookie.startswith("ctscan_session=") and "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    cookies = response.headers.getlist("Set-Cookie")
+    [cookie] = [c for c in cookies if c.startswith("ctscan_session=")]
+    assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+    # The device cookie (login throttling) is as protected, and says only whose browser it is.
+    [device] = [c for c in cookies if c.startswith("ctscan_device=")]
+    assert "HttpOnly" in device and "SameSite=Lax" in device
     page = client.get("/admin").get_data(as_text=True)
     assert "Training console" in page
     response = client.post("/logout", data={"csrf_token": csrf_token(page)})
@@ -318,6 +322,12 @@ def test_promote_then_roll_back(client: FlaskClient, store: ModelStore) -> None:
     html = client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": token,
                                                                    "version": "20260102T000000Z-aaaa"},
                        follow_redirects=True).get_data(as_text=True)
+    # First what it changes, and nothing changed yet.
+    assert 'id="promote-confirm"' in html and "instead of version 20260101T000000Z-aaaa" in html
+    assert store.production("mobilenetv2") == "20260101T000000Z-aaaa"
+    html = client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": csrf_token(html), "confirm": "yes",
+                                                                   "version": "20260102T000000Z-aaaa"},
+                       follow_redirects=True).get_data(as_text=True)
     assert "mobilenetv2: production is now 20260102T000000Z-aaaa" in html
     assert store.production("mobilenetv2") == "20260102T000000Z-aaaa"
     html = client.post("/admin/models/mobilenetv2/rollback", data={"csrf_token": token},
@@ -340,7 +350,8 @@ def test_promote_unknown_version_is_refused(client: FlaskClient, store: ModelSto
 
 def test_promote_without_csrf_token_is_refused(client: FlaskClient, store: ModelStore) -> None:
     login(client)
-    response = client.post("/admin/models/mobilenetv2/promote", data={"version": "20260102T000000Z-aaaa"})
+    response = client.post("/admin/models/mobilenetv2/promote", data={"version": "20260102T000000Z-aaaa",
+                                                                       "confirm": "yes"})
     assert response.status_code == 400
     assert store.production("mobilenetv2") == "20260101T000000Z-aaaa"
 
@@ -422,7 +433,14 @@ def test_a_promotion_that_changes_an_ensemble_member_is_shown_as_such(client: Fl
     login(client)
     html = client.get("/admin").get_data(as_text=True)
     assert "calibrated on val for" in html and 'id="ensemble-stale"' not in html
-    client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": console_token(client),
+    confirm = client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": console_token(client),
+                                                                     "version": "20260102T000000Z-aaaa"})
+    consequences = confirm.get_data(as_text=True)
+    consequences = consequences[consequences.index('id="consequences"'):consequences.index("</ul>")]
+    # The admin is told, before confirming, that the clinicians' default goes away until recalibrated.
+    assert "The ensemble (the page&#39;s default) is switched off" in consequences
+    assert "ctscan models calibrate-ensemble" in consequences and "offered the single models" in consequences
+    client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": console_token(client), "confirm": "yes",
                                                            "version": "20260102T000000Z-aaaa"})
     html = client.get("/admin").get_data(as_text=True)
     stale = html[html.index('id="ensemble-stale"'):]

@@ -90,6 +90,16 @@ def test_upload_a_real_ct_image_and_see_result_and_heatmap(page: Any, web_servic
     for name in ("InceptionV3", "DenseNet-121", "MobileNetV2"):
         assert name in page.inner_text("#models-table")
     assert page.locator("#agreement, #disagreement").count() == 1
+    # In a clinician's words: the ensemble row says what it is; each side is read against a threshold shown.
+    ensemble_row = page.inner_text("#ensemble-row")
+    assert ensemble_row.startswith("Calibrated ensemble") or ensemble_row.startswith("Ensemble (mean, not calibrated)")
+    sides = page.locator("#models-table td.side")
+    assert sides.count() == 4
+    for index in range(4):
+        threshold = float(sides.nth(index).get_attribute("data-threshold"))
+        assert f"threshold {threshold * 100:.0f}%" in sides.nth(index).inner_text()
+    caption = page.inner_text("#heatmap-caption")
+    assert all(name in caption for name in ("InceptionV3", "DenseNet-121", "MobileNetV2"))
     assert page.inner_text("#timing").strip().split()[0].isdigit()
     assert DISCLAIMER in page.inner_text("#result-disclaimer")
     assert page.is_visible("#result-disclaimer")
@@ -114,6 +124,18 @@ def test_the_result_fits_a_390_px_phone_screen(browser: Any, web_service: Servic
         for selector in ("#details", "#models-table", "#verdict", "#heatmap-image"):
             box = page.locator(selector).bounding_box()
             assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, selector
+        # The answer is on the screen after "Analyse image", not below the form.
+        verdict = page.evaluate("(() => { const r = document.getElementById('verdict').getBoundingClientRect();"
+                                " return [r.top, r.bottom]; })()")
+        assert 0 <= verdict[0] and verdict[1] <= 844, verdict
+        # No clipped table: nothing inside it is cut off by its scroll box, every cell within the screen.
+        assert page.evaluate("(() => { const t = document.getElementById('models-table');"
+                             " return t.scrollWidth <= t.parentElement.clientWidth; })()")
+        cells = page.locator("#models-table tbody th, #models-table tbody td:visible")
+        for index in range(cells.count()):
+            box = cells.nth(index).bounding_box()
+            assert box and box["x"] >= 0 and box["x"] + box["width"] <= 390, cells.nth(index).inner_text()
+        assert page.locator("#models-table td.side").nth(0).is_visible()
         page.screenshot(path=str(artifacts_dir / "web-result-390.png"), full_page=True)
     finally:
         context.close()

@@ -266,3 +266,32 @@ def test_real_inference_service_answers_a_real_ct_image(make_settings: Callable[
     assert any(text in html for text in OUTCOME_TEXT.values())
     assert 'id="heatmap-image"' in html
     assert DISCLAIMER in html
+
+
+def test_while_the_ensemble_is_off_the_page_says_so_and_offers_the_single_models(
+        make_settings: Callable[..., Any], contract_server: ContractServer) -> None:
+    contract_server.mode = "ensemble_off"
+    client = client_for(make_settings(inference_url=contract_server.url, inference_retries=0))
+    response = post_image(client, tiny_png(), model="ensemble")
+    html = response.get_data(as_text=True)
+    assert response.status_code == 503
+    assert "switched off for now" in html and "Trying again will not help" in html
+    assert "starting up" not in html  # not the words for a service that is still loading
+    offered = re.search(r'<p id="single-models">(.*?)</p>', html, re.S)
+    assert offered and all(label in offered.group(1) for label in ("InceptionV3", "DenseNet-121", "MobileNetV2"))
+    assert re.search(r'<option selected value="mobilenetv2">|<option value="mobilenetv2" selected>', html)
+    assert_friendly(html)
+
+
+def test_result_names_the_calibrated_ensemble_and_each_models_threshold(
+        make_settings: Callable[..., Any], contract_server: ContractServer) -> None:
+    client = client_for(make_settings(inference_url=contract_server.url))
+    html = post_image(client, tiny_png()).get_data(as_text=True)
+    row = re.search(r'<tr class="total-row" id="ensemble-row">(.*?)</tr>', html, re.S)
+    assert row and "Calibrated ensemble" in row.group(1) and "Ensemble (mean)" not in html
+    sides = re.findall(r'<td class="side" data-threshold="([0-9.]+)">(.*?)</td>', html, re.S)
+    assert len(sides) == 4  # three models and the ensemble, each with its own threshold shown
+    for threshold, words in sides:
+        assert f"threshold {float(threshold) * 100:.0f}%" in words
+    caption = re.search(r'<figcaption id="heatmap-caption">(.*?)</figcaption>', html, re.S)
+    assert caption and "Grad-CAM of InceptionV3, DenseNet-121, MobileNetV2 (their mean)" in caption.group(1)

@@ -98,6 +98,6 @@ def test_rate_limited_says_when_to_try_again(contract_server: ContractServer) ->
     client = InferenceClient(contract_server.url, retries=2, api_key="ctk_busy-page-key-0123456789")
     with pytest.raises(InferenceBusyError) as caught:
         client.predict(data=tiny_png(), filename="upload.png")
-    assert str(caught.value) == "The analysis service is busy. Please try again in 7 s."
+    assert str(caught.value) == "Too many requests: please wait 7 s before you try again."
     assert caught.value.retry_after_s == 7 and caught.value.outcome == "rate_limited"
     assert len(contract_server.requests_seen) == 1

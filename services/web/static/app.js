@@ -80,7 +80,17 @@
     window.setTimeout(poll, active() ? 3000 : 15000);
   }
 
+  function showResult() {
+    // On a phone the answer comes first (CSS order); scroll past the header to it, so that
+    // "Analyse" visibly did something.
+    var result = document.querySelector(".result-card.has-result");
+    if (result && window.matchMedia("(max-width: 860px)").matches) {
+      result.scrollIntoView({ block: "start" });
+    }
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    showResult();
     setupDropzone();
     setupStudyForm();
     setupJobPolling();
