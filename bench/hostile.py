@@ -39,9 +39,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.loadgen import encode_request, load_images, run_load  # noqa: E402
+from bench.results import RESULTS_DIR, save_and_print  # noqa: E402
 
 TARGET_P99_RATIO = 2.0
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
 
 def big_png(side: int = 7000) -> bytes:
@@ -243,12 +243,7 @@ def main() -> None:
         print(render(json.loads(args.from_json.read_text())))
         return
     report = benchmark(args)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (RESULTS_DIR / f"hostile-{stamp}.json").write_text(json.dumps(report, indent=2))
-    table = render(report)
-    (RESULTS_DIR / "hostile-latest.md").write_text(table)
-    print(table)
+    save_and_print(report, render, prefix="hostile-")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import sys
 import time
@@ -31,8 +30,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.loadgen import load_images  # noqa: E402
+from bench.results import save_and_print  # noqa: E402
 
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
 TARGET_MEDIAN_MS = 8.0
 MODEL_SIDE = 224  # DenseNet-121 and MobileNetV2; InceptionV3 takes 299
 STAGES = ("decode", "lung_v1", "screening", "resize")
@@ -157,12 +156,7 @@ def main() -> None:
               "command": " ".join([Path(sys.executable).name, "-m", "bench.preprocessing", *sys.argv[1:]]),
               "stages": measure(sets, repeats)}
     report["load_average_after"] = os.getloadavg()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (RESULTS_DIR / f"preprocessing-{stamp}.json").write_text(json.dumps(report, indent=2))
-    table = render(report)
-    (RESULTS_DIR / "preprocessing-latest.md").write_text(table)
-    print(table)
+    save_and_print(report, render, prefix="preprocessing-")
 
 
 if __name__ == "__main__":

@@ -42,9 +42,9 @@ if __package__ in (None, ""):  # run as `python bench/run.py` (the Makefile's be
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench.loadgen import load_images, run_load  # noqa: E402
+from bench.results import RESULTS_DIR, save_and_print  # noqa: E402
 from ctscan.models import ensemble_members  # noqa: E402
 
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
 MODELS = ensemble_members()  # the served ensemble, from the registry
 TARGET_LATENCY_RATIO = 1.3
 TARGET_THROUGHPUT_RATIO = 0.90
@@ -376,12 +376,7 @@ def main() -> None:
         print(render(json.loads(args.from_json.read_text())))
         return
     report = benchmark(args)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    (RESULTS_DIR / f"{stamp}.json").write_text(json.dumps(report, indent=2))
-    table = render(report)
-    (RESULTS_DIR / "latest.md").write_text(table)
-    print(table)
+    save_and_print(report, render, prefix="")
 
 
 if __name__ == "__main__":
