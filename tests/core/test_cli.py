@@ -165,7 +165,9 @@ def test_models_list_promote_and_rollback(tmp_path: Path) -> None:
     from ctscan.audit_trail import read_events
 
     changes = [(e.action, e.model, e.model_version, e.actor_kind) for e in read_events(tmp_path / "audit")]
-    assert changes == [("promote", "mobilenetv2", versions[0], "cli"), ("promote", "mobilenetv2", versions[1], "cli"),
+    # The set-up's `ctscan admin init` is an audited admin action too, before any promotion.
+    assert changes == [("admin_init", None, None, "cli"),
+                       ("promote", "mobilenetv2", versions[0], "cli"), ("promote", "mobilenetv2", versions[1], "cli"),
                        ("rollback", "mobilenetv2", versions[0], "cli"), ("promote", "mobilenetv2", versions[1], "cli")]
     _one_line_error(ctscan("models", "promote", "mobilenetv2", "nope", "--store", str(store), env=admin),
                     "no version nope")
