@@ -33,6 +33,8 @@ def test_promoting_a_member_recalibrates_the_ensemble_in_the_same_step(tiny_mode
     store_path = Path(shutil.copytree(tiny_model_store, tmp_path / "store"))
     version = _new_member_version(store_path, "mobilenetv2")
     env = {**ADMIN, "CTSCAN_AUDIT_DIR": str(tmp_path / "audit")}
+    # Set-up writes the admin verifier (fail-closed: without one every admin command is refused).
+    assert ctscan("admin", "init", "--replace", "--store", str(store_path), env=env).returncode == 0
     done = ctscan("models", "promote", "mobilenetv2", version, "--store", str(store_path), "--data", str(data_dir),
                   env=env)
     assert done.returncode == 0, done.stderr
