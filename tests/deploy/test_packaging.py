@@ -83,10 +83,13 @@ def wheel_web(web_venv: WebVenv, data_dir: Path, private_queue: str,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[WheelWeb]:
     """`ctscan serve web` from the wheel's virtual environment, started outside the repository,
     with the real data set published so that the console can queue a job."""
+    from ctscan.admin_credential import AdminVerifier
     from ctscan.datasets import publish_once
 
     workdir = tmp_path_factory.mktemp("wheel-web")
     publish_once(data_dir, str(workdir / "datasets"), "ucsd-covid-ct")
+    # Set-up writes the admin verifier (`ctscan admin init`): without it the console refuses to queue.
+    AdminVerifier.for_store(str(workdir / "store")).init("wheel-test-trainer-token")
     port = free_port()
     env = {"PATH": f"{web_venv.bin}:/usr/bin:/bin", "HOME": str(workdir), "PYTHONUNBUFFERED": "1",
            "WEB_SECRET_KEY": "wheel-test-secret-key-0123456789", "WEB_ADMIN_PASSWORD": ADMIN_PASSWORD,
