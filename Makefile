@@ -70,7 +70,7 @@ down:
 
 # Reproduce the shipped release (long: background it; resumable after interruption).
 train-release: setup
-	CTSCAN_DATA_DIR=$(DATA) scripts/train_release.sh
+	RELEASE_DATA_ROOT=$(dir $(abspath $(DATA))) scripts/train_release.sh
 
 evaluate: setup
 	$(BIN)/ctscan evaluate --model all --split test --data $(DATA) --store models --json

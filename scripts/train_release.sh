@@ -1,38 +1,39 @@
 #!/usr/bin/env bash
-# Trains the shipped release (models/) from random initialisation on the official UCSD train
-# split with the recipe of README "Train and evaluate": lung-v1 preprocessing, domain-randomising
-# augmentation and a long cosine schedule; the epoch (val AUC), calibration,
-# thresholds and the indeterminate band are chosen on val, test is reported once. Resumable:
-# rerun after an interruption and each model continues from its last epoch checkpoint.
-# DenseNet-121 needs a lower learning rate and a longer schedule than MobileNetV2 (its val AUC
-# swings between epochs; the best one is kept, or the average of the last epochs if better).
-# (The shipped InceptionV3 is still the first release's legacy model: its runs with this recipe
-# did not pass the promotion floors on val; see README "Results".)
-#   CTSCAN_DATA_DIR=../shared/data/ucsd-covid-ct scripts/train_release.sh
+# Trains a release (models/) from random initialisation on several sources at once (issue 22):
+# UCSD train + Radiopaedia train, classes balanced within each source and slices weighted so
+# that anatomy (lung area, crop share) cannot predict the label (--anatomy-balance); lung-v1
+# preprocessing, domain-randomising augmentation, a cosine schedule. The epoch, calibration,
+# threshold and band are chosen on the val splits of both sources by the worst source's AUC,
+# and a model is promoted only when it passes the floors on EVERY val source (--promote auto):
+# one below them stays a candidate and is not in the release. The ensemble is then calibrated
+# on both val splits over the members that pass (calibrate-ensemble picks them by the same
+# floors and records the others with their reason). Test splits are reported, never chosen on.
+# Resumable: rerun after an interruption and each model continues from its last checkpoint.
+#   scripts/train_release.sh            (data: ../shared/data/<set>, or RELEASE_DATA_ROOT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${CTSCAN_DATA_DIR:-../shared/data/ucsd-covid-ct}
+ROOT=${RELEASE_DATA_ROOT:-../shared/data}
+SOURCES=(--data "$ROOT/ucsd-covid-ct" --data "$ROOT/radiopaedia-covid-seg")
 RUNS=${RELEASE_RUNS:-var/release-runs}
 STORE=${RELEASE_STORE:-models}
-SIZE=${RELEASE_INPUT_SIZE:-128}
 train() {
-  local model=$1 epochs=$2 rate=$3
-  shift 3  # the rest: flags of this model's recipe
-  if [ -f "$RUNS/$model/.stored" ]; then echo "$model already in the release"; return; fi
+  local model=$1 size=$2 epochs=$3 rate=$4
+  shift 4  # the rest: flags of this model's recipe
+  if [ -f "$RUNS/$model/.done" ]; then echo "$model already trained"; return; fi
   local resume=()
   [ -f "$RUNS/$model/state.json" ] && resume=(--resume)
-  .venv/bin/ctscan train --model "$model" --init none --input-size "$SIZE" --epochs "$epochs" \
-    --patience "$epochs" --batch-size 16 --learning-rate "$rate" --data "$DATA" "$@" \
-    --preprocessing lung-v1 --augmentation domain \
-    --report-test --run-dir "$RUNS/$model" --store "$STORE" --promote always "${resume[@]}" \
+  .venv/bin/ctscan train --model "$model" --init "${RELEASE_INIT:-none}" --input-size "$size" \
+    --epochs "$epochs" --patience "$epochs" --batch-size 16 --learning-rate "$rate" "${SOURCES[@]}" \
+    --anatomy-balance --preprocessing lung-v1 --augmentation domain "$@" \
+    --report-test --run-dir "$RUNS/$model" --store "$STORE" --promote auto "${resume[@]}" \
     | tee "$RUNS/$model.summary.json"
-  touch "$RUNS/$model/.stored"
+  touch "$RUNS/$model/.done"
 }
-recipe() {  # one model's release recipe: epochs, learning rate, then its own flags
+recipe() {  # one model's release recipe: input size, epochs, learning rate, then its own flags
   case $1 in
-    mobilenetv2) echo "${MOBILENET_EPOCHS:-150} 1e-3" ;;
-    densenet121) echo "${DENSENET_EPOCHS:-72} 3e-4 --swa-epochs 24" ;;
-    inceptionv3) echo "${INCEPTION_EPOCHS:-40} 1e-3" ;;
+    densenet121) echo "128 ${DENSENET_EPOCHS:-40} 3e-4 --swa-epochs 12" ;;
+    inceptionv3) echo "112 ${INCEPTION_EPOCHS:-40} 1e-3" ;;
+    mobilenetv2) echo "112 ${MOBILENET_EPOCHS:-90} 1e-3 --ema" ;;
     *) echo "no release recipe for $1 (an ensemble member in ctscan/models.py): add one here" >&2; return 1 ;;
   esac
 }
@@ -44,4 +45,4 @@ for model in $members; do
   read -r -a arguments <<< "$spec"
   train "$model" "${arguments[@]}"
 done
-.venv/bin/ctscan models calibrate-ensemble --store "$STORE" --data "$DATA"
+.venv/bin/ctscan models calibrate-ensemble --store "$STORE" "${SOURCES[@]}"
