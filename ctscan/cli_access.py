@@ -13,10 +13,10 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from ctscan.access import ROLES, AccessStore, describe_account, describe_key, open_access
-from ctscan.admin_credential import AdminCredentialError, AdminVerifier
-from ctscan.admin_credential import require_admin as require_admin_at
-from ctscan.audit_trail import AuditTrail, read_events
+from ctscan.access.admin_credential import AdminCredentialError, AdminVerifier
+from ctscan.access.admin_credential import require_admin as require_admin_at
+from ctscan.access.audit_trail import AuditTrail, read_events
+from ctscan.access.keys_and_accounts import ROLES, AccessStore, describe_account, describe_key, open_access
 from ctscan.errors import CTScanError
 
 
@@ -43,7 +43,7 @@ def record_admin_action(action: str, *, outcome: str = "ok", **fields: Any) -> N
 
 def require_admin(store: Any) -> str:
     """The admin credential (CTSCAN_ADMIN_TOKEN, never a flag) checked against the store's
-    verifier, fail-closed (ctscan.admin_credential)."""
+    verifier, fail-closed (ctscan.access.admin_credential)."""
     return require_admin_at(store.url)
 
 

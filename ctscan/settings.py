@@ -143,7 +143,7 @@ class CoreSettings(Section):
 
 
 class AuditSettings(Section):
-    # The append-only audit trail (ctscan.audit_trail): a folder every service process can
+    # The append-only audit trail (ctscan.access.audit_trail): a folder every service process can
     # write; in containers a mounted volume, never the image.
     audit_dir: Path = Field(default_factory=lambda: data_home() / "audit", validation_alias="CTSCAN_AUDIT_DIR")
 

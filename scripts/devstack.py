@@ -362,8 +362,8 @@ def seed_store(env: dict[str, str]) -> None:
 
 def init_admin_verifier(env: dict[str, str]) -> None:
     """The store's admin verifier from CTSCAN_ADMIN_TOKEN (`ctscan admin init`): without it
-    every admin command is refused (ctscan.admin_credential)."""
-    from ctscan.admin_credential import AdminCredentialError, AdminVerifier
+    every admin command is refused (ctscan.access.admin_credential)."""
+    from ctscan.access.admin_credential import AdminCredentialError, AdminVerifier
 
     try:
         outcome = AdminVerifier.for_store(env["CTSCAN_MODEL_STORE"]).init(env["CTSCAN_ADMIN_TOKEN"])
@@ -375,7 +375,7 @@ def init_admin_verifier(env: dict[str, str]) -> None:
 # --- dataset ------------------------------------------------------------------------------
 def register_local_key(env: dict[str, str]) -> None:
     """DEVSTACK_API_KEY becomes the store's key "local" (once; a revoked one is replaced)."""
-    from ctscan.access import AccessError, open_access
+    from ctscan.access.keys_and_accounts import AccessError, open_access
 
     access = open_access(env["CTSCAN_MODEL_STORE"])
     try:

@@ -1,4 +1,4 @@
-"""Training jobs in the store: their records, checkpoints and the admin credential's check.
+"""Training jobs in the store: their records, checkpoints and signatures.
 
     <model store>/.jobs/<job id>/job.json     `ctscan.storage.records.JobRecord`, the source of truth
     <model store>/.jobs/<job id>/cancel       a cancel request (written by anyone but the worker)
@@ -11,7 +11,8 @@ a cancel request is a separate object so the two writers never overwrite each ot
 The admin token is checked where the work is done: a submitter signs the job's request with
 the token it holds (`sign`), and a worker runs only jobs signed with its own token
 (`signature_matches`). Submitters are checked first against the store's verifier of the token
-(`ctscan.admin_credential`, fail-closed), so they learn at once, not when the job fails.
+(`ctscan.access.admin_credential`, fail-closed), so they learn at once, not when the job fails.
+That check is the access layer's, above this one: it keeps its verifier in `JOBS_FOLDER`.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ctscan.admin_credential import JOBS_FOLDER, AdminVerifier
 from ctscan.errors import CTScanError
 from ctscan.storage.objects import ObjectStore, open_objects
 from ctscan.storage.records import JobRecord
 from ctscan.storage.store import parse_record
 
+JOBS_FOLDER = ".jobs"
 RUNS_FOLDER = ".runs"
 RECORD_FILE = "job.json"
 CANCEL_FILE = "cancel"
@@ -105,21 +106,6 @@ class JobRecords:
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.objects.exists(f"{job_id}/{CANCEL_FILE}")
-
-    # --- the admin token's verifier (ctscan.admin_credential) ---------------------------------
-    def verifier(self) -> AdminVerifier:
-        return AdminVerifier(self.objects)
-
-    def publish_verifier(self, token: str) -> None:
-        """A worker's start: writes the verifier on a store that has none; refuses
-        (AdminCredentialError) when the store verifies another token."""
-        self.verifier().init(token)
-
-    def token_accepted(self, token: str) -> bool | None:
-        """Whether the store's verifier accepts `token`; None when there is none (or it is
-        unreadable): admin commands are then refused (`AdminVerifier.require`)."""
-        state = self.verifier().state(token)
-        return None if state in ("missing", "unreadable") else state == "match"
 
 
 class Checkpoints:

@@ -30,8 +30,8 @@ from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match, Mount
 from starlette.types import ASGIApp, Scope
 
-from ctscan.access import PAGE_KEY_NAME, KeyRing, RateLimiter, check_name, open_access
-from ctscan.audit_trail import ActorKind, AuditTrail
+from ctscan.access.audit_trail import ActorKind, AuditTrail
+from ctscan.access.keys_and_accounts import PAGE_KEY_NAME, KeyRing, RateLimiter, check_name, open_access
 from ctscan.errors import CTScanError
 from ctscan.settings import InferenceSettings
 from services.inference.errors import APIError

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, Up
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
-from ctscan.audit_trail import upload_digest
+from ctscan.access.audit_trail import upload_digest
 from ctscan.errors import ImageError
 from ctscan.formats import describe_formats
 from ctscan.models import ENSEMBLE, architecture_names

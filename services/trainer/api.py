@@ -5,7 +5,7 @@ notice a job whose worker failed without being able to write its record (store o
 
 The caller's admin token is its credential: a job is signed with it, and the workers run
 only jobs signed with their own token. The token is checked first against the store's
-verifier (`ctscan.admin_credential`): refused at once, fail-closed, without one.
+verifier (`ctscan.access.admin_credential`): refused at once, fail-closed, without one.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from ctscan.admin_credential import AdminCredentialError
+from ctscan.access.admin_credential import AdminCredentialError, AdminVerifier
 from ctscan.datasets import open_dataset
 from ctscan.errors import CTScanError, DataError
 from ctscan.hyperparameters import HyperParameterError, checked_hyperparameters, estimated_data_bytes
@@ -55,7 +55,7 @@ class JobsClient:
             raise AdminAuthError("CTSCAN_ADMIN_TOKEN is not configured (or is a placeholder); "
                                  "queueing and cancelling jobs are disabled")
         try:  # fail-closed: no verifier, an unreadable one or another token's is a refusal
-            return self.records.verifier().require(admin_token)
+            return AdminVerifier(self.records.objects).require(admin_token)
         except AdminCredentialError as exc:
             raise AdminAuthError(str(exc)) from None
 

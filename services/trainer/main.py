@@ -12,10 +12,9 @@ import sys
 
 from pydantic import ValidationError
 
-from ctscan.admin_credential import AdminCredentialError
+from ctscan.access.admin_credential import AdminCredentialError, AdminVerifier
 from ctscan.errors import CTScanError
 from ctscan.settings import describe_settings_error, get_trainer_settings
-from ctscan.storage.job_records import JobRecords
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +55,8 @@ def serve(concurrency: int = 1) -> None:
                           "to start without the admin credential")
     try:
         # Writes the verifier on a store without one (submitters are checked against it);
-        # a store that verifies another token refuses this worker (ctscan.admin_credential).
-        JobRecords.for_store(settings.store.model_store).publish_verifier(token)
+        # a store that verifies another token refuses this worker (ctscan.access.admin_credential).
+        AdminVerifier.for_store(settings.store.model_store).init(token)
     except AdminCredentialError as exc:
         raise CTScanError(f"the trainer refuses to start: {exc}") from None
     except CTScanError as exc:  # the store may be down now; jobs are still checked one by one

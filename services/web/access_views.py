@@ -17,7 +17,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Response as WerkzeugResponse
 
-from ctscan.audit_trail import ActorKind
+from ctscan.access.audit_trail import ActorKind
 from services.web.auth import (
     BUILTIN_ADMIN,
     STORE_READ_ERRORS,

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, TypeVar
 
-from ctscan.access import PAGE_KEY_NAME, AccessError, AccessStore, AccountRecord, open_access
+from ctscan.access.keys_and_accounts import PAGE_KEY_NAME, AccessError, AccessStore, AccountRecord, open_access
 from ctscan.errors import CTScanError
 from ctscan.settings import WebSettings
 from services.web.console import STORE_ERRORS

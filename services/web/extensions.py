@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from flask import current_app
 
-from ctscan.audit_trail import AuditTrail
+from ctscan.access.audit_trail import AuditTrail
 from ctscan.settings import WebSettings
 from ctscan.storage.store import ModelStore
 from services.web.auth import Authenticator, LoginThrottle, NameDelay

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from ctscan.access import check_name
+from ctscan.access.keys_and_accounts import check_name
 from ctscan.errors import CTScanError
 from ctscan.models import ENSEMBLE, architecture_names
 from ctscan.schemas import ModelsResponse, Prediction, StudyPrediction

@@ -15,7 +15,7 @@ from typing import Any
 
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 
-from ctscan.audit_trail import upload_digest
+from ctscan.access.audit_trail import upload_digest
 from ctscan.errors import CTScanError, StoreError, UnsupportedImageError
 from ctscan.models import ENSEMBLE, FASTEST_ARCHITECTURE
 from ctscan.storage.records import EnsembleRecord

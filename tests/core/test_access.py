@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from ctscan.access import AccessError, KeyRing, RateLimiter, open_access
-from ctscan.audit_trail import AuditTrail, read_events, upload_digest
+from ctscan.access.audit_trail import AuditTrail, read_events, upload_digest
+from ctscan.access.keys_and_accounts import AccessError, KeyRing, RateLimiter, open_access
 from ctscan.storage.store import open_store
 
 

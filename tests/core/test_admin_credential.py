@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ctscan.access import open_access
-from ctscan.admin_credential import AdminCredentialError, AdminVerifier
+from ctscan.access.admin_credential import AdminCredentialError, AdminVerifier
+from ctscan.access.keys_and_accounts import open_access
 from ctscan.cli import main
 from ctscan.settings import get_admin_settings, get_store_settings
 
@@ -124,10 +124,8 @@ def test_init_keeps_its_token_and_replaces_only_when_told(store: Path, monkeypat
 
 
 def test_the_verifier_written_by_a_worker_is_never_replaced_by_another_worker(tmp_path: Path) -> None:
-    from ctscan.storage.job_records import JobRecords
-
-    records = JobRecords.for_store(str(tmp_path / "store"))
-    records.publish_verifier(TOKEN)  # the first worker on a fresh store
+    verifier = AdminVerifier.for_store(str(tmp_path / "store"))
+    verifier.init(TOKEN)  # the first worker on a fresh store, as services/trainer/main.py does
     with pytest.raises(AdminCredentialError, match="another token"):
-        records.publish_verifier("a-worker-with-another-token-01")
+        verifier.init("a-worker-with-another-token-01")
     assert AdminVerifier.for_store(str(tmp_path / "store")).require(TOKEN) == TOKEN

@@ -162,7 +162,7 @@ def test_models_list_promote_and_rollback(tmp_path: Path) -> None:
     promoted = ctscan("models", "promote", "mobilenetv2", versions[1], "--store", str(store), env=admin)
     assert promoted.returncode == 0
     # Each change of production is in the audit trail, by the operating-system user.
-    from ctscan.audit_trail import read_events
+    from ctscan.access.audit_trail import read_events
 
     changes = [(e.action, e.model, e.model_version, e.actor_kind) for e in read_events(tmp_path / "audit")]
     # The set-up's `ctscan admin init` is an audited admin action too, before any promotion.

@@ -48,16 +48,26 @@ def _docstrings(tree: ast.Module) -> set[int]:
 
 # The core's layers, lowest first: a module may import its own layer and those below it.
 LAYERS: dict[str, tuple[str, ...]] = {
-    "foundation": ("ctscan", "errors", "schemas", "metrics", "calibration", "audit_trail"),
+    "foundation": ("ctscan", "errors", "schemas", "metrics", "calibration"),
     "imaging and models": ("imaging", "formats", "preprocessing", "screening", "study", "robustness", "models",
                            "gate", "decision", "gradcam", "hyperparameters"),
     "settings": ("settings",),
     "storage": ("storage", "storage.objects", "storage.s3store", "storage.records", "storage.store",
-                "storage.job_records", "access", "admin_credential", "release"),
+                "storage.job_records", "release"),
+    "access": ("access", "access.keys_and_accounts", "access.admin_credential", "access.audit_trail"),
     "data pipeline": ("data", "download", "datasets", "audit"),
     "serving": ("predictor", "answers", "onnx_runtime"),
     "training and evaluation": ("callbacks", "training", "evaluation", "lesion_metrics", "publishing", "safety"),
     "command line": ("cli", "cli_access"),
+}
+# A subpackage's own rule, narrower than its layer's: the layers of the core it may import
+# besides its own package, and no web, queue or neural-network framework (function-local
+# imports count). Access needs no image or model code; storage needs neither.
+FRAMEWORKS = ("tensorflow", "keras", "tf2onnx", "onnxruntime", "fastapi", "starlette", "flask", "werkzeug",
+              "celery")
+SUBPACKAGE_IMPORTS: dict[str, tuple[str, ...]] = {
+    "storage": ("foundation", "settings"),
+    "access": ("foundation", "settings", "storage"),
 }
 # What the inference service must not load on import (it serves; it neither trains nor evaluates).
 NOT_IN_THE_INFERENCE_SERVICE = ("ctscan.data", "ctscan.datasets", "ctscan.audit", "ctscan.download",
@@ -158,6 +168,36 @@ def test_the_cores_layers_only_look_down() -> None:
     assert upward == []
 
 
+def _third_party_imports(path: Path) -> dict[str, str]:
+    tree = _tree(path)
+    skipped = _type_checking_nodes(tree)
+    found: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        for name in names:
+            found.setdefault(name.split(".")[0], _where(path, node))
+    return found
+
+
+@pytest.mark.parametrize("subpackage", list(SUBPACKAGE_IMPORTS))
+def test_each_subpackage_imports_only_the_layers_it_names(subpackage: str) -> None:
+    package = f"ctscan.{subpackage}"
+    allowed = {f"ctscan.{module}" if module != "ctscan" else "ctscan"
+               for layer in SUBPACKAGE_IMPORTS[subpackage] for module in LAYERS[layer]}
+    members = {name for name in import_graph() if name == package or name.startswith(f"{package}.")}
+    assert members, f"{package} has no modules"
+    core = [f"{where}: {module} imports {target}" for module in sorted(members)
+            for target, where in import_graph()[module].items()
+            if target.startswith("ctscan") and target not in members and target not in allowed]
+    frameworks = [f"{where}: {path.relative_to(REPO_ROOT)} imports {name}"
+                  for path in SOURCES if _module_name(path) in members
+                  for name, where in _third_party_imports(path).items() if name in FRAMEWORKS]
+    assert core + frameworks == []
+
+
 def test_services_do_not_import_each_others_insides() -> None:
     """The inference service and the trainer import no other service; the web service talks to
     the trainer only through its client (services.trainer.api)."""
@@ -252,8 +292,8 @@ def test_access_control_runs_in_every_image() -> None:
     import sys
 
     code = ("import sys; sys.modules.update(flask=None, werkzeug=None, flask_wtf=None); "
-            "import ctscan.access, ctscan.audit_trail, ctscan.cli; ctscan.cli.build_parser(); "
-            "h = ctscan.access.generate_password_hash('a-long-password-1'); "
-            "assert ctscan.access.check_password_hash(h, 'a-long-password-1')")
+            "import ctscan.access.keys_and_accounts as keys, ctscan.access.audit_trail, ctscan.cli; "
+            "ctscan.cli.build_parser(); h = keys.generate_password_hash('a-long-password-1'); "
+            "assert keys.check_password_hash(h, 'a-long-password-1')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]

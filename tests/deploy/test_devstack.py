@@ -299,7 +299,7 @@ def test_make_up_serves_a_real_ct_image_and_stops_cleanly(
         assert re.search(r"AUC [0-9.]+", row), row
 
         # The audit trail: the program's and the page's predictions, the admin's job.
-        from ctscan.audit_trail import read_events
+        from ctscan.access.audit_trail import read_events
 
         events = list(read_events(var_dir / "audit"))
         who = {(e.service, e.action, e.actor) for e in events}

@@ -115,7 +115,7 @@ def test_commands_are_ctscan_serve_entry_points(manifests: list[dict[str, Any]],
 
 
 def test_set_up_writes_the_admin_verifier_from_the_secret(manifests: list[dict[str, Any]]) -> None:
-    # Admin commands are refused on a store without the verifier (ctscan.admin_credential).
+    # Admin commands are refused on a store without the verifier (ctscan.access.admin_credential).
     [(_, _, container)] = [entry for entry in containers(manifests) if entry[0] == "admin-init"]
     assert container["command"] == ["ctscan", "admin", "init"]
     token = next(v for v in container["env"] if v["name"] == "CTSCAN_ADMIN_TOKEN")

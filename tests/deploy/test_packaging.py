@@ -83,7 +83,7 @@ def wheel_web(web_venv: WebVenv, data_dir: Path, private_queue: str,
               tmp_path_factory: pytest.TempPathFactory) -> Iterator[WheelWeb]:
     """`ctscan serve web` from the wheel's virtual environment, started outside the repository,
     with the real data set published so that the console can queue a job."""
-    from ctscan.admin_credential import AdminVerifier
+    from ctscan.access.admin_credential import AdminVerifier
     from ctscan.datasets import publish_once
 
     workdir = tmp_path_factory.mktemp("wheel-web")

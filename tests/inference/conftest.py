@@ -15,7 +15,7 @@ import pytest
 import requests
 from harness import ServiceProcess, start_service_process, stop_service_process
 
-from ctscan.access import open_access
+from ctscan.access.keys_and_accounts import open_access
 
 START_TIMEOUT_S = 300  # TF import + three models' loading and warm-up on a busy 2-core machine
 

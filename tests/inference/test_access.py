@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from ctscan.access import open_access
-from ctscan.audit_trail import AuditEvent, read_events
+from ctscan.access.audit_trail import AuditEvent, read_events
+from ctscan.access.keys_and_accounts import open_access
 from ctscan.cli_access import cli_actor
 from inference.conftest import RunningService
 from inference.test_api import _dicom_bytes

@@ -19,8 +19,8 @@ from fastapi import File, UploadFile
 from harness import TempFileWatch, serve_app_in_thread
 from starlette.routing import Mount
 
-from ctscan.access import PAGE_KEY_NAME, open_access
-from ctscan.audit_trail import read_events
+from ctscan.access.audit_trail import read_events
+from ctscan.access.keys_and_accounts import PAGE_KEY_NAME, open_access
 
 KEY = "ctk_default-deny-tests-" + "d" * 24
 PAGE_KEY = "ctk_default-deny-page-" + "p" * 24

@@ -191,7 +191,7 @@ def trainer_env(s3_endpoint: str, redis_server: RedisServer,
     import boto3
 
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-    from ctscan.admin_credential import AdminVerifier
+    from ctscan.access.admin_credential import AdminVerifier
 
     AdminVerifier.for_store(env["CTSCAN_MODEL_STORE"]).init(ADMIN_TOKEN)  # set-up, as `ctscan admin init`
     yield env

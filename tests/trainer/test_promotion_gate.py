@@ -122,10 +122,10 @@ def test_jobs_list_shows_the_current_pointer_after_a_rollback(
 
 def test_promote_and_rollback_need_the_admin_credential(
         trainer_env: dict[str, str], ctscan_cli: Callable[..., Any], admin_token: str) -> None:
-    from ctscan.storage.job_records import JobRecords
+    from ctscan.access.admin_credential import AdminVerifier
 
     store = open_store(trainer_env["CTSCAN_MODEL_STORE"] + "-admin")
-    JobRecords.for_store(store.url).publish_verifier(admin_token)  # as a worker does when it starts
+    AdminVerifier.for_store(store.url).init(admin_token)  # as a worker does when it starts
     first, second = "20260101T000000Z-0000cccc", "20260102T000000Z-0000dddd"
     for version in (first, second):
         store.save("mobilenetv2", weights=version.encode(), version=version,

@@ -92,6 +92,7 @@ def test_upload_refuses_a_dataset_that_fails_its_checksums(trainer_env: dict[str
 
 def test_jobs_api_refuses_bad_credentials_and_arguments(jobs_client: Any, published_dataset: tuple[str, str],
                                                         admin_token: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ctscan.access.admin_credential import AdminVerifier
     from ctscan.settings import TrainerSettings
     from services.trainer.api import AdminAuthError, JobNotFoundError, JobsClient
 
@@ -99,7 +100,7 @@ def test_jobs_api_refuses_bad_credentials_and_arguments(jobs_client: Any, publis
                                      "dataset_version": published_dataset[1], "init": "none", "epochs": 1,
                                      "hyperparameters": {"input_size": 32}}
     # What a worker with this token publishes when it starts (`ctscan serve worker`).
-    jobs_client.records.publish_verifier(admin_token)
+    AdminVerifier(jobs_client.records.objects).init(admin_token)
     with pytest.raises(AdminAuthError, match="rejected"):
         jobs_client.submit(**arguments, admin_token="wrong-token")
     monkeypatch.delenv("CTSCAN_ADMIN_TOKEN")

@@ -53,7 +53,7 @@ def csrf_token(html: str) -> str:
 
 def ensure_account(store_url: str, username: str, password: str, *, role: str = "clinician") -> None:
     """The account in this store (created once; a test store is shared by the tests that use it)."""
-    from ctscan.access import open_access
+    from ctscan.access.keys_and_accounts import open_access
 
     access = open_access(store_url)
     if access.account(username) is None:
@@ -358,7 +358,7 @@ def web_service(inference_service: Service, tiny_model_store: Path, published_da
     """The real web service (`ctscan serve web`, waitress) in front of the real inference, with
     accounts (and the built-in admin) and its own API key, which it registers when it starts.
     The store's admin verifier is written first, as set-up does (`ctscan admin init`)."""
-    from ctscan.admin_credential import AdminVerifier
+    from ctscan.access.admin_credential import AdminVerifier
 
     AdminVerifier.for_store(str(tiny_model_store)).init(TRAINER_TOKEN)
     workdir = tmp_path_factory.mktemp("web")

@@ -16,8 +16,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from ctscan.access import open_access
-from ctscan.audit_trail import AuditEvent, read_events
+from ctscan.access.audit_trail import AuditEvent, read_events
+from ctscan.access.keys_and_accounts import open_access
 from ctscan.storage.store import open_store
 from services.web.app import create_app
 

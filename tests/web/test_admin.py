@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from flask.testing import FlaskClient
 
+from ctscan.access.admin_credential import AdminVerifier
 from ctscan.storage.records import JobProgress, JobRecord
 from ctscan.storage.store import ModelStore, open_store
 from services.web.app import create_app
@@ -48,7 +49,7 @@ def jobs_client(trainer_settings: Any) -> Any:
 
     client = JobsClient.from_settings(trainer_settings)
     # What a trainer worker holding TRAINER_TOKEN publishes when it starts.
-    client.records.publish_verifier(TRAINER_TOKEN)
+    AdminVerifier(client.records.objects).init(TRAINER_TOKEN)
     return client
 
 
@@ -204,7 +205,7 @@ def test_the_console_refuses_hyperparameters_with_the_trainers_own_check(
         CTSCAN_MODEL_STORE=store.url, CTSCAN_DATASETS_URL=published_datasets[0],
         CTSCAN_ADMIN_TOKEN=TRAINER_TOKEN, CTSCAN_TRAINER_QUEUE=trainer_queue,
         CTSCAN_TRAINER_WORK_DIR=str(tmp_path / "work"), CTSCAN_TRAINER_JOB_MEMORY_MB="1024"))
-    small.records.publish_verifier(TRAINER_TOKEN)
+    AdminVerifier(small.records.objects).init(TRAINER_TOKEN)
     settings = make_settings(model_store=store.url, default_dataset=published_datasets[1],
                              default_dataset_version=published_datasets[2])
     client = create_app(settings, jobs_client_factory=lambda: small).test_client()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from ctscan.audit_trail import AuditEvent, read_events
+from ctscan.access.audit_trail import AuditEvent, read_events
 
 from .conftest import ADMIN_ACCOUNT, CLINICIAN, FAKE_PATIENT_ID, FAKE_PATIENT_NAME, Service, csrf_token, phi_dicom
 

@@ -18,8 +18,8 @@ from harness import TempFileWatch
 from werkzeug.datastructures import FileStorage
 from werkzeug.test import encode_multipart
 
-from ctscan.access import open_access
-from ctscan.audit_trail import read_events
+from ctscan.access.audit_trail import read_events
+from ctscan.access.keys_and_accounts import open_access
 from services.web.app import create_app
 from services.web.auth import NameDelay
 

@@ -21,9 +21,9 @@ from datetime import UTC, datetime
 from typing import Literal
 
 from ctscan.errors import CTScanError, VersionExistsError
+from ctscan.storage.job_records import JOBS_FOLDER
 from ctscan.storage.objects import ObjectStore, open_objects
 
-JOBS_FOLDER = ".jobs"
 VERIFIER_FILE = ".admin-verifier.json"
 VerifierState = Literal["missing", "unreadable", "match", "mismatch"]
 
