@@ -89,7 +89,7 @@ def zip_of_zeros(entries: int = 900, size: int = 1 << 20) -> bytes:
 def large_slice(image: bytes, side: int = 2048) -> bytes:
     from PIL import Image
 
-    from ctscan.imaging import decode_image
+    from ctscan.imaging.decoding import decode_image
 
     grey = decode_image(image).grey
     buffer = io.BytesIO()

@@ -26,7 +26,7 @@ def main() -> None:
     import numpy as np
     import uvicorn
 
-    from ctscan.imaging import decode_image, resize_for_model
+    from ctscan.imaging.decoding import decode_image, resize_for_model
     from ctscan.models import load_keras_model
     from ctscan.storage.store import open_store
 

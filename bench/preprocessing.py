@@ -48,7 +48,7 @@ def _png(grey: np.ndarray) -> bytes:
 def _enlarged_png(data: bytes, side: int) -> bytes:
     from PIL import Image
 
-    from ctscan.imaging import decode_image
+    from ctscan.imaging.decoding import decode_image
 
     grey = decode_image(data).grey
     return _png(np.asarray(Image.fromarray(grey).resize((side, side), Image.Resampling.BILINEAR)))
@@ -88,9 +88,9 @@ def slice_sets(ucsd: Path, ctmd: Path, count: int) -> dict[str, list[bytes]]:
 
 def time_stages(data: bytes) -> dict[str, float]:
     """Milliseconds of each stage of the served path for one upload."""
-    from ctscan.formats import decode
+    from ctscan.imaging.formats import decode
+    from ctscan.imaging.preprocessing import LUNG_V1, prepare
     from ctscan.predictor import input_refusal
-    from ctscan.preprocessing import LUNG_V1, prepare
 
     started = time.perf_counter()
     decoded = decode(data)

@@ -124,7 +124,7 @@ def served_models(store_url: str, images_dir: str) -> tuple[Any, dict[str, Any],
 def screen_upload(data: bytes, entries: list[Any]) -> Any:
     """What the service does to an upload before a model sees it (the same function): decode,
     screen (modality, colour, grey levels, roughness, lungs), preprocess, resize."""
-    from ctscan.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+    from ctscan.imaging.decoding import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
     from services.inference.prediction import _decode_and_screen, sniff_format
 
     return _decode_and_screen(sniff_format(data), data, entries, max_pixels=DEFAULT_MAX_PIXELS,

@@ -32,8 +32,8 @@ from ctscan.study import AGGREGATION_RULE
 
 if TYPE_CHECKING:
     from ctscan.calibration import Calibration
+    from ctscan.imaging.preprocessing import LungFindings as FoundLungs
     from ctscan.predictor import MemberOutput, SliceResult
-    from ctscan.preprocessing import LungFindings as FoundLungs
 
 TOP_SLICES = 3  # the study's most suspicious slices, shown with heatmaps
 

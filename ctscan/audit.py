@@ -30,8 +30,8 @@ import numpy as np
 
 from ctscan.data import CTDataset, Sample
 from ctscan.errors import DataError, ImageError
-from ctscan.imaging import decode_image
-from ctscan.preprocessing import DEFAULT_PREPROCESSING, prepare
+from ctscan.imaging.decoding import decode_image
+from ctscan.imaging.preprocessing import DEFAULT_PREPROCESSING, prepare
 
 WARN_AUC = 0.60
 CUE_SETS = ("file", "image", "model_input")

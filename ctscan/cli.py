@@ -235,7 +235,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import uuid
 
     from ctscan.answers import ensemble_version, is_calibrated, png_base64, slice_prediction, study_prediction
-    from ctscan.imaging import decode_image
+    from ctscan.imaging.decoding import decode_image
     from ctscan.models import ENSEMBLE, ensemble_members
     from ctscan.predictor import Predictor
     from ctscan.schemas import StudyTimings, Timings
@@ -425,9 +425,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ctscan.data import AUGMENTATIONS
+    from ctscan.imaging.preprocessing import DEFAULT_PREPROCESSING, PREPROCESSORS
     from ctscan.metrics import THRESHOLD_RULES
     from ctscan.models import architecture_names
-    from ctscan.preprocessing import DEFAULT_PREPROCESSING, PREPROCESSORS
 
     names = ", ".join(architecture_names())
     parser = argparse.ArgumentParser(prog="ctscan", description=__doc__)

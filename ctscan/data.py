@@ -1,7 +1,7 @@
 """CT datasets laid out like UCSD COVID-CT: `split.csv` (path,label,split) and `SHA256SUMS`.
 
-Images are decoded once (one colour mode, see `ctscan.imaging`), preprocessed (lung crop
-and intensity standardisation, see `ctscan.preprocessing`), resized to the model's input
+Images are decoded once (one colour mode, see `ctscan.imaging.decoding`), preprocessed (lung crop
+and intensity standardisation, see `ctscan.imaging.preprocessing`), resized to the model's input
 size and kept in memory; `tf.data` pipelines add shuffling, augmentation and prefetch.
 """
 
@@ -20,8 +20,8 @@ import numpy as np
 
 from ctscan import NEGATIVE_LABEL, POSITIVE_LABEL
 from ctscan.errors import ChecksumError, DataError, ImageError
-from ctscan.imaging import DecodedImage, decode_image
-from ctscan.preprocessing import DEFAULT_PREPROCESSING, PreparedSlice, get_preprocessor, prepare
+from ctscan.imaging.decoding import DecodedImage, decode_image
+from ctscan.imaging.preprocessing import DEFAULT_PREPROCESSING, PreparedSlice, get_preprocessor, prepare
 
 if TYPE_CHECKING:
     import tensorflow as tf

@@ -38,7 +38,7 @@ def _check_images_decode(dataset: CTDataset) -> None:
     """Decode every image with the decoder training uses: a file that matches its checksum
     but is not an image (truncated before the sums were made, wrong format) is refused here,
     not an epoch into a training job."""
-    from ctscan.imaging import decode_image
+    from ctscan.imaging.decoding import decode_image
 
     broken: list[str] = []
     for sample in dataset.samples:

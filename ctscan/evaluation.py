@@ -23,11 +23,11 @@ from ctscan.data import CTDataset, Sample, decode_sample
 from ctscan.decision import DEFAULT_BAND, choose_band
 from ctscan.errors import CTScanError, StoreError
 from ctscan.gradcam import make_gradcam
-from ctscan.imaging import DecodedImage
+from ctscan.imaging.decoding import DecodedImage
+from ctscan.imaging.preprocessing import LUNG_V1, card_preprocessing, get_preprocessor, prepare
 from ctscan.metrics import choose_threshold, full_report
 from ctscan.models import ENSEMBLE, architecture_names, get_spec, load_keras_model
 from ctscan.predictor import EnsembleNotCalibratedError, card_band, ensemble_record_for
-from ctscan.preprocessing import LUNG_V1, card_preprocessing, get_preprocessor, prepare
 from ctscan.robustness import attention_report, robustness_report
 from ctscan.storage.records import EnsembleRecord, ModelCard
 from ctscan.storage.store import ModelStore

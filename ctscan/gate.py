@@ -1,7 +1,7 @@
 """Input gate: is this an axial chest-CT slice the models can judge?
 
 Two checks, both before any label is given:
-1. Lung signals from the preprocessing (`ctscan.preprocessing`): no lungs found -> the
+1. Lung signals from the preprocessing (`ctscan.imaging.preprocessing`): no lungs found -> the
    answer is `no_lungs_visible` (an abdominal or neck slice, a slice outside the chest).
    A DICOM whose modality is not CT -> `not_chest_ct`.
 2. Distance to the training data in the model's own feature space (the backbone's global

@@ -56,7 +56,7 @@ class HyperParameters(BaseModel):
     @model_validator(mode="after")
     def _known_preprocessing(self) -> HyperParameters:
         if self.preprocessing is not None:
-            from ctscan.preprocessing import PREPROCESSORS
+            from ctscan.imaging.preprocessing import PREPROCESSORS
 
             if self.preprocessing not in PREPROCESSORS:
                 raise ValueError(f"preprocessing must be one of {', '.join(PREPROCESSORS)}, "

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ctscan.data import CTDataset, Sample
-from ctscan.preprocessing import LUNG_V1, PreparedSlice
+from ctscan.imaging.preprocessing import LUNG_V1, PreparedSlice
 
 SLICE_TABLE = "labels.csv"
 HISTOGRAM_BINS = 16
@@ -230,12 +230,12 @@ def dice(found: np.ndarray, truth: np.ndarray) -> float:
 
 def segmentation_report(dataset: CTDataset, split: str | None = None) -> dict[str, Any] | None:
     """Dice of the lung segmentation against the radiologists' lung masks (`lung_masks/`
-    beside `images/`, same names), per mask kind of `ctscan.preprocessing.lung_masks`; None
+    beside `images/`, same names), per mask kind of `ctscan.imaging.preprocessing.lung_masks`; None
     when the data set has no masks."""
     from PIL import Image
 
     from ctscan.data import decode_sample
-    from ctscan.preprocessing import lung_masks
+    from ctscan.imaging.preprocessing import lung_masks
 
     folder = dataset.root / MASK_FOLDER
     if not folder.is_dir():
@@ -343,6 +343,6 @@ class HistogramBaseline:
 
 
 def prepared_for_baselines(decoded: Sequence[Any]) -> list[PreparedSlice]:
-    from ctscan.preprocessing import prepare
+    from ctscan.imaging.preprocessing import prepare
 
     return [prepare(d, LUNG_V1) for d in decoded]

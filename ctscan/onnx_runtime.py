@@ -297,7 +297,7 @@ def load_verification_images(folder: Path, count: int) -> list[np.ndarray]:
     """Up to `count` real CT slices (greyscale, both classes, val split of a dataset folder;
     else any PNG/JPEG in the folder); empty when there are none."""
     from ctscan.data import CTDataset
-    from ctscan.imaging import decode_image
+    from ctscan.imaging.decoding import decode_image
 
     paths: list[Path] = []
     try:

@@ -19,10 +19,10 @@ from ctscan.decision import DEFAULT_BAND, Decision, decide, refuse
 from ctscan.errors import CTScanError
 from ctscan.gate import OUTCOME_NO_LUNGS, OUTCOME_NOT_CHEST_CT, FeatureGate
 from ctscan.gradcam import Explanation, MemberMap, explain_slice
-from ctscan.imaging import DecodedImage
+from ctscan.imaging.decoding import DecodedImage
+from ctscan.imaging.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
+from ctscan.imaging.screening import appearance_refusal
 from ctscan.models import ENSEMBLE, predict_probabilities
-from ctscan.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
-from ctscan.screening import appearance_refusal
 from ctscan.storage.records import EnsembleRecord, ModelCard
 from ctscan.study import aggregate, order_series
 
@@ -216,8 +216,8 @@ class Predictor:
 
     @classmethod
     def from_store(cls, store: Any, names: Sequence[str]) -> Predictor:
+        from ctscan.imaging.preprocessing import card_preprocessing
         from ctscan.models import load_keras_model
-        from ctscan.preprocessing import card_preprocessing
 
         models = {}
         for name in names:

@@ -276,7 +276,7 @@ def export_missing_onnx(store: ModelStore, *, data_dir: Path, models: list[str] 
 
     from ctscan.data import CTDataset
     from ctscan.errors import DataError
-    from ctscan.imaging import resize_for_model
+    from ctscan.imaging.decoding import resize_for_model
     from ctscan.models import load_keras_model
     from ctscan.onnx_runtime import OnnxConversionError, export_onnx, load_verification_images
 

@@ -10,7 +10,7 @@ arrive. DICOM slices are changed in Hounsfield units where the change exists the
 skipped for them.
 
 `attention_in_lungs` is the share of a Grad-CAM heatmap's mass that falls inside the
-lungs (`ctscan.preprocessing`'s lung region), per COVID slice.
+lungs (`ctscan.imaging.preprocessing`'s lung region), per COVID slice.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ctscan.imaging import DecodedImage, lung_window
+from ctscan.imaging.decoding import DecodedImage, lung_window
+from ctscan.imaging.preprocessing import PreparedSlice, get_preprocessor, lung_region_mask
 from ctscan.metrics import point_metrics
-from ctscan.preprocessing import PreparedSlice, get_preprocessor, lung_region_mask
 
 Predict = Callable[[np.ndarray], np.ndarray]  # (N, S, S, 3) float32 -> (N,) probabilities
 

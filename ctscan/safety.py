@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from ctscan.decision import INDETERMINATE, REFUSALS
-from ctscan.imaging import DecodedImage, decode_image
+from ctscan.imaging.decoding import DecodedImage, decode_image
 
 # Real photographs and drawings that scikit-image ships (no download): none is a CT slice.
 SKIMAGE_SAMPLES = ("astronaut", "camera", "coffee", "chelsea", "coins", "moon", "text", "page", "rocket",

@@ -56,7 +56,7 @@ class Timings(BaseModel):
 
 class LungFindings(BaseModel):
     """What the lung preprocessing found (shares of the body's area, 0..1): the answer's form
-    of `ctscan.preprocessing.LungFindings` (its `as_dict()`, which leaves out the crop box).
+    of `ctscan.imaging.preprocessing.LungFindings` (its `as_dict()`, which leaves out the crop box).
     The fields mirror the dataclass; tests/core/test_answers.py keeps them equal."""
 
     body_fraction: float
@@ -106,7 +106,7 @@ class Prediction(BaseModel):
         "Whose Grad-CAM maps the heatmap combines (their mean on the original slice, masked to the body)"))
     request_id: str
     timings_ms: Timings
-    source_format: str  # one of ctscan.formats.format_names(): PNG, JPEG, DICOM
+    source_format: str  # one of ctscan.imaging.formats.format_names(): PNG, JPEG, DICOM
     disclaimer: str
 
 

@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from ctscan.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
+from ctscan.imaging.decoding import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
 from ctscan.study import DEFAULT_MAX_TOTAL_PIXELS
 
 # Values people paste from examples; refused whatever their case or surrounding spaces.

@@ -4,7 +4,7 @@ An upload is several files or one ZIP of a series. ZIPs are read within limits (
 total and per-entry expanded size, expansion ratio), and entries that could escape or
 nest (absolute or `..` names, links, archives inside the archive) are refused. The slices
 must come from one patient and one series (compared by digest, see
-`ctscan.imaging.DicomSliceInfo`); they are ordered along the body axis by Image Position
+`ctscan.imaging.decoding.DicomSliceInfo`); they are ordered along the body axis by Image Position
 Patient, else Slice Location, else Instance Number, else as uploaded.
 
 The study's probability is the mean of its `k` most suspicious slices' calibrated
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctscan.errors import CTScanError, ImageError, ImageTooLargeError
-from ctscan.imaging import DicomSliceInfo
+from ctscan.imaging.decoding import DicomSliceInfo
 
 MIN_TOP_K = 3
 TOP_K_SHARE = 0.10
@@ -117,7 +117,7 @@ def check_pixel_budget(blobs: Sequence[bytes], *, max_total_pixels: int, max_pix
     """Refuse a study whose slices announce (in their headers: PNG IHDR, JPEG SOF, DICOM Rows
     x Columns) more pixels than one slice or the whole study may have, before any is decoded.
     Returns each slice's announced pixels (None where the header does not say)."""
-    from ctscan.imaging import announced_pixels
+    from ctscan.imaging.decoding import announced_pixels
 
     announced: list[int | None] = []
     total = 0

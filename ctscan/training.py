@@ -33,6 +33,7 @@ from ctscan.data import (
     source_weights,
 )
 from ctscan.errors import CTScanError
+from ctscan.imaging.preprocessing import DEFAULT_PREPROCESSING, get_preprocessor
 from ctscan.metrics import SOURCE_AUC_PREFIX, THRESHOLD_RULES, choose_threshold, full_report
 from ctscan.models import (
     build_model,
@@ -44,7 +45,6 @@ from ctscan.models import (
     unfreeze_top,
     unpack_weights,
 )
-from ctscan.preprocessing import DEFAULT_PREPROCESSING, get_preprocessor
 
 STATE_FILE = "state.json"
 LAST_CHECKPOINT = "last.keras"

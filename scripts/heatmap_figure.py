@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ctscan.imaging import decode_image
+from ctscan.imaging.decoding import decode_image
 
 TILE = 240
 UCSD_EXAMPLES = ("CT_COVID/2020.03.13.20035212-p23-159.png", "CT_NonCOVID/73.jpg")
@@ -65,9 +65,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/images/heatmaps.png"))
     args = parser.parse_args()
 
+    from ctscan.imaging.preprocessing import LUNG_V1, get_preprocessor, prepare
     from ctscan.models import FASTEST_ARCHITECTURE, ensemble_members
     from ctscan.predictor import Predictor
-    from ctscan.preprocessing import LUNG_V1, get_preprocessor, prepare
     from ctscan.storage.store import open_store
 
     predictor = Predictor.from_store(open_store(args.store), ensemble_members())

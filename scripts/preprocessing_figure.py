@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ctscan.imaging import decode_image
-from ctscan.preprocessing import LUNG_V1, prepare
+from ctscan.imaging.decoding import decode_image
+from ctscan.imaging.preprocessing import LUNG_V1, prepare
 
 TILE = 200
 UCSD_EXAMPLES = (  # different papers, windows, sizes and crops

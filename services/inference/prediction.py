@@ -23,12 +23,12 @@ from starlette.concurrency import run_in_threadpool
 from ctscan.answers import ensemble_version, is_calibrated, slice_prediction
 from ctscan.calibration import Calibration
 from ctscan.decision import Decision
-from ctscan.formats import InputFormat, describe_formats, sniff
 from ctscan.gradcam import Explanation
-from ctscan.imaging import DecodedImage, announced_pixels
+from ctscan.imaging.decoding import DecodedImage, announced_pixels
+from ctscan.imaging.formats import InputFormat, describe_formats, sniff
+from ctscan.imaging.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
 from ctscan.models import ENSEMBLE
 from ctscan.predictor import EnsembleRule, MemberOutput, explain_members, input_refusal, slice_decision
-from ctscan.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
 from ctscan.schemas import Prediction, Timings
 from services.inference.decoding import SINGLE
 from services.inference.registry import EnsembleInfo, ModelRegistry, ServedModel

@@ -32,7 +32,8 @@ from ctscan.decision import DEFAULT_BAND
 from ctscan.errors import CTScanError
 from ctscan.gate import FeatureGate
 from ctscan.gradcam import HeatmapFunction, make_gradcam
-from ctscan.imaging import resize_for_model
+from ctscan.imaging.decoding import resize_for_model
+from ctscan.imaging.preprocessing import LEGACY, card_preprocessing
 from ctscan.models import ENSEMBLE, keras_model_from
 from ctscan.onnx_runtime import (
     NO_COPY_REASON,
@@ -42,7 +43,6 @@ from ctscan.onnx_runtime import (
     tensorflow_fallback,
 )
 from ctscan.predictor import EnsembleNotCalibratedError, card_band, ensemble_record_for
-from ctscan.preprocessing import LEGACY, card_preprocessing
 from ctscan.settings import InferenceSettings
 from ctscan.storage.records import ModelCard
 from ctscan.storage.store import ModelStore

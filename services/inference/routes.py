@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ctscan.access.audit_trail import upload_digest
 from ctscan.errors import ImageError
-from ctscan.formats import describe_formats
+from ctscan.imaging.formats import describe_formats
 from ctscan.models import ENSEMBLE, architecture_names
 from ctscan.schemas import (
     EnsembleModelInfo,

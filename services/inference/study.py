@@ -22,9 +22,9 @@ import numpy as np
 from ctscan.answers import ensemble_version, study_prediction, top_slices
 from ctscan.decision import Decision
 from ctscan.errors import ImageError
-from ctscan.formats import InputFormat, describe_formats, sniff
 from ctscan.gradcam import Explanation
-from ctscan.imaging import DicomSliceInfo
+from ctscan.imaging.decoding import DicomSliceInfo
+from ctscan.imaging.formats import InputFormat, describe_formats, sniff
 from ctscan.models import ENSEMBLE
 from ctscan.predictor import SliceResult, slice_decision, study_decision
 from ctscan.schemas import StudyPrediction, StudyTimings

@@ -14,7 +14,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from ctscan import DISCLAIMER
-from ctscan.formats import accept_attribute
+from ctscan.imaging.formats import accept_attribute
 from ctscan.settings import WebSettings, get_web_settings
 from ctscan.storage.store import ModelStore
 from services.web.access_views import account, current_user, guard

@@ -12,7 +12,7 @@ import io
 from dataclasses import dataclass
 
 from ctscan.errors import ImageError, UnsupportedImageError
-from ctscan.formats import InputFormat, describe_formats, sniff
+from ctscan.imaging.formats import InputFormat, describe_formats, sniff
 
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # What the pages say about where uploads go, to change with the behaviour (services/web/app.py,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from ctscan import preprocessing, schemas
+from ctscan import schemas
+from ctscan.imaging import preprocessing
 
 
 def test_the_answers_lung_findings_mirror_the_preprocessings() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from ctscan.data import CTDataset, class_weights, load_arrays, make_pipeline
 from ctscan.errors import ChecksumError, DataError
-from ctscan.preprocessing import LEGACY
+from ctscan.imaging.preprocessing import LEGACY
 
 
 def test_all_746_real_images_load_in_one_mode(data_dir: Path) -> None:

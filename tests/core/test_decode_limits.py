@@ -13,7 +13,13 @@ from PIL import Image
 
 from bench.hostile import big_png, deflated_dicom
 from ctscan.errors import ImageTooLargeError
-from ctscan.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, announced_pixels, decode_image, image_dimensions
+from ctscan.imaging.decoding import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SIDE,
+    announced_pixels,
+    decode_image,
+    image_dimensions,
+)
 
 
 def test_the_limits_fit_ct() -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ctscan.errors import UnsupportedImageError, UnsupportedTransferSyntaxError
-from ctscan.imaging import SUPPORTED_TRANSFER_SYNTAXES, decode_image
+from ctscan.imaging.decoding import SUPPORTED_TRANSFER_SYNTAXES, decode_image
 
 
 def _slice(hounsfield: np.ndarray, **tags: object) -> object:

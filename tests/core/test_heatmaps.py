@@ -14,10 +14,10 @@ from PIL import Image
 
 from ctscan.data import CTDataset
 from ctscan.gradcam import MIN_HEATMAP_SIDE
-from ctscan.imaging import DecodedImage, decode_image
+from ctscan.imaging.decoding import DecodedImage, decode_image
+from ctscan.imaging.preprocessing import LUNG_V1, get_preprocessor, prepare
 from ctscan.models import ENSEMBLE, ensemble_members
 from ctscan.predictor import Predictor
-from ctscan.preprocessing import LUNG_V1, get_preprocessor, prepare
 from ctscan.storage.store import open_store
 
 RELEASE = Path(__file__).resolve().parents[2] / "models"

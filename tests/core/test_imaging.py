@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ctscan.errors import ImageTooLargeError, UnsupportedImageError
-from ctscan.imaging import decode_image, resize_for_model
+from ctscan.imaging.decoding import decode_image, resize_for_model
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:

@@ -49,8 +49,8 @@ def _docstrings(tree: ast.Module) -> set[int]:
 # The core's layers, lowest first: a module may import its own layer and those below it.
 LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": ("ctscan", "errors", "schemas", "metrics", "calibration"),
-    "imaging and models": ("imaging", "formats", "preprocessing", "screening", "study", "robustness", "models",
-                           "gate", "decision", "gradcam", "hyperparameters"),
+    "imaging": ("imaging", "imaging.decoding", "imaging.formats", "imaging.preprocessing", "imaging.screening"),
+    "models": ("study", "robustness", "models", "gate", "decision", "gradcam", "hyperparameters"),
     "settings": ("settings",),
     "storage": ("storage", "storage.objects", "storage.s3store", "storage.records", "storage.store",
                 "storage.job_records", "release"),
@@ -62,10 +62,13 @@ LAYERS: dict[str, tuple[str, ...]] = {
 }
 # A subpackage's own rule, narrower than its layer's: the layers of the core it may import
 # besides its own package, and no web, queue or neural-network framework (function-local
-# imports count). Access needs no image or model code; storage needs neither.
+# imports count). Imaging stands on the foundation alone: serving, training and the data pipeline
+# share it, and the inference service decodes and crops without TensorFlow. Access needs no image
+# or model code; storage needs neither.
 FRAMEWORKS = ("tensorflow", "keras", "tf2onnx", "onnxruntime", "fastapi", "starlette", "flask", "werkzeug",
               "celery")
 SUBPACKAGE_IMPORTS: dict[str, tuple[str, ...]] = {
+    "imaging": ("foundation",),
     "storage": ("foundation", "settings"),
     "access": ("foundation", "settings", "storage"),
 }

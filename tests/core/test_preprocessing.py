@@ -11,8 +11,8 @@ from PIL import Image, ImageDraw
 
 from ctscan.data import CTDataset
 from ctscan.errors import ModelError
-from ctscan.imaging import decode_image
-from ctscan.preprocessing import (
+from ctscan.imaging.decoding import decode_image
+from ctscan.imaging.preprocessing import (
     AIR_LEVEL,
     LEGACY,
     LUNG_V1,
@@ -122,7 +122,7 @@ def test_model_cards_name_their_preprocessing() -> None:
 def test_blank_and_flat_images_do_not_crash() -> None:
     for grey in (np.zeros((64, 64), np.uint8), np.full((64, 64), 200, np.uint8),
                  np.random.default_rng(0).integers(0, 255, (80, 60)).astype(np.uint8)):
-        from ctscan.imaging import DecodedImage
+        from ctscan.imaging.decoding import DecodedImage
 
         prepared = prepare(DecodedImage(grey=grey, source_format="PNG"), LUNG_V1)
         assert prepared.grey.dtype == np.uint8 and prepared.grey.ndim == 2

@@ -29,9 +29,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctscan.imaging import DecodedImage, decode_image, lung_window
+from ctscan.imaging.decoding import DecodedImage, decode_image, lung_window
+from ctscan.imaging.preprocessing import LUNG_V1, prepare
 from ctscan.predictor import input_refusal
-from ctscan.preprocessing import LUNG_V1, prepare
 
 REFERENCE = Path(__file__).parent / "data" / "lung_v1_reference.json"
 THUMB = 24

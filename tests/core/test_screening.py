@@ -10,11 +10,11 @@ import pytest
 
 from ctscan.data import CTDataset
 from ctscan.gate import OUTCOME_NOT_CHEST_CT
-from ctscan.imaging import DecodedImage, decode_image
+from ctscan.imaging.decoding import DecodedImage, decode_image
+from ctscan.imaging.preprocessing import LUNG_V1, prepare
+from ctscan.imaging.screening import MAX_ROUGHNESS, appearance_refusal, roughness
 from ctscan.predictor import input_refusal
-from ctscan.preprocessing import LUNG_V1, prepare
 from ctscan.safety import generated_patterns, skimage_samples
-from ctscan.screening import MAX_ROUGHNESS, appearance_refusal, roughness
 
 
 @pytest.fixture(scope="module")

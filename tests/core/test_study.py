@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ctscan.errors import ImageTooLargeError
-from ctscan.imaging import decode_image
+from ctscan.imaging.decoding import decode_image
 from ctscan.study import ArchiveError, StudyError, StudyLimits, aggregate, order_series, top_k, unpack_zip
 
 

@@ -12,7 +12,7 @@ import requests
 from PIL import Image
 
 from ctscan import DISCLAIMER
-from ctscan.imaging import decode_image
+from ctscan.imaging.decoding import decode_image
 from inference.conftest import RunningService
 
 MODELS = ("inceptionv3", "densenet121", "mobilenetv2")

@@ -39,7 +39,7 @@ def test_in_process_pipeline_runs_the_service_steps_in_batches(real_ct_images: d
     from types import SimpleNamespace
 
     from ctscan.calibration import IDENTITY
-    from ctscan.preprocessing import LUNG_V1
+    from ctscan.imaging.preprocessing import LUNG_V1
 
     images = [path.read_bytes() for path in real_ct_images.values()]
     # What the pipeline reads of a served model (the registry's ServedModel has these fields).

@@ -15,8 +15,8 @@ import requests
 from harness import serve_app_in_thread
 from pydantic import BaseModel
 
-from ctscan.formats import InputFormat, accept_attribute, register_format, sniff, unregister_format
-from ctscan.imaging import DecodedImage, resize_for_model
+from ctscan.imaging.decoding import DecodedImage, resize_for_model
+from ctscan.imaging.formats import InputFormat, accept_attribute, register_format, sniff, unregister_format
 from services.inference.deps import RegistryDep  # module level: FastAPI resolves route annotations here
 
 
@@ -48,7 +48,7 @@ def npy_format() -> Iterator[InputFormat]:
 
 
 def _npy_slice(real_png: Path) -> bytes:
-    from ctscan.imaging import decode_image
+    from ctscan.imaging.decoding import decode_image
 
     buffer = io.BytesIO()
     np.save(buffer, decode_image(real_png.read_bytes()).grey.astype(np.int16) * 7 - 1000)  # HU-like range

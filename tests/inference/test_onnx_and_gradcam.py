@@ -14,7 +14,7 @@ from PIL import Image
 
 from ctscan.errors import ChecksumError, ModelError, StoreError, VersionExistsError
 from ctscan.gradcam import gradcam_heatmap, make_gradcam, overlay_png
-from ctscan.imaging import decode_image, resize_for_model
+from ctscan.imaging.decoding import decode_image, resize_for_model
 from ctscan.models import load_keras_model
 from ctscan.onnx_runtime import (
     BACKEND_ONNX,

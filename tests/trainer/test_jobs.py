@@ -68,7 +68,7 @@ def test_job_runs_from_submission_to_a_promoted_model(
     assert 0.0 <= probability <= 1.0
     # What the library decides for this image with the stored card (preprocessing, gate,
     # calibration): the service must answer the same.
-    from ctscan.imaging import decode_image
+    from ctscan.imaging.decoding import decode_image
     from ctscan.predictor import Predictor
 
     expected = Predictor.from_store(store, ["mobilenetv2"]).classify(

@@ -1,7 +1,7 @@
 """Input formats the services accept, recognised by their bytes (never by name or MIME type).
 
 Each format says how to recognise it (`matches`: magic bytes), how to decode it into the one
-colour mode every model sees (`decode` -> `ctscan.imaging.DecodedImage`) and whether a
+colour mode every model sees (`decode` -> `ctscan.imaging.decoding.DecodedImage`) and whether a
 browser can show it as it is. The inference API and the web page ask this registry, so a new
 format is one `register_format` call (see docs/architecture.md).
 """
@@ -12,7 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ctscan.errors import UnsupportedImageError
-from ctscan.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, DecodedImage, decode_dicom, decode_raster, is_dicom
+from ctscan.imaging.decoding import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_SIDE,
+    DecodedImage,
+    decode_dicom,
+    decode_raster,
+    is_dicom,
+)
 
 Decoder = Callable[..., DecodedImage]  # (data, *, max_pixels, max_side) -> DecodedImage
 

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ctscan.errors import ModelError
-from ctscan.imaging import DecodedImage, resize_for_model
+from ctscan.imaging.decoding import DecodedImage, resize_for_model
 
 LEGACY = "legacy"
 LUNG_V1 = "lung-v1"

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from ctscan.imaging import DecodedImage
+from ctscan.imaging.decoding import DecodedImage
 
 # UCSD train (425 slices): colour share at most 0.18 (coloured arrows and labels in a few
 # screenshots from papers), at least 171 grey levels, roughness at most 0.17.
