@@ -1,9 +1,9 @@
 """Each fact written once, and layers that only look down: the core never imports a service,
 no module imports another that (directly or not) imports it, a lower layer of the core never
-imports a higher one, the inference service loads no training, data-pipeline or evaluation
-code, settings are declared in one module, URL schemes are told apart in one place, model
-names come from the registry, and the services plug into the command line through entry
-points.
+imports a higher one, each subpackage imports only the layers it names and no framework, the
+inference service loads no training, data-pipeline or evaluation code, settings are declared
+in one module, URL schemes are told apart in one place, model names come from the registry,
+and the services plug into the command line through entry points.
 
 Imports are read from the source (ast), function-local ones included: an import moved into a
 function to dodge a circle is still a circle. Only `if TYPE_CHECKING:` imports are left out
