@@ -50,6 +50,7 @@ STATE_FILE = "state.json"
 LAST_CHECKPOINT = "last.keras"
 BEST_WEIGHTS = "best.weights.h5"
 SWA_WEIGHTS = "swa.npz"
+SWA_BEST = "swa-best.weights.h5"  # the average, on its way to BEST_WEIGHTS
 
 
 class TrainingCancelled(CTScanError):
@@ -316,6 +317,30 @@ class Trainer:
         temporary.write_text(json.dumps(payload, indent=2))
         os.replace(temporary, self._state_path())
 
+    # A run killed at any moment must resume: every file is written beside its final name and
+    # moved into place, `last.keras` before the state that counts its epoch, and a new best
+    # epoch's weights only once the state naming it is on disk (a kill mid-write once left a
+    # truncated last.keras behind a state that trusted it, and the run could not resume).
+    def _partial(self, name: str) -> Path:
+        return self.run_dir / f"partial-{name}"
+
+    def _save_checkpoint(self, model: Any, state: RunState) -> None:
+        model.save(self._partial(LAST_CHECKPOINT))
+        os.replace(self._partial(LAST_CHECKPOINT), self.run_dir / LAST_CHECKPOINT)
+        self._save_state(state)
+        self._finish_best(state)
+
+    def _finish_best(self, state: RunState) -> None:
+        """Move a new best epoch's weights into place once the saved state names that epoch;
+        weights of an epoch the state does not count (killed before its state) are dropped."""
+        for partial, counted in ((self._partial(BEST_WEIGHTS), state.best_epoch == state.epochs_done),
+                                 (self._partial(SWA_BEST), state.selected == "swa")):
+            if partial.exists():
+                if counted:
+                    os.replace(partial, self.run_dir / BEST_WEIGHTS)
+                else:
+                    partial.unlink()
+
     # --- run -----------------------------------------------------------------------------
     def _compile(self, model: Any, learning_rate: float) -> None:
         config = self.config
@@ -379,6 +404,7 @@ class Trainer:
 
         if resume and self.has_checkpoint():
             state = self._load_state()
+            self._finish_best(state)
             model = keras.models.load_model(self.run_dir / LAST_CHECKPOINT, compile=True)
         else:
             state = RunState()
@@ -412,8 +438,7 @@ class Trainer:
             next_phase = self.phases[state.phase_index]
             _set_phase_trainability(model, config, next_phase)
             self._compile(model, next_phase.learning_rate)
-            model.save(self.run_dir / LAST_CHECKPOINT)
-            self._save_state(state)
+            self._save_checkpoint(model, state)
 
         if state.swa_count and state.swa_val_auc is None:
             self._finish_swa(model, state)
@@ -437,9 +462,10 @@ class Trainer:
         auc = float(point_metrics(val_y, predict_probabilities(model, val_x), 0.5)["auc"])
         state.swa_val_auc = auc
         if auc >= state.best_val_auc:
-            model.save_weights(self.run_dir / BEST_WEIGHTS)
+            model.save_weights(self._partial(SWA_BEST))
             state.selected, state.best_val_auc = "swa", auc
         self._save_state(state)
+        self._finish_best(state)
         if self.verbose:
             print(f"SWA of the last {state.swa_count} epochs: val AUC {auc:.4f}; keeping "
                   f"{'the average' if state.selected == 'swa' else f'epoch {state.best_epoch}'}", flush=True)
@@ -453,10 +479,12 @@ class Trainer:
         state.epochs_done += 1
         state.epoch_in_phase = epoch + 1
         state.training_seconds += seconds
-        if val_auc > state.best_val_auc + 1e-6:
+        improved = val_auc > state.best_val_auc + 1e-6
+        if improved:
             state.best_val_auc, state.best_val_loss = val_auc, val_loss
             state.best_epoch = state.epochs_done
             state.epochs_since_best = 0
+            model.save_weights(self._partial(BEST_WEIGHTS))
         else:
             state.epochs_since_best += 1
         entry: dict[str, Any] = {
@@ -469,8 +497,7 @@ class Trainer:
         if per_source:
             entry["val_sources"] = per_source
         state.history.append(entry)
-        model.save(self.run_dir / LAST_CHECKPOINT)
-        self._save_state(state)
+        self._save_checkpoint(model, state)
         plot_history(state.history, self.run_dir / "history.png")
         if self.verbose:
             print(f"epoch {state.epochs_done}/{total_epochs} [{phase.name}] loss {entry['loss']:.4f} "
@@ -508,10 +535,6 @@ class Trainer:
             *callbacks,  # first: every callback below sees the EMA weights at the end of an epoch
             keras.callbacks.LearningRateScheduler(cosine),
             ValidationAUC(*self.val_data, sources=self.val_split.sources),
-            keras.callbacks.ModelCheckpoint(
-                self.run_dir / BEST_WEIGHTS, monitor="val_auc", mode="max", save_best_only=True,
-                save_weights_only=True, initial_value_threshold=state.best_val_auc
-                if (self.run_dir / BEST_WEIGHTS).exists() else None),
             early_stopping,
             *([WeightAverage(self.run_dir / SWA_WEIGHTS, state, first_epoch=phase.epochs - config.swa_epochs)]
               if config.swa_epochs and state.phase_index == len(self.phases) - 1 else []),

@@ -86,6 +86,52 @@ def test_an_interrupted_run_resumes_after_its_last_finished_epoch(data_dir: Path
     assert len(store.list_versions("mobilenetv2")) == 1
 
 
+class _Killed(BaseException):
+    """Stands in for SIGKILL: nothing after it runs."""
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_writing_its_checkpoint_still_resumes(data_dir: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import keras
+
+    from ctscan.training import BEST_WEIGHTS, LAST_CHECKPOINT, EpochReport, TrainConfig, Trainer, TrainingCancelled
+
+    config = TrainConfig(model="mobilenetv2", data_dir=str(data_dir), init="none", input_size=32,
+                         epochs=3, batch_size=8, limit_per_class=4)
+    run = tmp_path / "run"
+
+    def stop_after_first_epoch(report: EpochReport) -> None:
+        raise TrainingCancelled("stopped")
+
+    with pytest.raises(TrainingCancelled):
+        Trainer(config, run, verbose=0, on_epoch=stop_after_first_epoch).run()
+    assert (run / LAST_CHECKPOINT).is_file() and (run / BEST_WEIGHTS).is_file()
+    assert not list(run.glob("partial-*"))
+    checkpoint, best = (run / LAST_CHECKPOINT).read_bytes(), (run / BEST_WEIGHTS).read_bytes()
+
+    real_save = keras.Model.save
+
+    def killed_halfway(model: object, path: object, *args: object, **kwargs: object) -> None:
+        real_save(model, path, *args, **kwargs)  # type: ignore[arg-type]
+        data = Path(str(path)).read_bytes()
+        Path(str(path)).write_bytes(data[: len(data) // 3])  # the kill leaves a third of the file
+        raise _Killed
+
+    monkeypatch.setattr(keras.Model, "save", killed_halfway)
+    with pytest.raises(_Killed):
+        Trainer(config, run, verbose=0).run(resume=True)
+    monkeypatch.setattr(keras.Model, "save", real_save)
+    # The finished epoch's checkpoint and best weights are untouched; the torn write is aside.
+    assert (run / LAST_CHECKPOINT).read_bytes() == checkpoint
+    assert (run / BEST_WEIGHTS).read_bytes() == best
+    seen: list[int] = []
+    _, state, _ = Trainer(config, run, verbose=0, on_epoch=lambda report: seen.append(report.epoch)).run(resume=True)
+    assert seen == [2, 3]  # epoch 2 is trained again, from epoch 1's checkpoint
+    assert [h["epoch"] for h in state.history] == [1, 2, 3]
+    assert not list(run.glob("partial-*"))
+
+
 def _one_line_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("ctscan")]
