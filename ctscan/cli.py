@@ -246,11 +246,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     decoded = [decode_image(data) for data in blobs]
     decoded_at = time.perf_counter()
     names = list(ensemble_members()) if args.model == ENSEMBLE else [args.model]
-    predictor = Predictor.from_store(_store(args), names)
+    predictor = Predictor.from_store(_store(args), names, with_ensemble=args.model == ENSEMBLE)
     rule = predictor.ensemble if args.model == ENSEMBLE else None
-    members = list(predictor.models.values())
-    # Members in the registry's order, as the service names them.
-    version = ensemble_version({m.name: m.version for m in members}) if rule is not None else members[0].version
+    # The ensemble's members are the versions its record pins, in the registry's order.
+    members = predictor.ensemble_members if rule is not None else list(predictor.models.values())
+    version = ensemble_version(rule.members) if rule is not None else members[0].version
     band = rule.band if rule is not None else members[0].band
     request_id = uuid.uuid4().hex
     loaded_at = time.perf_counter()
@@ -344,16 +344,28 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recalibration(record: Any, name: str, version: str) -> tuple[bool, list[str] | None]:
+    """Whether promoting `version` of `name` asks for the ensemble to be fitted again, and
+    with which members: None for the floors' choice (a floors record: the new version may
+    now clear them or fail them), else the record's explicit members (records from before
+    the floors' choice count as explicit)."""
+    if record is None:
+        return False, None
+    if record.members_rule == "floors":
+        return record.members.get(name) != version, None
+    return name in record.members and record.members[name] != version, list(record.members)
+
+
 def cmd_models_promote(args: argparse.Namespace) -> int:
     from ctscan.cli_access import record_admin_action, require_admin
 
     store = _store(args)
     require_admin(store)
     ensemble = store.ensemble_record()
-    # The ensemble is served only for the member versions it was calibrated for: promoting a
-    # member switches it off unless it is fitted again, on val, in the same step.
-    recalibrate = (ensemble is not None and args.name in ensemble.members
-                   and ensemble.members[args.name] != args.version and not args.no_recalibrate)
+    # The ensemble serves the member versions it was calibrated for (pinned): promoting a
+    # member fits it again on val in the same step, so it uses the new version at once.
+    affected, members = _recalibration(ensemble, args.name, args.version)
+    recalibrate = affected and not args.no_recalibrate
     if recalibrate:
         from ctscan.data import CTDataset
 
@@ -361,16 +373,24 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
     store.promote(args.name, args.version, reason="promoted by an admin")
     record_admin_action("promote", model=args.name, model_version=args.version)
     print(f"{args.name}: production is now {args.version}")
+    kept = ", ".join(f"{n} {v}" for n, v in (ensemble.members.items() if ensemble is not None else ()))
     if recalibrate:
         from ctscan.evaluation import calibrate_ensemble
 
-        record = calibrate_ensemble(store=store, data_dir=_data_dir(args))
+        try:
+            record = calibrate_ensemble(store=store, data_dir=_data_dir(args), members=members)
+        except CTScanError as exc:
+            print(f"the ensemble was not recalibrated ({exc}); it keeps serving the versions it was calibrated "
+                  f"for ({kept}) until `ctscan models calibrate-ensemble` succeeds", file=sys.stderr)
+            return 0
         record_admin_action("calibrate_ensemble", model="ensemble",
                             model_version=",".join(f"{n}={v}" for n, v in record.members.items()))
-        print(f"ensemble recalibrated on val for the new versions: threshold {record.threshold:.3f}")
-    elif ensemble is not None and args.name in ensemble.members and ensemble.members[args.name] != args.version:
-        print("the ensemble is switched off until `ctscan models calibrate-ensemble` fits it for the new "
-              "versions (the single models keep answering)", file=sys.stderr)
+        print(f"ensemble recalibrated on val for {', '.join(f'{n} {v}' for n, v in record.members.items())}: "
+              f"threshold {record.threshold:.3f}")
+    elif affected:
+        print(f"the ensemble keeps serving the versions it was calibrated for ({kept}) until `ctscan models "
+              f"calibrate-ensemble` fits it for the new version; {args.name} alone answers with {args.version} "
+              "now", file=sys.stderr)
     return 0
 
 
@@ -402,7 +422,9 @@ def cmd_models_calibrate(args: argparse.Namespace) -> int:
     from ctscan.evaluation import calibrate_ensemble
 
     folders = args.data or [str(_data_dir(args))]
-    record = calibrate_ensemble(store=_store(args), data_dir=folders[0], extra_data_dirs=folders[1:])
+    members = [name.strip() for name in args.members.split(",") if name.strip()] if args.members else None
+    record = calibrate_ensemble(store=_store(args), data_dir=folders[0], extra_data_dirs=folders[1:],
+                                members=members)
     print(json.dumps(record.model_dump(mode="json"), indent=2))
     return 0
 
@@ -549,7 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--store")
     promote.add_argument("--data", help="data set whose val split recalibrates the ensemble (default CTSCAN_DATA_DIR)")
     promote.add_argument("--no-recalibrate", action="store_true",
-                         help="leave the ensemble switched off until `ctscan models calibrate-ensemble`")
+                         help="keep the ensemble on the versions it was calibrated for until `ctscan models "
+                              "calibrate-ensemble`")
     promote.set_defaults(func=cmd_models_promote)
     rollback = models.add_parser("rollback")
     rollback.add_argument("name")
@@ -563,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--data", action="append",
                            help="dataset folder (default: CTSCAN_DATA_DIR); repeat it to calibrate on the val "
                                 "splits of several sources")
+    calibrate.add_argument("--members", help="the ensemble's members, comma-separated (overrides the promotion "
+                                             "floors; default: the production models that clear them on every "
+                                             "val source)")
     calibrate.add_argument("--store")
     calibrate.set_defaults(func=cmd_models_calibrate)
     export = models.add_parser("export-onnx", help="make and check the ONNX copy of versions that lack one")

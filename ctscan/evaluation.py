@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from ctscan.metrics import choose_threshold, full_report
 from ctscan.models import ENSEMBLE, architecture_names, get_spec, load_keras_model
 from ctscan.predictor import EnsembleNotCalibratedError, card_band, ensemble_record_for
 from ctscan.robustness import attention_report, robustness_report
+from ctscan.settings import PromotionSettings
 from ctscan.storage.records import EnsembleRecord, ModelCard
 from ctscan.storage.store import ModelStore
 from ctscan.training import _subset, predict_probabilities
@@ -75,16 +76,18 @@ def decode_samples(samples: list[Sample], *, workers: int = 4) -> list[DecodedIm
         return list(pool.map(decode_sample, samples))
 
 
-def predict_split(store: ModelStore, names: list[str], samples: list[Sample]) -> SplitPredictions:
-    """Probabilities of each production model on `samples`, each model fed its own
-    preprocessing and input size, and calibrated as its card says."""
+def predict_split(store: ModelStore, names: list[str], samples: list[Sample],
+                  versions: dict[str, str] | None = None) -> SplitPredictions:
+    """Probabilities of each production model (or the version `versions` names) on
+    `samples`, each model fed its own preprocessing and input size, and calibrated as its
+    card says."""
     decoded = decode_samples(samples)
     visible = np.array([prepare(d, LUNG_V1).lungs_visible for d in decoded])
     result = SplitPredictions(samples=samples, targets=np.array([s.target for s in samples], dtype=np.float32),
                               decoded=decoded, lungs_visible=visible)
     cache: dict[tuple[str, int], np.ndarray] = {}
     for name in names:
-        model, card = load_keras_model(store, name)
+        model, card = load_keras_model(store, name, (versions or {}).get(name))
         key = (card_preprocessing(card), int(card["input_size"]))
         if key not in cache:
             cache[key] = result.inputs(*key)
@@ -100,19 +103,62 @@ def ensemble_probabilities(calibrated_members: list[np.ndarray], record: Ensembl
     return Calibration.from_dict(record.get("calibration") if record is not None else None).apply(mean)
 
 
+class NoEnsembleMembersError(CTScanError):
+    """No production model clears the promotion floors on every val source."""
+
+
+@dataclass(frozen=True)
+class MemberChoice:
+    """Which production models the ensemble combines, and why the others are left out."""
+
+    members: list[str]
+    rule: Literal["floors", "explicit"]
+    excluded: dict[str, str] = field(default_factory=dict)
+    overrides: dict[str, str] = field(default_factory=dict)  # explicit members below the floors
+
+
+def choose_members(store: ModelStore, *, members: list[str] | None = None,
+                   floors: PromotionSettings | None = None) -> MemberChoice:
+    """The ensemble's members: `members` when given (explicit, an admin's override of the
+    floors), else every production model that clears the promotion floors on every val
+    source (`ctscan.publishing.below_floors`, the gate's own rule). Raises
+    NoEnsembleMembersError naming each model's failure when none does."""
+    from ctscan.publishing import below_floors
+
+    production = _resolve_models(store, "all")
+    failures = {name: reason for name in production
+                if (reason := below_floors(store.card(name, str(store.production(name))), floors)) is not None}
+    if members:
+        chosen = _resolve_models(store, list(dict.fromkeys(members)))
+        left_out = {name: "not among the explicit members (--members)" + (f"; {failures[name]}" if name in failures
+                                                                          else "")
+                    for name in production if name not in chosen}
+        return MemberChoice(chosen, "explicit", left_out, {n: failures[n] for n in chosen if n in failures})
+    passing = [name for name in production if name not in failures]
+    if not passing:
+        raise NoEnsembleMembersError(
+            "no production model clears the promotion floors on every val source, so the ensemble would ship "
+            "none: " + "; ".join(f"{name} {store.production(name)}: {reason}" for name, reason in failures.items())
+            + ". Train better models, or name the members explicitly (--members a,b) to override the floors")
+    return MemberChoice(passing, "floors", dict(failures))
+
+
 def calibrate_ensemble(
     *, store: ModelStore, data_dir: str, limit_per_class: int | None = None, rule: str = "youden",
-    models: list[str] | None = None, extra_data_dirs: list[str] | None = None,
+    members: list[str] | None = None, extra_data_dirs: list[str] | None = None,
+    floors: PromotionSettings | None = None,
 ) -> EnsembleRecord:
-    """Fit the ensemble's calibration and threshold on the val split for the current
-    production versions of its members (`models`, default every architecture with one), and
-    store them with the member versions. With `extra_data_dirs`, on the val splits of every
-    source together (each source's numbers recorded apart, as for a model)."""
+    """Choose the ensemble's members (`choose_members`: `members` explicitly, else the
+    production models that clear the promotion floors on every val source), fit its
+    calibration and threshold on the val split for their current production versions, and
+    store them with those versions (which the ensemble then serves, pinned, until it is
+    calibrated again) and the models left out with why. With `extra_data_dirs`, on the val
+    splits of every source together (each source's numbers recorded apart, as for a model).
+    One member is allowed: the ensemble is then that model with its own val calibration."""
     from ctscan.training import combined_fingerprint
 
-    names = _resolve_models(store, models or "all")
-    if len(names) < 2:
-        raise CTScanError("an ensemble needs at least two production models")
+    choice = choose_members(store, members=members, floors=floors)
+    names = choice.members
     datasets = [CTDataset(folder) for folder in [data_dir, *(extra_data_dirs or [])]]
     samples = [s for dataset in datasets for s in _subset(dataset.split("val"), limit_per_class, 42)]
     dataset = datasets[0]
@@ -124,6 +170,9 @@ def calibrate_ensemble(
     threshold = choose_threshold(targets, probabilities, rule)
     record = EnsembleRecord(
         members={n: str(split.cards[n].version) for n in names},
+        members_rule=choice.rule,
+        excluded=choice.excluded,
+        overrides=choice.overrides or None,
         threshold=threshold,
         threshold_rule=rule,
         dataset_fingerprint=dataset.fingerprint() if len(datasets) == 1 else combined_fingerprint(
@@ -258,24 +307,38 @@ def evaluate_store(
         if out_dir is not None:
             _save_plots(Path(out_dir), name, targets, predictions.calibrated[name], metrics,
                         raw=predictions.raw[name] if card.get("calibration") else None)
-    if len(names) >= 2 and models == "all":
-        members = {n: predictions.cards[n]["version"] for n in names}
+    if models == "all":
         try:
-            record = ensemble_record_for(store, members)
+            record = ensemble_record_for(store)
         except EnsembleNotCalibratedError as exc:
-            report["models"][ENSEMBLE] = {"error": str(exc), "members": members}
+            if len(names) >= 2:  # one model and no record: there is no ensemble to speak of
+                report["models"][ENSEMBLE] = {"error": str(exc)}
             return report
-        probabilities = ensemble_probabilities([predictions.calibrated[n] for n in names], record)
-        mean = np.mean([predictions.calibrated[n] for n in names], axis=0)
+        members = dict(record.members)
+        calibrated = _member_probabilities(store, predictions, members)
+        probabilities = ensemble_probabilities(calibrated, record)
+        mean = np.mean(calibrated, axis=0)
         metrics = _model_report(predictions, probabilities, float(record["threshold"]),
                                 raw=mean if record.get("calibration") else None, resamples=resamples,
                                 band=card_band(record))
-        metrics.update(members=members, threshold_source="val-calibrated")
+        metrics.update(members=members, threshold_source="val-calibrated", members_rule=record.members_rule,
+                       excluded=record.excluded or {})
         report["models"][ENSEMBLE] = metrics
         if out_dir is not None:
             _save_plots(Path(out_dir), ENSEMBLE, targets, probabilities, metrics,
                         raw=mean if record.get("calibration") else None)
     return report
+
+
+def _member_probabilities(store: ModelStore, predictions: SplitPredictions, members: dict[str, str]
+                          ) -> list[np.ndarray]:
+    """Each ensemble member's calibrated probabilities on the split, from its pinned version:
+    the production model's where the versions agree, else the pinned version run apart."""
+    pinned = {n: v for n, v in members.items()
+              if n not in predictions.cards or predictions.cards[n].version != v}
+    apart = predict_split(store, list(pinned), predictions.samples, versions=pinned) if pinned else None
+    return [apart.calibrated[n] if apart is not None and n in pinned else predictions.calibrated[n]
+            for n in members]
 
 
 def baseline_sources(store: ModelStore, names: list[str]) -> list[str]:
@@ -333,8 +396,16 @@ def _served_rows(predictor: Any, decoded: list[DecodedImage], served: list[str])
     results = predictor.classify(decoded, model=model)
     rule = predictor.ensemble if model == ENSEMBLE else None
     rows = {model: {"scores": _served_scores(results, rule), "outcomes": [r.decision.outcome for r in results]}}
+    # The ensemble's outputs stand for a single model only where it ran that model's
+    # production version (its pinned versions may lag production; a subset leaves some out).
+    shared = {m.name for m in predictor.ensemble_members if predictor.models.get(m.name) is m} \
+        if model == ENSEMBLE else {model}
     for name in served:
         if name == model:
+            continue
+        if name not in shared:
+            alone = predictor.classify(decoded, model=name)
+            rows[name] = {"scores": _served_scores(alone, None), "outcomes": [r.decision.outcome for r in alone]}
             continue
         outcomes, scores = [], []
         for result in results:

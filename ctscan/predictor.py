@@ -62,24 +62,32 @@ class EnsembleRule:
 
 
 class EnsembleNotCalibratedError(CTScanError):
-    """The ensemble's calibration and threshold were fitted for other member versions."""
+    """The ensemble cannot be used: it has no calibration record, or a member version its
+    record pins is not in the store."""
 
 
-def ensemble_record_for(store: ModelStore, members: dict[str, str]) -> EnsembleRecord:
-    """The stored ensemble calibration when it was fitted for exactly these member
-    versions. Anything else would change the clinical decision rule without anyone
-    deciding it, so the ensemble is refused until it is calibrated again."""
+def ensemble_record_for(store: ModelStore) -> EnsembleRecord:
+    """The stored ensemble record, whose member versions are the ensemble (pinned): they are
+    used whatever the production versions are now, since the calibration, threshold and band
+    were fitted on val for exactly them. A promotion never changes the clinical decision rule
+    silently; the ensemble keeps its versions until it is calibrated again."""
     record = store.ensemble_record()
     if not record:
         raise EnsembleNotCalibratedError(
             "the ensemble has no calibration; run `ctscan models calibrate-ensemble` (fits its threshold on val)")
-    if record.members != members:
-        calibrated_for = ", ".join(f"{n} {v}" for n, v in sorted(record.members.items()))
-        serving = ", ".join(f"{n} {v}" for n, v in sorted(members.items()))
-        raise EnsembleNotCalibratedError(
-            f"the ensemble was calibrated for {calibrated_for or 'other members'}, but production is now "
-            f"{serving}; run `ctscan models calibrate-ensemble` to fit its threshold on val for these versions")
+    for name, version in record.members.items():
+        if version not in store.list_versions(name):
+            raise EnsembleNotCalibratedError(
+                f"the ensemble's member {name} version {version} (the version its threshold was fitted for on "
+                f"val) is not in {store.url}; run `ctscan models calibrate-ensemble` to fit it for versions "
+                "that exist")
     return record
+
+
+def ensemble_order(members: Sequence[str], preferred: Sequence[str]) -> list[str]:
+    """The ensemble's members in the served models' order (the order answers list them in),
+    members that are not served on their own last."""
+    return [n for n in preferred if n in members] + [n for n in members if n not in preferred]
 
 
 def card_band(card: ModelCard | EnsembleRecord | dict[str, Any] | None) -> float:
@@ -172,6 +180,19 @@ def study_decision(slices: Sequence[SliceResult], *, threshold: float, band: flo
     return Decision(decision.outcome, decision.probability_covid, decision.threshold, reasons), k
 
 
+def _load(store: ModelStore, name: str, version: str | None) -> LoadedModel:
+    """One version (production when `version` is None), built and restored from verified weights."""
+    from ctscan.imaging.preprocessing import card_preprocessing
+    from ctscan.models import load_keras_model
+
+    model, card = load_keras_model(store, name, version)
+    gate = FeatureGate.from_dict(card["gate"]) if card.get("gate") else None
+    return LoadedModel(
+        name=name, version=str(card["version"]), card=card, model=model, input_size=int(card["input_size"]),
+        preprocessing=card_preprocessing(card), threshold=float(card["threshold"]),
+        calibration=Calibration.from_dict(card.get("calibration")), gate=gate, band=card_band(card))
+
+
 @dataclass
 class LoadedModel:
     name: str
@@ -209,37 +230,38 @@ class LoadedModel:
 
 
 class Predictor:
-    """Production models of a store, loaded once, run in this process."""
+    """Production models of a store and the ensemble's pinned member versions, loaded once,
+    run in this process."""
 
-    def __init__(self, models: dict[str, LoadedModel], ensemble: EnsembleRule | None) -> None:
+    def __init__(self, models: dict[str, LoadedModel], ensemble: EnsembleRule | None,
+                 ensemble_members: list[LoadedModel] | None = None) -> None:
         self.models, self.ensemble = models, ensemble
+        # The ensemble's members are its record's versions: the production model's entry where
+        # the versions agree, else the pinned version loaded for the ensemble alone.
+        self.ensemble_members = ensemble_members if ensemble_members is not None else list(models.values())
 
     @classmethod
-    def from_store(cls, store: Any, names: Sequence[str]) -> Predictor:
-        from ctscan.imaging.preprocessing import card_preprocessing
-        from ctscan.models import load_keras_model
-
-        models = {}
-        for name in names:
-            model, card = load_keras_model(store, name)
-            gate = FeatureGate.from_dict(card["gate"]) if card.get("gate") else None
-            models[name] = LoadedModel(
-                name=name, version=str(card["version"]), card=card, model=model, input_size=int(card["input_size"]),
-                preprocessing=card_preprocessing(card), threshold=float(card["threshold"]),
-                calibration=Calibration.from_dict(card.get("calibration")), gate=gate, band=card_band(card))
-        ensemble = None
-        if len(models) >= 2:
-            record = ensemble_record_for(store, {n: m.version for n, m in models.items()})
-            ensemble = EnsembleRule(members=dict(record["members"]), threshold=float(record["threshold"]),
+    def from_store(cls, store: Any, names: Sequence[str], *, with_ensemble: bool | None = None) -> Predictor:
+        """The production versions of `names`, and (with `with_ensemble`, default: two or more
+        names) the ensemble with the member versions its record pins."""
+        models = {name: _load(store, name, None) for name in names}
+        ensemble, members = None, None
+        if with_ensemble if with_ensemble is not None else len(models) >= 2:
+            record = ensemble_record_for(store)
+            members = [models[name] if name in models and models[name].version == record.members[name]
+                       else _load(store, name, record.members[name])
+                       for name in ensemble_order(list(record.members), list(names))]
+            ensemble = EnsembleRule(members={m.name: m.version for m in members},
+                                    threshold=float(record["threshold"]),
                                     calibration=Calibration.from_dict(record.get("calibration")),
                                     band=card_band(record))
-        return cls(models, ensemble)
+        return cls(models, ensemble, members)
 
     def _members(self, model: str) -> list[LoadedModel]:
         if model == ENSEMBLE:
             if self.ensemble is None:
-                raise CTScanError("the ensemble needs at least two models")
-            return list(self.models.values())
+                raise CTScanError("the ensemble was not loaded (it needs its calibration record)")
+            return list(self.ensemble_members)
         if model not in self.models:
             raise CTScanError(f"unknown model {model!r}; choose one of {', '.join([*self.models, ENSEMBLE])}")
         return [self.models[model]]

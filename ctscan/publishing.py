@@ -123,25 +123,45 @@ class PromotionDecision:
                 "promoted": self.promote, "reason": self.reason, "floors": self.floors}
 
 
+def floor_measurements(card: ModelCard, floors: PromotionSettings) -> dict[str, Any]:
+    """The numbers the promotion floors are checked on: with several val sources, each
+    metric's worst source (every floor must hold on each of them)."""
+    per_source = [b for b in (balanced_accuracy(m) for m in (card.metrics.get("val_sources") or {}).values())
+                  if b is not None]
+    balanced = min(per_source) if per_source else balanced_accuracy(card.metrics.get("val") or {})
+    return {"min_auc": floors.min_auc, "auc": card.val_metric("auc"),
+            "min_balanced_accuracy": floors.min_balanced_accuracy, "balanced_accuracy": balanced}
+
+
+def below_floors(card: ModelCard, floors: PromotionSettings | None = None) -> str | None:
+    """Why a card fails the promotion floors (the metric, its worst val source and value, the
+    floor), or None when it clears them on every val source. The gate and the ensemble's
+    choice of members both ask this. A floor of 0 is off."""
+    from ctscan.settings import get_promotion_settings
+
+    measured = floor_measurements(card, floors or get_promotion_settings())
+    worst = card.worst_val_source("auc")
+    for label, value, floor in (("AUC", measured["auc"], measured["min_auc"]),
+                                ("balanced accuracy", measured["balanced_accuracy"],
+                                 measured["min_balanced_accuracy"])):
+        if floor > 0 and (value is None or value != value or value < floor):  # NaN: one class only
+            shown = "unknown" if value is None or value != value else f"{value:.3f}"
+            where = f" (worst val source: {worst})" if worst else ""
+            return f"val {label} {shown}{where} is below the promotion floor {floor:.3f}"
+    return None
+
+
 def decide_promotion(store: ModelStore, name: str, version: str, card: ModelCard, *, metric: str = "auc",
                      floors: PromotionSettings | None = None) -> PromotionDecision:
     """The promotion gate. A candidate is promoted only when it clears the AUC and
-    balanced-accuracy floors on val (whatever `metric` is: a model that says COVID for every
-    image has a recall of 1 and a balanced accuracy of 0.5), and either there is no
-    production version, or production was validated on the same dataset version, split and
-    images and the candidate beats it on val `metric`. A floor of 0 is off."""
+    balanced-accuracy floors on val (`below_floors`, whatever `metric` is: a model that says
+    COVID for every image has a recall of 1 and a balanced accuracy of 0.5), and either there
+    is no production version, or production was validated on the same dataset version, split
+    and images and the candidate beats it on val `metric`."""
     from ctscan.settings import get_promotion_settings
 
     floors = floors or get_promotion_settings()
-    val = card.metrics.get("val") or {}
-    auc = card.val_metric("auc")
-    # Several val sources: every floor must hold on each of them (the worst one counts).
-    per_source = [b for b in (balanced_accuracy(m) for m in (card.metrics.get("val_sources") or {}).values())
-                  if b is not None]
-    balanced = min(per_source) if per_source else balanced_accuracy(val)
-    worst = card.worst_val_source("auc")
-    measured = {"min_auc": floors.min_auc, "auc": auc,
-                "min_balanced_accuracy": floors.min_balanced_accuracy, "balanced_accuracy": balanced}
+    measured = floor_measurements(card, floors)
     candidate = card.val_metric(metric)
     current = store.production(name)
     compared: dict[str, Any] = {"production_version": None, "production": None}
@@ -152,12 +172,9 @@ def decide_promotion(store: ModelStore, name: str, version: str, card: ModelCard
 
     if current == version:
         return decided(True, f"{version} is production already")
-    for label, value, floor in (("AUC", auc, floors.min_auc),
-                                ("balanced accuracy", balanced, floors.min_balanced_accuracy)):
-        if floor > 0 and (value is None or value != value or value < floor):  # NaN: one class only
-            shown = "unknown" if value is None or value != value else f"{value:.3f}"
-            where = f" (worst val source: {worst})" if worst else ""
-            return decided(False, f"val {label} {shown}{where} is below the promotion floor {floor:.3f}")
+    failure = below_floors(card, floors)
+    if failure is not None:
+        return decided(False, failure)
     if candidate is None:
         return decided(False, f"the candidate has no val {metric}")
     if current is None:

@@ -103,6 +103,8 @@ def safety_report(*, store: Any, data_dirs: dict[str, tuple[str, str]], models: 
                        "init": m.card.get("init"), "gate": m.gate is not None}
                    for n, m in predictor.models.items()},
         "data": {name: {"folder": folder, "split": split} for name, (folder, split) in data_dirs.items()},
+        # The versions the ensemble combines (its record's, pinned; they may lag production).
+        "ensemble_members": predictor.ensemble.members if predictor.ensemble is not None else None,
         "results": {},
     }
     for model in served:

@@ -35,6 +35,9 @@ class Readiness(BaseModel):
     status: Literal["ready"]
     models: dict[str, str]  # name -> version
     backends: dict[str, str]  # name -> onnxruntime | tensorflow
+    ensemble: dict[str, str] | None = Field(default=None, description=(
+        "The member versions the ensemble serves (pinned), once loaded; null when it is not served "
+        "(GET /models says why)"))
 
 
 class MemberPrediction(BaseModel):
@@ -185,6 +188,16 @@ class ModelInfo(BaseModel):
 class EnsembleModelInfo(BaseModel):
     members: dict[str, str] = Field(description="The member versions the ensemble's calibration and threshold "
                                                 "were fitted for (on val), which are the ones served")
+    pinned: bool = Field(default=True, description=(
+        "The ensemble serves exactly these member versions, whatever a member's production version is now, "
+        "until it is calibrated again (`ctscan models calibrate-ensemble`)"))
+    awaiting_recalibration: dict[str, str] = Field(default_factory=dict, description=(
+        "Members whose production version has moved on -> that version: single-model requests get it, the "
+        "ensemble uses it only once recalibrated"))
+    members_rule: str | None = Field(default=None, description=(
+        "How the members were chosen: floors (the production models that clear the promotion floors on every "
+        "val source) or explicit (named by an admin); null for records from before the choice was recorded"))
+    excluded: dict[str, str] = Field(default_factory=dict, description="Models left out of the ensemble -> why")
     threshold: float
     threshold_source: str
     indeterminate_band: float | None = None

@@ -177,5 +177,7 @@ def tiny_model_store(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -
                                      verification_images=pick_verification_images(val_x, np.asarray(val_y)),
                                      verified_on="val split (test fixture)")
         store.promote(name, version, reason="test fixture")
-    calibrate_ensemble(store=store, data_dir=str(data_dir), limit_per_class=4)
+    # Named explicitly: no fixture model clears the promotion floors, which choose the members
+    # by default (an ensemble of none would be refused).
+    calibrate_ensemble(store=store, data_dir=str(data_dir), limit_per_class=4, members=list(TINY_INPUT_SIZES))
     return root / "store"

@@ -119,12 +119,22 @@ class ProductionPointer(Record):
 
 
 class EnsembleRecord(Record):
-    """`ensemble.json`: the member versions the ensemble's calibration, threshold and
-    indeterminate band were fitted for (on val); for any other members it is not used."""
+    """`ensemble.json`: the ensemble is exactly its `members` (name -> version), the versions
+    its calibration, threshold and indeterminate band were fitted for on val. Those versions
+    are pinned: they are served for the ensemble even after a member's production version
+    moves on, until the ensemble is calibrated again.
+
+    `members_rule` says how the members were chosen: "floors" (the production models that
+    clear the promotion floors on every val source; `excluded` says why each other one was
+    left out) or "explicit" (named by an admin, `--members`; `overrides` names members kept
+    although below the floors). Records written before these fields have none of them."""
 
     sparse: ClassVar[bool] = True
 
-    members: dict[str, str]
+    members: dict[str, str] = Field(min_length=1)
+    members_rule: Literal["floors", "explicit"] | None = None
+    excluded: dict[str, str] | None = None  # production models left out -> why
+    overrides: dict[str, str] | None = None  # explicit members below the floors -> their failure
     threshold: float
     threshold_rule: str | None = None
     dataset_fingerprint: str | None = None

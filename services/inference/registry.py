@@ -11,6 +11,11 @@ Swapping a version replaces the entry in one assignment; requests hold the entry
 started with, and a retired version's batcher closes only after its last request finished.
 A version that fails its checksum, weight restore, smoke prediction or warm-up never
 replaces a working one.
+
+The ensemble is exactly its record's member versions (pinned; `ctscan.predictor.
+ensemble_record_for`): when a member's production version moves on, single-model requests
+get the new version and the ensemble keeps the one it was calibrated for, loaded apart if
+need be. An entry is retired only when neither production nor the ensemble uses it.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from ctscan.onnx_runtime import (
     stored_onnx_predictor,
     tensorflow_fallback,
 )
-from ctscan.predictor import EnsembleNotCalibratedError, card_band, ensemble_record_for
+from ctscan.predictor import EnsembleNotCalibratedError, card_band, ensemble_order, ensemble_record_for
 from ctscan.settings import InferenceSettings
 from ctscan.storage.records import ModelCard
 from ctscan.storage.store import ModelStore
@@ -62,9 +67,10 @@ class ModelNotReadyError(CTScanError):
 
 
 class EnsembleUnavailableError(ModelNotReadyError):
-    """The members are served but the ensemble is not: its record was calibrated for other
-    member versions (a promotion), or cannot be read. Retrying does not help until it is
-    recalibrated; the single models answer meanwhile (HTTP 503, `ensemble_unavailable`)."""
+    """The ensemble is not served: it has no record, the record cannot be read, or a member
+    version it pins is gone from the store or fails its checks. Retrying does not help until
+    it is recalibrated (or the version restored); the single models answer meanwhile (HTTP
+    503, `ensemble_unavailable`)."""
 
 
 # Keras models are built, and Grad-CAM traced, one at a time: side by side on two cores they
@@ -129,6 +135,10 @@ class ServedModel:
         if close:
             self.batcher.close()
 
+    @property
+    def retired(self) -> bool:
+        return self._retired
+
     def retire(self) -> None:
         """Stop taking new work; the batcher closes once requests in flight are done."""
         with self._lock:
@@ -140,12 +150,17 @@ class ServedModel:
 
 @dataclass(frozen=True)
 class EnsembleInfo:
-    members: dict[str, str]  # name -> version
+    members: dict[str, str]  # name -> version, the record's (pinned), in the served models' order
     threshold: float
     threshold_source: str
     calibration: Calibration = IDENTITY
     band: float = DEFAULT_BAND
     calibrated_at: str | None = None
+    members_rule: str | None = None
+    excluded: dict[str, str] = field(default_factory=dict)  # production models left out -> why
+    # The members' served entries, in `members` order: the production entry where the
+    # versions agree, else the pinned version loaded for the ensemble alone.
+    entries: tuple[ServedModel, ...] = field(default=(), compare=False, repr=False)
 
 
 def _raw_and_distance(predictor: FastPredictor, gate: FeatureGate | None) -> Callable[[np.ndarray], np.ndarray]:
@@ -197,9 +212,12 @@ class ModelRegistry:
         self._models: dict[str, ServedModel] = {}
         self._ensemble: EnsembleInfo | None = None
         self.ensemble_error: str | None = None  # why the ensemble is not servable
+        self._logged_ensemble_error: str | None = None
         self.errors: dict[str, str] = {}  # last load/reload failure by model
         self._refused: dict[str, str] = {}  # model -> version that failed; not retried
+        self._refused_pinned: dict[tuple[str, str], str] = {}  # (model, version) -> why; not retried
         self._swap_lock = threading.Lock()
+        self._ensemble_lock = threading.Lock()  # one ensemble update (and its pinned loads) at a time
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._verification: list[np.ndarray] | None = None
@@ -230,18 +248,23 @@ class ModelRegistry:
 
     @contextlib.contextmanager
     def acquire(self, model: str) -> Iterator[tuple[list[ServedModel], EnsembleInfo | None]]:
-        """The served entries a request for `model` uses, held until the request ends."""
+        """The served entries a request for `model` uses, held until the request ends: for the
+        ensemble, its pinned member versions (whatever production is now)."""
         self.check_model(model)
-        snapshot, ensemble = self._models, self._ensemble  # one consistent view
-        names = list(self.configured) if model == ENSEMBLE else [model]
-        missing = [name for name in names if name not in snapshot]
-        if missing:
-            raise ModelNotReadyError(f"model {', '.join(missing)} is not loaded yet")
-        if model == ENSEMBLE and (ensemble is None or set(ensemble.members) != set(names)):
-            if self.ensemble_error:
-                raise EnsembleUnavailableError(self.ensemble_error)
-            raise ModelNotReadyError("the ensemble is not ready yet")
-        entries = [snapshot[name] for name in names]
+        snapshot, ensemble = self._models, self._ensemble  # one consistent view each
+        if model == ENSEMBLE:
+            if ensemble is None:
+                missing = self.missing()
+                if missing:  # a service still loading (or with nothing to serve) is not ready first of all
+                    raise ModelNotReadyError(f"model {', '.join(missing)} is not loaded yet")
+                if self.ensemble_error:
+                    raise EnsembleUnavailableError(self.ensemble_error)
+                raise ModelNotReadyError("the ensemble is not ready yet")
+            entries = list(ensemble.entries)
+        else:
+            if model not in snapshot:
+                raise ModelNotReadyError(f"model {model} is not loaded yet")
+            entries = [snapshot[model]]
         for entry in entries:
             entry.enter()
         try:
@@ -249,6 +272,12 @@ class ModelRegistry:
         finally:
             for entry in entries:
                 entry.leave()
+
+    def in_use(self) -> list[ServedModel]:
+        """Every entry production or the ensemble serves (each once)."""
+        ensemble = self._ensemble
+        entries = {id(e): e for e in [*self._models.values(), *(ensemble.entries if ensemble else ())]}
+        return list(entries.values())
 
     # --- loading --------------------------------------------------------------------------
     def verification_images(self) -> list[np.ndarray]:
@@ -310,38 +339,107 @@ class ModelRegistry:
     def _install(self, served: ServedModel) -> None:
         with self._swap_lock:
             previous = self._models.get(served.name)
-            models = {**self._models, served.name: served}
-            self._models = models
-            self._ensemble = self._compute_ensemble(models)
+            self._models = {**self._models, served.name: served}
             self._set_error(served.name, None)
-        if previous is not None:
-            self.metrics.model_version.remove(previous.name, previous.version, previous.predictor.backend)
-            previous.retire()
-        self.metrics.model_version.labels(model=served.name, version=served.version,
-                                          backend=served.predictor.backend).set(1)
+        self._announce(served)
+        self._retire_unused([previous] if previous is not None else [])
         logger.info("serving %s version %s on %s", served.name, served.version, served.predictor.backend)
 
-    def _compute_ensemble(self, models: dict[str, ServedModel]) -> EnsembleInfo | None:
-        """The ensemble for the served members, or None with `ensemble_error` saying why: its
-        threshold is used only when it was calibrated for exactly these versions (a promotion
-        never changes the clinical decision rule silently)."""
-        if len(self.configured) < 2 or any(name not in models for name in self.configured):
+    def _announce(self, served: ServedModel) -> None:
+        self.metrics.model_version.labels(model=served.name, version=served.version,
+                                          backend=served.predictor.backend).set(1)
+
+    def _retire_unused(self, candidates: list[ServedModel]) -> None:
+        """Retire those of `candidates` that neither production nor the ensemble serves now (a
+        pinned version stays as long as the ensemble uses it)."""
+        in_use = self.in_use()
+        kept = {id(e) for e in in_use}
+        for entry in candidates:
+            if id(entry) in kept or entry.retired:
+                continue
+            if not any((e.name, e.version, e.predictor.backend) ==
+                       (entry.name, entry.version, entry.predictor.backend) for e in in_use):
+                with contextlib.suppress(KeyError):
+                    self.metrics.model_version.remove(entry.name, entry.version, entry.predictor.backend)
+            entry.retire()
+            logger.info("retired %s version %s", entry.name, entry.version)
+
+    def _served_entry(self, name: str, version: str) -> ServedModel | None:
+        """An entry of this version already served: production's, else the ensemble's."""
+        current = self._models.get(name)
+        if current is not None and current.version == version:
+            return current
+        ensemble = self._ensemble
+        return next((e for e in (ensemble.entries if ensemble else ()) if e.name == name and e.version == version),
+                    None)
+
+    def update_ensemble(self, *, warm_explainer: bool = True) -> None:
+        """Serve the ensemble its record names: each member's pinned version, from production's
+        entry where the versions agree, else loaded (and verified) for the ensemble alone.
+        Without a record, or when a pinned version is gone or fails its checks, the ensemble
+        is None and `ensemble_error` says why (the single models are unaffected)."""
+        if ENSEMBLE not in self.servable_names():
+            return
+        with self._ensemble_lock:
+            try:
+                record = ensemble_record_for(self.store)
+            except EnsembleNotCalibratedError as exc:
+                self._set_ensemble(None, str(exc))
+                return
+            except (CTScanError, OSError, ValueError, KeyError) as exc:
+                self._set_ensemble(None, f"the ensemble record cannot be read: {type(exc).__name__}: {exc}")
+                return
+            members = {name: record.members[name] for name in ensemble_order(list(record.members), self.configured)}
+            entries = []
+            for name, version in members.items():
+                entry = self._served_entry(name, version)
+                if entry is None:
+                    entry = self._load_pinned(name, version, warm_explainer=warm_explainer)
+                if entry is None:
+                    self._set_ensemble(None, self._refused_pinned[(name, version)])
+                    return
+                entries.append(entry)
+            self._set_ensemble(EnsembleInfo(
+                members=members, threshold=float(record.threshold), threshold_source="val-calibrated",
+                calibration=Calibration.from_dict(record.calibration), band=card_band(record),
+                calibrated_at=record.created_at, members_rule=record.members_rule, excluded=dict(record.excluded or {}),
+                entries=tuple(entries)), None)
+
+    def _load_pinned(self, name: str, version: str, *, warm_explainer: bool) -> ServedModel | None:
+        """Load a member version the ensemble pins (not production's); None when it is refused
+        (the reason kept in `_refused_pinned`, not retried until the record changes)."""
+        if (name, version) in self._refused_pinned:
             return None
-        members = {name: models[name].version for name in self.configured}
         try:
-            record = ensemble_record_for(self.store, members)
-        except EnsembleNotCalibratedError as exc:
-            self.ensemble_error = str(exc)
-            logger.warning("ensemble not servable: %s", exc)
+            served = self.load_version(name, version, warm_explainer=warm_explainer)
+        except Exception as exc:
+            self._refused_pinned[(name, version)] = (
+                f"the ensemble's member {name} version {version} (the version its threshold was fitted for on val) "
+                f"cannot be loaded: {type(exc).__name__}: {exc}; run `ctscan models calibrate-ensemble` to fit it "
+                "for versions that load")
+            self.metrics.reloads.labels(model=name, outcome="refused").inc()
+            logger.error("%s", self._refused_pinned[(name, version)])
             return None
-        except (CTScanError, OSError, ValueError, KeyError) as exc:
-            self.ensemble_error = f"the ensemble record cannot be read: {type(exc).__name__}: {exc}"
-            logger.warning("%s", self.ensemble_error)
-            return None
-        self.ensemble_error = None
-        return EnsembleInfo(members=members, threshold=float(record.threshold), threshold_source="val-calibrated",
-                            calibration=Calibration.from_dict(record.calibration), band=card_band(record),
-                            calibrated_at=record.created_at)
+        self.metrics.reloads.labels(model=name, outcome="loaded").inc()
+        self._announce(served)
+        logger.info("%s %s loaded for the ensemble (its calibrated version; production is %s)", name, version,
+                    self._models[name].version if name in self._models else "not served")
+        return served
+
+    def _set_ensemble(self, ensemble: EnsembleInfo | None, error: str | None) -> None:
+        with self._swap_lock:
+            previous = self._ensemble
+            if ensemble is not None and previous is not None and ensemble == previous \
+                    and all(a is b for a, b in zip(ensemble.entries, previous.entries, strict=True)):
+                self.ensemble_error = None
+                return  # nothing changed (the usual poll)
+            self._ensemble, self.ensemble_error = ensemble, error
+        if error is not None and error != self._logged_ensemble_error:
+            logger.warning("ensemble not servable: %s", error)
+        self._logged_ensemble_error = error
+        if ensemble is not None and (previous is None or ensemble.members != previous.members):
+            logger.info("serving the ensemble of %s", ", ".join(f"{n} {v}" for n, v in ensemble.members.items()))
+        self._retire_unused(list(previous.entries) if previous is not None else [])
 
     def try_load(self, name: str, *, reason: str, warm_explainer: bool = True) -> bool:
         """Load the store's production version of `name` if it differs from the served one."""
@@ -358,6 +456,11 @@ class ModelRegistry:
         if (current is not None and current.version == version) or self._refused.get(name) == version:
             return False
         started = time.monotonic()
+        reused = self._served_entry(name, version)  # e.g. a rollback to the version the ensemble pins
+        if reused is not None:
+            self._install(reused)
+            logger.info("%s %s: production now uses the entry the ensemble serves (%s)", name, version, reason)
+            return True
         try:
             served = self.load_version(name, version, warm_explainer=warm_explainer)
         except Exception as exc:
@@ -384,9 +487,14 @@ class ModelRegistry:
                 if self._stop.is_set():
                     return
                 self.try_load(name, reason="startup", warm_explainer=False)
+            # Readiness waits for the ensemble's pinned versions too: it is the default model.
+            # One that cannot be loaded does not hold readiness back (the ensemble answers 503
+            # with the reason; the single models answer).
+            if not self._stop.is_set():
+                self.update_ensemble(warm_explainer=False)
         finally:
             self.loading_done.set()
-        for served in list(self._models.values()):
+        for served in self.in_use():
             if self._stop.is_set():
                 return
             started = time.monotonic()
@@ -424,19 +532,12 @@ class ModelRegistry:
                 if self._stop.is_set():
                     return
                 self.try_load(name, reason="production pointer moved")
-            self._refresh_ensemble()
-
-    def _refresh_ensemble(self) -> None:
-        """Pick up a recalibrated ensemble threshold even when no member version moved."""
-        with self._swap_lock:
-            ensemble = self._compute_ensemble(self._models)
-            if ensemble != self._ensemble:
-                self._ensemble = ensemble
+            self.update_ensemble()  # a recalibrated record: new members, versions or threshold
 
     def stop(self) -> None:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=10)  # a load in progress is abandoned
-        for served in self._models.values():
+        for served in self.in_use():
             served.retire()
         self.decoder.shutdown()

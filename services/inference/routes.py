@@ -72,21 +72,26 @@ async def healthz() -> Health:
 @router.get("/readyz", response_model=Readiness, tags=["operations"], dependencies=[PUBLIC],
             responses={503: {"model": ErrorResponse, "description": "Models still loading"}})
 async def readyz(registry: RegistryDep) -> Any:
-    """200 once every configured model is loaded and warmed up, else 503 naming what is missing."""
+    """200 once every configured model is loaded and warmed up, and the ensemble's pinned member
+    versions have been loaded (it is the default model), else 503 naming what is missing. A
+    pinned version that cannot be loaded does not hold readiness back: the single models
+    answer, the ensemble answers 503 `ensemble_unavailable` with the reason (GET /models)."""
     if not registry.is_ready():
         missing = registry.missing()
         state = "loading" if not registry.loading_done.is_set() else "failed to load"
         details = "; ".join(f"{n}: {registry.errors[n]}" for n in missing if n in registry.errors)
         message = f"not ready: {', '.join(missing) or 'models'} {state}" + (f" ({details})" if details else "")
         return error_response(503, "not_ready", message)
-    models = registry.models
+    models, ensemble = registry.models, registry.ensemble
     return Readiness(status="ready", models={n: m.version for n, m in models.items()},
-                     backends={n: m.predictor.backend for n, m in models.items()})
+                     backends={n: m.predictor.backend for n, m in models.items()},
+                     ensemble=dict(ensemble.members) if ensemble is not None else None)
 
 
 @router.get("/models", response_model=ModelsResponse, tags=["models"], dependencies=[API_KEY])
 async def list_models(registry: RegistryDep) -> ModelsResponse:
-    """The loaded models (version, input size, threshold, card metrics) and the ensemble."""
+    """The loaded models (version, input size, threshold, card metrics) and the ensemble: its
+    pinned member versions, members whose production has moved on, and the models it leaves out."""
     models = [
         ModelInfo(name=name, version=served.version, input_size=served.input_size, threshold=served.threshold,
                   init=served.card.init, metrics=served.card.metrics, backend=served.predictor.backend,
@@ -96,13 +101,16 @@ async def list_models(registry: RegistryDep) -> ModelsResponse:
                   calibration=served.calibration.method if served.calibration.method != "identity" else None,
                   indeterminate_band=served.band, input_gate=served.gate is not None)
         for name, served in registry.models.items()]
-    ensemble = registry.ensemble
+    ensemble, served = registry.ensemble, registry.models
     return ModelsResponse(
         models=models,
         ensemble=None if ensemble is None else EnsembleModelInfo(
             members=ensemble.members, threshold=ensemble.threshold, threshold_source=ensemble.threshold_source,
             indeterminate_band=ensemble.band, calibrated_at=ensemble.calibrated_at,
-            calibration=ensemble.calibration.method if ensemble.calibration.method != "identity" else None),
+            calibration=ensemble.calibration.method if ensemble.calibration.method != "identity" else None,
+            awaiting_recalibration={n: served[n].version for n, v in ensemble.members.items()
+                                    if n in served and served[n].version != v},
+            members_rule=ensemble.members_rule, excluded=ensemble.excluded),
         ensemble_error=registry.ensemble_error if ensemble is None else None,
         missing=registry.missing(),
         errors=dict(registry.errors),

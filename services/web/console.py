@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from ctscan.errors import CTScanError, StoreError
-from ctscan.storage.records import JobRecord, ModelCard
+from ctscan.storage.records import EnsembleRecord, JobRecord, ModelCard
 from ctscan.storage.store import ModelStore, open_store
 
 ACTIVE_STATES = ("queued", "running")
@@ -123,7 +123,7 @@ PROMOTE_HINT = ("It stays a candidate; the model table below can promote it afte
 def promotion_consequences(store: ModelStore, name: str, version: str) -> list[str]:
     """What promoting `version` of `name` changes for the clinicians, in words the console
     shows before it asks for confirmation. Raises StoreError for an unknown version."""
-    from ctscan.publishing import balanced_accuracy
+    from ctscan.publishing import below_floors
     from ctscan.settings import PromotionSettings
 
     card = store.card(name, version)
@@ -134,21 +134,27 @@ def promotion_consequences(store: ModelStore, name: str, version: str) -> list[s
     auc = val.get("auc")
     words.append(f"Clinicians who choose {name} get answers from version {version} instead of {now}"
                  + (f" (val AUC {auc:.3f})." if auc is not None else "."))
-    floors = PromotionSettings()
-    balanced = balanced_accuracy(val)
-    below = []
-    if auc is not None and auc < floors.min_auc:
-        below.append(f"val AUC {auc:.3f} < {floors.min_auc:.2f}")
-    if balanced is not None and balanced < floors.min_balanced_accuracy:
-        below.append(f"val balanced accuracy {balanced:.3f} < {floors.min_balanced_accuracy:.2f}")
-    if below:
-        words.append("It is below the promotion floors (" + "; ".join(below) + "): the gate would not serve it.")
+    failure = below_floors(card, PromotionSettings())  # the gate's own rule, worst val source
+    if failure:
+        words.append(f"It is below the promotion floors ({failure}): the gate would not serve it.")
     record = store.ensemble_record()
     if record is not None and name in record.members and record.members[name] != version:
-        words.append("The ensemble (the page's default) is switched off from the next reload until it is "
-                     "recalibrated on val for the new versions: run ctscan models calibrate-ensemble. Until "
-                     "then clinicians who choose it are told so and offered the single models.")
+        words.append(f"The ensemble (the page's default) keeps serving {name} {record.members[name]}, the version "
+                     "its threshold was calibrated for on val, so clinicians who choose it get the same answers as "
+                     f"before. It uses {version} only once it is recalibrated: run ctscan models calibrate-ensemble.")
+    elif record is not None and (left_out := (record.excluded or {}).get(name)):
+        words.append(f"The ensemble (the page's default) does not combine {name} ({left_out}); it stays as it "
+                     "is until it is recalibrated.")
     return words
+
+
+def ensemble_behind(record: EnsembleRecord | None, production: dict[str, str]) -> dict[str, dict[str, str]]:
+    """The ensemble's members whose production version has moved on: name -> the version the
+    ensemble keeps serving (pinned) and the production version it does not use yet."""
+    if record is None:
+        return {}
+    return {name: {"pinned": pinned, "production": production[name]} for name, pinned in record.members.items()
+            if production.get(name) and production[name] != pinned}
 
 
 def promotion_note(job: dict[str, Any]) -> str | None:

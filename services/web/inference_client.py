@@ -42,14 +42,15 @@ class InferenceUnavailableError(InferenceError):
 
 
 class EnsembleUnavailableError(InferenceUnavailableError):
-    """The ensemble is switched off until it is recalibrated; the single models answer."""
+    """The ensemble is not served (no calibration, or a version it pins cannot be loaded);
+    the single models answer."""
 
 
 ENSEMBLE_UNAVAILABLE_MESSAGE = (
-    "The combined analysis of all models (the ensemble) is switched off for now: one of its "
-    "models was updated, and the ensemble is only used again once it has been re-checked on "
-    "validation data. Trying again will not help until then. Please choose a single model "
-    "and analyse the image again; an administrator can switch the ensemble back on.")
+    "The combined analysis of all models (the ensemble) is switched off for now: it has not "
+    "been checked on validation data for the models it would combine, or one of them cannot be "
+    "loaded. Trying again will not help until an administrator fixes it. Please choose a single "
+    "model and analyse the image again.")
 
 
 class InferenceTimeoutError(InferenceError):

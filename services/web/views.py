@@ -24,6 +24,7 @@ from services.web.auth import Access, Body, allow
 from services.web.console import (
     QUEUE_ERRORS,
     STORE_ERRORS,
+    ensemble_behind,
     form_words,
     input_size_problem,
     job_summary,
@@ -252,11 +253,11 @@ def console() -> RouteResult:
     jobs, jobs_error = _jobs_view()
     models, ensemble, models_error = _models_view()
     production = {m["name"]: m["production"] for m in models if m["production"]}
-    stale = production if ensemble is not None and production and ensemble.members != production else None
     return render_template(
         "admin.html", queue_form=queue_form, action_form=ActionForm(), jobs=jobs, jobs_error=jobs_error,
         dataset_versions=dataset_versions,
-        models=models, ensemble=ensemble, ensemble_stale=stale, models_error=models_error,
+        models=models, ensemble=ensemble, ensemble_behind=ensemble_behind(ensemble, production),
+        models_error=models_error,
         can_queue=settings.admin.token() is not None,
     )
 

@@ -1,6 +1,6 @@
 """`ctscan models promote` of an ensemble member fits the ensemble again on val in the same
-step, so the clinicians' default keeps answering; `--no-recalibrate` leaves it switched off
-and says so."""
+step, so the clinicians' default uses the new version at once; with `--no-recalibrate` the
+ensemble keeps serving the versions it was calibrated for, and the admin is told so."""
 
 from __future__ import annotations
 
@@ -38,15 +38,20 @@ def test_promoting_a_member_recalibrates_the_ensemble_in_the_same_step(tiny_mode
     done = ctscan("models", "promote", "mobilenetv2", version, "--store", str(store_path), "--data", str(data_dir),
                   env=env)
     assert done.returncode == 0, done.stderr
-    assert "ensemble recalibrated on val" in done.stdout
+    assert "ensemble recalibrated on val" in done.stdout and f"mobilenetv2 {version}" in done.stdout
     record = open_store(store_path).ensemble_record()
     assert record is not None and record.members["mobilenetv2"] == version
+    # The fixture's record named its members explicitly: the same members are fitted again.
+    assert record.members_rule == "explicit" and set(record.members) == {"mobilenetv2", "densenet121", "inceptionv3"}
 
     # Asked not to: production moves, the ensemble stays on the old versions and the admin is told.
     second = _new_member_version(store_path, "mobilenetv2")
     left = ctscan("models", "promote", "mobilenetv2", second, "--store", str(store_path), "--no-recalibrate",
                   env=env)
-    assert left.returncode == 0 and "switched off until `ctscan models calibrate-ensemble`" in left.stderr
+    assert left.returncode == 0, left.stderr
+    assert "the ensemble keeps serving the versions it was calibrated for (densenet121" in left.stderr
+    assert f"mobilenetv2 {version}" in left.stderr and f"mobilenetv2 alone answers with {second}" in left.stderr
+    assert "ctscan models calibrate-ensemble" in left.stderr
     store = open_store(store_path)
     assert store.production("mobilenetv2") == second and store.ensemble_record().members["mobilenetv2"] == version
 

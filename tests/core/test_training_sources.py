@@ -91,7 +91,7 @@ def test_the_ensemble_is_calibrated_on_the_val_splits_of_several_sources(
 
     copy = shutil.copytree(tiny_model_store, tmp_path / "store")  # the shared fixture keeps its record
     record = calibrate_ensemble(store=open_store(copy), data_dir=str(data_dir), extra_data_dirs=[str(radiopaedia_dir)],
-                                limit_per_class=3)
+                                limit_per_class=3, members=open_store(copy).list_models())
     assert set(record.metrics["val_sources"]) == {"ucsd-covid-ct", "radiopaedia-covid-seg"}
     assert record.metrics["val"]["confusion_matrix"] is not None
     assert sum(sum(map(sum, m["confusion_matrix"])) for m in record.metrics["val_sources"].values()) == 12

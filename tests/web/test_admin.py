@@ -428,23 +428,42 @@ def test_a_finished_run_shows_its_versions_metrics_and_why_it_was_not_promoted(
     assert all(value in version_row for value in ("0.517", "0.095", "0.484"))
 
 
-def test_a_promotion_that_changes_an_ensemble_member_is_shown_as_such(client: FlaskClient, store: ModelStore) -> None:
+def test_a_promotion_of_an_ensemble_member_leaves_the_ensemble_on_its_pinned_version(
+        client: FlaskClient, store: ModelStore) -> None:
+    excluded = "val AUC 0.612 (worst val source: sirm-covid-ct) is below the promotion floor 0.700"
     store.save_ensemble_record({"members": {"mobilenetv2": "20260101T000000Z-aaaa"}, "threshold": 0.47,
-                                "threshold_rule": "youden", "created_at": "2026-01-01T00:00:00+00:00"})
+                                "threshold_rule": "youden", "created_at": "2026-01-01T00:00:00+00:00",
+                                "members_rule": "floors", "excluded": {"densenet121": excluded}})
     login(client)
     html = client.get("/admin").get_data(as_text=True)
-    assert "calibrated on val for" in html and 'id="ensemble-stale"' not in html
+    assert "calibrated on val for" in html and 'id="ensemble-pinned"' not in html and 'id="ensemble-stale"' not in html
+    # The page says how the members were chosen and which model is left out, and why.
+    assert "clear the promotion floors on every val source" in html
+    left_out = html[html.index('id="ensemble-excluded"'):]
+    assert f"densenet121 ({excluded})" in left_out[:left_out.index("</ul>")]
     confirm = client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": console_token(client),
                                                                      "version": "20260102T000000Z-aaaa"})
     consequences = confirm.get_data(as_text=True)
     consequences = consequences[consequences.index('id="consequences"'):consequences.index("</ul>")]
-    # The admin is told, before confirming, that the clinicians' default goes away until recalibrated.
-    assert "The ensemble (the page&#39;s default) is switched off" in consequences
-    assert "ctscan models calibrate-ensemble" in consequences and "offered the single models" in consequences
+    # The admin is told, before confirming, that the clinicians' default keeps its calibrated version.
+    assert "keeps serving mobilenetv2 20260101T000000Z-aaaa" in consequences
+    assert "It uses 20260102T000000Z-aaaa only once it is recalibrated" in consequences
+    assert "ctscan models calibrate-ensemble" in consequences and "switched off" not in consequences
     client.post("/admin/models/mobilenetv2/promote", data={"csrf_token": console_token(client), "confirm": "yes",
                                                            "version": "20260102T000000Z-aaaa"})
+    assert store.production("mobilenetv2") == "20260102T000000Z-aaaa"
+    html = client.get("/admin").get_data(as_text=True)
+    assert 'id="ensemble-stale"' not in html and "not served" not in html
+    pinned = html[html.index('id="ensemble-pinned"'):]
+    pinned = pinned[:pinned.index("</div>")]
+    assert ("The ensemble keeps serving mobilenetv2 <code>20260101T000000Z-aaaa</code> (production is now "
+            "<code>20260102T000000Z-aaaa</code>)") in pinned
+    assert "needs recalibration" in pinned and "ctscan models calibrate-ensemble" in pinned
+
+
+def test_a_store_without_an_ensemble_record_is_told_the_ensemble_is_not_served(
+        client: FlaskClient, store: ModelStore) -> None:
+    login(client)
     html = client.get("/admin").get_data(as_text=True)
     stale = html[html.index('id="ensemble-stale"'):]
-    stale = stale[:stale.index("</div>")]
-    assert "The ensemble is not served" in stale and "20260102T000000Z-aaaa" in stale
-    assert "ctscan models calibrate-ensemble" in stale
+    assert "has no calibration and is not served" in stale[:stale.index("</div>")]
