@@ -118,7 +118,10 @@ def served_models(store_url: str, images_dir: str) -> tuple[Any, dict[str, Any],
     store = open_store(store_url)
     registry = ModelRegistry(settings=settings, store=store, metrics=InferenceMetrics())
     entries = {name: registry.load_version(name, store.production(name), warm_explainer=False) for name in MODELS}
-    return registry, entries, registry._compute_ensemble(entries)
+    for served in entries.values():
+        registry._install(served)
+    registry.update_ensemble(warm_explainer=False)  # its pinned versions, as the service serves them
+    return registry, entries, registry.ensemble
 
 
 def screen_upload(data: bytes, entries: list[Any]) -> Any:
@@ -185,7 +188,7 @@ def in_process(store_url: str, images: list[bytes], *, quick: bool, images_dir: 
     results: dict[str, Any] = {}
     try:
         for name in (*MODELS, "ensemble"):
-            entries = list(served.values()) if name == "ensemble" else [served[name]]
+            entries = list(ensemble.entries) if name == "ensemble" else [served[name]]
             rule = ensemble_rule(ensemble) if name == "ensemble" else None
             forward = [batch_outputs(entry) for entry in entries]
             decode_ms = [1000 * _time_call(lambda data, entries=entries: screen_upload(data, entries), data, repeats)
@@ -213,9 +216,9 @@ def in_process(store_url: str, images: list[bytes], *, quick: bool, images_dir: 
                 "pipeline_images_per_s": pipeline_images_per_s(entries, forward, images, best, pipeline_total, rule),
             }
         if study_slices is not None:
-            results["study"] = in_process_limit(list(served.values()), study_slices, rule=ensemble_rule(ensemble))
+            results["study"] = in_process_limit(list(ensemble.entries), study_slices, rule=ensemble_rule(ensemble))
     finally:
-        for entry in served.values():
+        for entry in registry.in_use():  # production's and any pinned for the ensemble alone
             entry.batcher.close()
         if hasattr(registry, "decoder"):  # (a service before the bounded decode pool has none)
             registry.decoder.shutdown()

@@ -221,7 +221,8 @@ def contract_server() -> Iterator[ContractServer]:
             errors = {"reject415": (415, "unsupported_image", "cannot decode image"),
                       "reject413": (413, "too_large", "upload too large"),
                       "notready": (503, "not_ready", "models are loading"),
-                      "ensemble_off": (503, "ensemble_unavailable", "the ensemble was calibrated for other versions"),
+                      "ensemble_off": (503, "ensemble_unavailable",
+                                       "the ensemble's member densenet121 version v0 cannot be loaded"),
                       "error500": (500, "internal", "boom")}
             if state.mode == "unauthorised":  # what the real service answers a wrong key
                 self._send(401, {"error": {"code": "unauthorised", "message": "this API key is not valid"}},
