@@ -39,8 +39,8 @@ def guarded(release: ModelStore) -> list[str]:
 
 @pytest.fixture(scope="module")
 def predictor(release: ModelStore) -> Predictor:
-    # All production models, as served (the ensemble is calibrated for exactly these); the
-    # tests look at the guarded ones.
+    # All production models, as served (the ensemble: the member versions its record pins);
+    # the tests look at the guarded ones.
     return Predictor.from_store(release, ensemble_members())
 
 
