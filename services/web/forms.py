@@ -25,13 +25,12 @@ from wtforms.validators import (  # type: ignore[import-untyped]
 
 from ctscan.models import ARCHITECTURES, FASTEST_ARCHITECTURE, architecture_names, ensemble_members
 
-_COUNTS = {2: "two", 3: "three", 4: "four", 5: "five"}
-
 
 def model_labels() -> dict[str, str]:
-    """"ensemble" and every architecture, as the page names them (from the registry)."""
-    count = len(ensemble_members())
-    return {"ensemble": f"Ensemble (all {_COUNTS.get(count, str(count))} models)",
+    """"ensemble" and every architecture, as the page names them (from the registry). The
+    ensemble combines the members its calibration pins, which may be fewer than the models
+    offered, so its label names no count; each answer lists the members it combined."""
+    return {"ensemble": "Calibrated ensemble",
             **{name: spec.label for name, spec in ARCHITECTURES.items()}}
 
 

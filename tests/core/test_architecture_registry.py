@@ -65,7 +65,7 @@ def test_a_registered_architecture_is_built_stored_and_offered(toy_architecture:
 
     # Configuration, the page and the command line know it without being told elsewhere.
     assert InferenceSettings(models=["toynet", "mobilenetv2"]).models == ["toynet", "mobilenetv2"]
-    assert model_labels()["toynet"] == "ToyNet" and model_labels()["ensemble"] == "Ensemble (all four models)"
+    assert model_labels()["toynet"] == "ToyNet" and model_labels()["ensemble"] == "Calibrated ensemble"
     assert "toynet" in _subcommand_help("train")
 
 

@@ -32,7 +32,7 @@ def test_the_new_architecture_is_offered_for_training_but_not_shipped() -> None:
     assert InferenceSettings().models == list(ensemble_members())
     # The console's job form and the trainer check it like any other; the clinic's picker does
     # not offer a model the service does not serve by default.
-    assert model_labels()[NEW] == "EfficientNet-B0" and model_labels()["ensemble"] == "Ensemble (all three models)"
+    assert model_labels()[NEW] == "EfficientNet-B0" and model_labels()["ensemble"] == "Calibrated ensemble"
     assert NEW not in {choice.value for choice in prediction_choices()}
     assert checked_hyperparameters(model=NEW, epochs=1, values={"input_size": 32}) == {"input_size": 32}
     assert get_spec(NEW).min_input_size == 32
