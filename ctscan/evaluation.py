@@ -9,6 +9,7 @@ chosen on the split reported.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -118,16 +119,27 @@ class MemberChoice:
 
 
 def choose_members(store: ModelStore, *, members: list[str] | None = None,
-                   floors: PromotionSettings | None = None) -> MemberChoice:
+                   floors: PromotionSettings | None = None,
+                   measured: Mapping[str, ModelCard] | None = None) -> MemberChoice:
     """The ensemble's members: `members` when given (explicit, an admin's override of the
     floors), else every production model that clears the promotion floors on every val
-    source (`ctscan.publishing.below_floors`, the gate's own rule). Raises
+    source (`ctscan.publishing.below_floors`, the gate's own rule), both as its card says and,
+    with `measured` (its card with val metrics measured on those of the ensemble's val sources
+    its card has no numbers for), there too: a model validated on one source only cannot
+    clear the floors by never having been judged on the others. Raises
     NoEnsembleMembersError naming each model's failure when none does."""
     from ctscan.publishing import below_floors
 
     production = _resolve_models(store, "all")
-    failures = {name: reason for name in production
-                if (reason := below_floors(store.card(name, str(store.production(name))), floors)) is not None}
+
+    def failure(name: str) -> str | None:
+        reason = below_floors(store.card(name, str(store.production(name))), floors)
+        if reason is None and measured is not None and name in measured:
+            reason = below_floors(measured[name], floors)
+            reason = None if reason is None else f"on the ensemble's val sources, {reason}"
+        return reason
+
+    failures = {name: reason for name in production if (reason := failure(name)) is not None}
     if members:
         chosen = _resolve_models(store, list(dict.fromkeys(members)))
         left_out = {name: "not among the explicit members (--members)" + (f"; {failures[name]}" if name in failures
@@ -157,13 +169,16 @@ def calibrate_ensemble(
     One member is allowed: the ensemble is then that model with its own val calibration."""
     from ctscan.training import combined_fingerprint
 
-    choice = choose_members(store, members=members, floors=floors)
-    names = choice.members
     datasets = [CTDataset(folder) for folder in [data_dir, *(extra_data_dirs or [])]]
     samples = [s for dataset in datasets for s in _subset(dataset.split("val"), limit_per_class, 42)]
     dataset = datasets[0]
-    split = predict_split(store, names, samples)
+    candidates = list(dict.fromkeys([*_resolve_models(store, "all"), *(members or [])]))
+    split = predict_split(store, candidates, samples)
     targets = split.targets
+    measured = {name: card for name in candidates
+                if (card := _measured_on_unseen_sources(split, name, datasets)) is not None}
+    choice = choose_members(store, members=members, floors=floors, measured=measured)
+    names = choice.members
     mean = np.mean([split.calibrated[n] for n in names], axis=0)
     calibration, comparison = fit_calibration(mean, targets)
     probabilities = calibration.apply(mean)
@@ -187,6 +202,24 @@ def calibrate_ensemble(
     )
     store.save_ensemble_record(record)
     return record
+
+
+def _measured_on_unseen_sources(split: SplitPredictions, name: str, datasets: list[CTDataset]) -> ModelCard | None:
+    """`name`'s card with its val metrics measured on those of the ensemble's val sources its
+    card has no numbers for (a model trained and validated on UCSD alone has never been judged
+    on Radiopaedia val); None when its card covers them all. Its own threshold and calibration."""
+    card = split.cards[name]
+    recorded = card.dataset or {}
+    seen = {recorded.get("fingerprint")} | {s.get("fingerprint") for s in recorded.get("sources") or []}
+    unseen = {d.name for d in datasets if d.fingerprint() not in seen}
+    chosen = np.array([s.source in unseen for s in split.samples])
+    if not chosen.any():
+        return None
+    samples = [s for s, keep in zip(split.samples, chosen, strict=True) if keep]
+    targets, probabilities = split.targets[chosen], split.calibrated[name][chosen]
+    return card.model_copy(update={"metrics": {
+        "val": full_report(targets, probabilities, card.threshold),
+        **_by_source(samples, targets, probabilities, card.threshold)}})
 
 
 def _by_source(samples: list[Sample], targets: np.ndarray, probabilities: np.ndarray,

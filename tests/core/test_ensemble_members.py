@@ -110,3 +110,20 @@ def test_without_a_model_clearing_the_floors_the_ensemble_is_refused_naming_each
     assert "mobilenetv2" in message and "inceptionv3" in message and "val AUC 0.900" in message
     assert "--members" in message
     assert open_store(store_path).ensemble_record() == before  # nothing written
+
+
+def test_a_model_never_judged_on_a_val_source_is_measured_there_before_it_joins(
+        store_path: Path, data_dir: Path, radiopaedia_dir: Path) -> None:
+    # The cards of mobilenetv2 and inceptionv3 clear the floors on UCSD val, the only source they
+    # were validated on; the ensemble is calibrated on Radiopaedia val too, where these tiny
+    # networks (no classifiers) are measured and fall below the floors.
+    before = open_store(store_path).ensemble_record()
+    refused = ctscan("models", "calibrate-ensemble", "--store", str(store_path), "--data", str(data_dir),
+                     "--data", str(radiopaedia_dir))
+    assert refused.returncode == 2, refused.stderr
+    message = refused.stderr.strip()
+    for name in ("mobilenetv2", "inceptionv3"):
+        assert f"{name} " in message
+    assert message.count("on the ensemble's val sources, val") == 2, message
+    assert "(worst val source: sirm-covid-ct)" in message  # densenet121: its own card's failure
+    assert open_store(store_path).ensemble_record() == before
