@@ -179,7 +179,7 @@ def _print_lesions(lesions: dict[str, Any]) -> None:
 
 # --- audit --------------------------------------------------------------------------------
 def cmd_audit(args: argparse.Namespace) -> int:
-    from ctscan.audit import audit_dataset
+    from ctscan.data.shortcut_audit import audit_dataset
 
     report = audit_dataset(_data_dir(args), preprocessing=args.preprocessing,
                            splits=args.split or None, resamples=args.resamples)
@@ -301,7 +301,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 # --- data ---------------------------------------------------------------------------------
 def cmd_data_verify(args: argparse.Namespace) -> int:
-    from ctscan.data import CTDataset
+    from ctscan.data.dataset import CTDataset
 
     dataset = CTDataset(args.dir)
     checked = dataset.verify_checksums()
@@ -311,7 +311,7 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_data_download(args: argparse.Namespace) -> int:
-    from ctscan.download import download_dataset
+    from ctscan.data.download import download_dataset
 
     result = download_dataset(Path(args.dest), base_url=args.base_url)
     print(json.dumps(result, indent=2))
@@ -319,7 +319,7 @@ def cmd_data_download(args: argparse.Namespace) -> int:
 
 
 def cmd_data_upload(args: argparse.Namespace) -> int:
-    from ctscan.datasets import upload_dataset
+    from ctscan.data.versions import upload_dataset
 
     manifest = upload_dataset(Path(args.dir), args.url, version=args.version)
     print(json.dumps(manifest.model_dump(mode="json"), indent=2))
@@ -367,7 +367,7 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
     affected, members = _recalibration(ensemble, args.name, args.version)
     recalibrate = affected and not args.no_recalibrate
     if recalibrate:
-        from ctscan.data import CTDataset
+        from ctscan.data.dataset import CTDataset
 
         CTDataset(_data_dir(args))  # a missing or broken data set fails before anything changes
     store.promote(args.name, args.version, reason="promoted by an admin")
@@ -446,7 +446,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ctscan.data import AUGMENTATIONS
+    from ctscan.data.dataset import AUGMENTATIONS
     from ctscan.imaging.preprocessing import DEFAULT_PREPROCESSING, PREPROCESSORS
     from ctscan.metrics import THRESHOLD_RULES
     from ctscan.models import architecture_names

@@ -20,7 +20,7 @@ import numpy as np
 
 from ctscan import DISCLAIMER
 from ctscan.calibration import Calibration, calibration_metrics, fit_calibration, reliability_plot
-from ctscan.data import CTDataset, Sample, decode_sample
+from ctscan.data.dataset import CTDataset, Sample, decode_sample
 from ctscan.decision import DEFAULT_BAND, choose_band
 from ctscan.errors import CTScanError, StoreError
 from ctscan.gradcam import make_gradcam
@@ -391,7 +391,7 @@ def baseline_sources(store: ModelStore, names: list[str]) -> list[str]:
 def fit_histogram_baseline(folders: list[str]) -> Any:
     """The lung-histogram logistic regression on the train splits of `folders`, each slice
     weighted like the networks' (classes balanced within each source, sources alike)."""
-    from ctscan.data import source_weights
+    from ctscan.data.dataset import source_weights
     from ctscan.lesion_metrics import HistogramBaseline, histogram_features, prepared_for_baselines
 
     samples = [s for folder in folders for s in CTDataset(folder).split("train")]

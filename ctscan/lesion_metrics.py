@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ctscan.data import CTDataset, Sample
+from ctscan.data.dataset import CTDataset, Sample
 from ctscan.imaging.preprocessing import LUNG_V1, PreparedSlice
 
 SLICE_TABLE = "labels.csv"
@@ -234,7 +234,7 @@ def segmentation_report(dataset: CTDataset, split: str | None = None) -> dict[st
     when the data set has no masks."""
     from PIL import Image
 
-    from ctscan.data import decode_sample
+    from ctscan.data.dataset import decode_sample
     from ctscan.imaging.preprocessing import lung_masks
 
     folder = dataset.root / MASK_FOLDER

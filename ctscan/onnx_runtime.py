@@ -296,7 +296,7 @@ def smoke_test(predict: Predict, images: np.ndarray, *, tolerance: float) -> str
 def load_verification_images(folder: Path, count: int) -> list[np.ndarray]:
     """Up to `count` real CT slices (greyscale, both classes, val split of a dataset folder;
     else any PNG/JPEG in the folder); empty when there are none."""
-    from ctscan.data import CTDataset
+    from ctscan.data.dataset import CTDataset
     from ctscan.imaging.decoding import decode_image
 
     paths: list[Path] = []

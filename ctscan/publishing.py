@@ -291,7 +291,7 @@ def export_missing_onnx(store: ModelStore, *, data_dir: Path, models: list[str] 
     if not todo:
         return result  # nothing to convert: TensorFlow is not even imported
 
-    from ctscan.data import CTDataset
+    from ctscan.data.dataset import CTDataset
     from ctscan.errors import DataError
     from ctscan.imaging.decoding import resize_for_model
     from ctscan.models import load_keras_model

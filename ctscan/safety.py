@@ -85,7 +85,7 @@ def safety_report(*, store: Any, data_dirs: dict[str, tuple[str, str]], models: 
                   foreign: bool = True) -> dict[str, Any]:
     """Outcome shares of each served model (and the ensemble, when it can be served) on each
     named data set's split (`{"ucsd-test": (folder, "test")}`) and on non-CT inputs."""
-    from ctscan.data import CTDataset
+    from ctscan.data.dataset import CTDataset
     from ctscan.errors import CTScanError
     from ctscan.evaluation import decode_samples
     from ctscan.models import ENSEMBLE

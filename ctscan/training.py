@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ctscan import DISCLAIMER
-from ctscan.data import (
+from ctscan.data.dataset import (
     AUGMENTATIONS,
     CTDataset,
     LoadedSplit,

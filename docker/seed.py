@@ -60,7 +60,7 @@ def main() -> int:
     dataset = Path(os.environ.get("CTSCAN_SEED_DATASET_DIR", "/dataset"))
     datasets_url = os.environ.get("CTSCAN_DATASETS_URL", "")
     if (dataset / "split.csv").is_file() and datasets_url:
-        from ctscan.datasets import publish_once
+        from ctscan.data.versions import publish_once
         from ctscan.errors import CTScanError
 
         name = os.environ.get("CTSCAN_SEED_DATASET_NAME") or "ucsd-covid-ct"

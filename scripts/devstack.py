@@ -388,7 +388,7 @@ def register_local_key(env: dict[str, str]) -> None:
 
 def publish_dataset(env: dict[str, str]) -> None:
     """Publish the local data set once, so the console's queue form has a version to offer."""
-    from ctscan.datasets import publish_once
+    from ctscan.data.versions import publish_once
     from ctscan.errors import CTScanError
     from ctscan.settings import get_core_settings
 

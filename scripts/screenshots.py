@@ -71,7 +71,7 @@ def main() -> int:
     from PIL import Image
     from playwright.sync_api import sync_playwright
 
-    from ctscan.data import CTDataset
+    from ctscan.data.dataset import CTDataset
 
     work = Path(tempfile.mkdtemp(prefix="ctscan-shots-"))
     api_port, web_port = free_port(), free_port()

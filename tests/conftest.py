@@ -112,7 +112,7 @@ def ctmd_slices(ctmd_dir: Path) -> dict[str, list[dict[str, str]]]:
 @pytest.fixture(scope="session")
 def real_ct_images(data_dir: Path) -> dict[str, Path]:
     """A few real test-split images of each class and file mode."""
-    from ctscan.data import CTDataset
+    from ctscan.data.dataset import CTDataset
 
     dataset = CTDataset(data_dir)
     chosen: dict[str, Path] = {}
@@ -144,7 +144,7 @@ def tiny_model_store(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -
     metrics and threshold are measured on real val images. None is a useful classifier."""
     import numpy as np
 
-    from ctscan.data import CTDataset, load_arrays
+    from ctscan.data.dataset import CTDataset, load_arrays
     from ctscan.evaluation import calibrate_ensemble
     from ctscan.metrics import choose_threshold, full_report
     from ctscan.models import build_model, pack_weights

@@ -2,7 +2,7 @@
 
 Everything the project keeps (model versions, ONNX copies, datasets, job records,
 checkpoints) goes through `ObjectStore`; the typed repositories (`ctscan.storage.store`,
-`ctscan.datasets`, `ctscan.storage.job_records`) sit on top and never look at a URL themselves.
+`ctscan.data.versions`, `ctscan.storage.job_records`) sit on top and never look at a URL themselves.
 `open_objects(url)` is the one place that turns a URL into a backend, by its scheme:
 
     s3://bucket/prefix        ctscan.storage.s3store.S3ObjectStore (registered below, imported lazily)

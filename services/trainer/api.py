@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ctscan.access.admin_credential import AdminCredentialError, AdminVerifier
-from ctscan.datasets import open_dataset
+from ctscan.data.versions import open_dataset
 from ctscan.errors import CTScanError, DataError
 from ctscan.hyperparameters import HyperParameterError, checked_hyperparameters, estimated_data_bytes
 from ctscan.models import get_spec, parse_init

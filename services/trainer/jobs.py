@@ -24,7 +24,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ctscan.datasets import fetch_dataset
+from ctscan.data.versions import fetch_dataset
 from ctscan.errors import CTScanError, StoreError
 from ctscan.hyperparameters import checked_hyperparameters
 from ctscan.settings import TrainerSettings

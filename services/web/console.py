@@ -63,7 +63,7 @@ def default_store(url: str) -> ModelStore:
 
 def published_dataset_versions(*, datasets_url: str, dataset: str) -> list[str]:
     """Published versions of `dataset`, newest last; empty when none or unreadable."""
-    from ctscan.datasets import list_dataset_versions
+    from ctscan.data.versions import list_dataset_versions
 
     try:
         return sorted(list_dataset_versions(datasets_url, dataset))

@@ -160,7 +160,7 @@ def test_wrong_input_ends_with_one_clear_line(data_dir: Path, tmp_path: Path) ->
 def test_a_failed_run_leaves_the_store_untouched(data_dir: Path, tmp_path: Path) -> None:
     import shutil
 
-    from ctscan.data import CTDataset
+    from ctscan.data.dataset import CTDataset
 
     store = tmp_path / "store"
     saved_versions(store, "mobilenetv2", 1)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctscan.data import CTDataset, class_weights, load_arrays, make_pipeline
+from ctscan.data.dataset import CTDataset, class_weights, load_arrays, make_pipeline
 from ctscan.errors import ChecksumError, DataError
 from ctscan.imaging.preprocessing import LEGACY
 

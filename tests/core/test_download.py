@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from ctscan.data import CTDataset
-from ctscan.download import download_dataset
+from ctscan.data.dataset import CTDataset
+from ctscan.data.download import download_dataset
 from ctscan.errors import DataError
 
 

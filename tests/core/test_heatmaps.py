@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ctscan.data import CTDataset
+from ctscan.data.dataset import CTDataset
 from ctscan.gradcam import MIN_HEATMAP_SIDE
 from ctscan.imaging.decoding import DecodedImage, decode_image
 from ctscan.imaging.preprocessing import LUNG_V1, get_preprocessor, prepare

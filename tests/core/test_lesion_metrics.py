@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctscan.data import CTDataset
+from ctscan.data.dataset import CTDataset
 from ctscan.lesion_metrics import (
     LesionSet,
     density_score,
@@ -79,7 +79,7 @@ def test_ctmd_within_study_adds_the_covid_study_s_clean_slices(ctmd_dir: Path) -
 
 
 def test_the_untrained_density_score_ranks_radiopaedia_val_slices(radiopaedia_dir: Path) -> None:
-    from ctscan.data import load_prepared
+    from ctscan.data.dataset import load_prepared
 
     samples = CTDataset(radiopaedia_dir).split("val")
     scores = np.array([density_score(load_prepared(s, "lung-v1")) for s in samples])

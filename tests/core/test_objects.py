@@ -107,7 +107,7 @@ CARD = {"architecture": "mobilenetv2", "input_size": 32, "threshold": 0.5, "metr
 
 def test_a_registered_backend_serves_every_repository(memory_backend: None, tmp_path: Path,
                                                       data_dir: Path) -> None:
-    from ctscan.datasets import list_dataset_versions, upload_dataset
+    from ctscan.data.versions import list_dataset_versions, upload_dataset
     from ctscan.storage.job_records import JobRecords, new_job_id, now
     from ctscan.storage.records import JobRecord
     from ctscan.storage.store import open_store
@@ -136,7 +136,7 @@ def test_a_registered_backend_serves_every_repository(memory_backend: None, tmp_
     import hashlib
     import shutil
 
-    from ctscan.data import CTDataset
+    from ctscan.data.dataset import CTDataset
 
     small = tmp_path / "small"
     rows = []

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from ctscan.data import CTDataset
+from ctscan.data.dataset import CTDataset
 from ctscan.errors import ModelError
 from ctscan.imaging.decoding import decode_image
 from ctscan.imaging.preprocessing import (

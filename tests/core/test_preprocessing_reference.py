@@ -49,7 +49,7 @@ def _enlarged(decoded: DecodedImage) -> DecodedImage:
 
 
 def reference_slices(data_dir: Path, ctmd_dir: Path) -> Iterator[tuple[str, DecodedImage]]:
-    from ctscan.data import CTDataset
+    from ctscan.data.dataset import CTDataset
     from ctscan.safety import generated_patterns, skimage_samples
 
     ucsd = CTDataset(data_dir).split("test")[::3]

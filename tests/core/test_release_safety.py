@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ctscan.calibration import Calibration, calibration_metrics, fit_method
-from ctscan.data import CTDataset
+from ctscan.data.dataset import CTDataset
 from ctscan.decision import INDETERMINATE, REFUSALS
 from ctscan.evaluation import card_band, decode_samples, predict_split
 from ctscan.models import ensemble_members

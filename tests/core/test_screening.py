@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ctscan.data import CTDataset
+from ctscan.data.dataset import CTDataset
 from ctscan.gate import OUTCOME_NOT_CHEST_CT
 from ctscan.imaging.decoding import DecodedImage, decode_image
 from ctscan.imaging.preprocessing import LUNG_V1, prepare

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ctscan.callbacks import selection_auc
-from ctscan.data import source_weights
+from ctscan.data.dataset import source_weights
 from ctscan.errors import CTScanError
 from ctscan.training import TrainConfig
 
@@ -84,7 +84,7 @@ def test_the_ensemble_is_calibrated_on_the_val_splits_of_several_sources(
         tiny_model_store: Path, data_dir: Path, radiopaedia_dir: Path, tmp_path: Path) -> None:
     import shutil
 
-    from ctscan.data import CTDataset
+    from ctscan.data.dataset import CTDataset
     from ctscan.evaluation import calibrate_ensemble
     from ctscan.storage.store import open_store
     from ctscan.training import combined_fingerprint

@@ -124,7 +124,7 @@ def test_the_machines_redis_is_used_in_a_database_and_queue_of_the_stacks_own(
 @pytest.mark.slow  # copies the shipped release and publishes the whole data set
 def test_first_start_says_the_store_was_seeded_and_the_data_set_published(
         tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from ctscan.datasets import list_dataset_versions
+    from ctscan.data.versions import list_dataset_versions
 
     devstack = load_devstack()
     env = {**os.environ, "CTSCAN_MODEL_STORE": str(tmp_path / "store"), "CTSCAN_DATA_DIR": str(data_dir),

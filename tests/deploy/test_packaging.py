@@ -84,7 +84,7 @@ def wheel_web(web_venv: WebVenv, data_dir: Path, private_queue: str,
     """`ctscan serve web` from the wheel's virtual environment, started outside the repository,
     with the real data set published so that the console can queue a job."""
     from ctscan.access.admin_credential import AdminVerifier
-    from ctscan.datasets import publish_once
+    from ctscan.data.versions import publish_once
 
     workdir = tmp_path_factory.mktemp("wheel-web")
     publish_once(data_dir, str(workdir / "datasets"), "ucsd-covid-ct")

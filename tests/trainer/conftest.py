@@ -216,7 +216,7 @@ def _reset_caches() -> None:
 # --- data -------------------------------------------------------------------------------------
 def copy_tiny_dataset(source_dir: Path, root: Path) -> Path:
     """A few real images per class and split of a data set, in its layout with its own SHA256SUMS."""
-    from ctscan.data import LABELS, CTDataset
+    from ctscan.data.dataset import LABELS, CTDataset
 
     per_split = {"train": 6, "val": 4, "test": 2}
     rows = []

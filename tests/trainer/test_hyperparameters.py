@@ -102,7 +102,7 @@ def test_upload_refuses_images_that_do_not_decode(trainer_env: dict[str, str], t
                                                   tmp_path: Path) -> None:
     import hashlib
 
-    from ctscan.datasets import list_dataset_versions, upload_dataset
+    from ctscan.data.versions import list_dataset_versions, upload_dataset
     from ctscan.errors import DataError
 
     broken = tmp_path / "undecodable"

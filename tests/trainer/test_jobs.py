@@ -27,7 +27,7 @@ def _epochs(record: dict[str, Any]) -> list[int]:
 def test_job_runs_from_submission_to_a_promoted_model(
         start_worker: Callable[..., Any], ctscan_cli: Callable[..., Any], published_dataset: tuple[str, str],
         trainer_env: dict[str, str], real_ct_images: dict[str, Path], tmp_path: Path) -> None:
-    from ctscan.data import load_sample_pixels
+    from ctscan.data.dataset import load_sample_pixels
     from ctscan.models import load_keras_model
 
     worker = start_worker()
@@ -60,7 +60,7 @@ def test_job_runs_from_submission_to_a_promoted_model(
     assert record["id"] in [r["id"] for r in json.loads(listed.stdout)]
     model, loaded_card = load_keras_model(store, "mobilenetv2")
     assert loaded_card.version == record["id"]
-    from ctscan.data import LABELS, Sample
+    from ctscan.data.dataset import LABELS, Sample
 
     image = real_ct_images[next(iter(real_ct_images))]
     pixels = load_sample_pixels(Sample(image, image.name, LABELS[0], "test"), 32)

@@ -52,7 +52,7 @@ def test_unreachable_s3_is_one_clear_error(trainer_env: dict[str, str]) -> None:
 
 def test_dataset_upload_is_verified_versioned_and_fetch_detects_tampering(
         trainer_env: dict[str, str], tiny_dataset_dir: Path, tmp_path: Path) -> None:
-    from ctscan.datasets import fetch_dataset, list_dataset_versions, upload_dataset
+    from ctscan.data.versions import fetch_dataset, list_dataset_versions, upload_dataset
     from ctscan.storage.s3store import S3ObjectStore
 
     datasets_url = trainer_env["CTSCAN_DATASETS_URL"] + "-unit"
@@ -80,7 +80,7 @@ def test_upload_refuses_a_dataset_that_fails_its_checksums(trainer_env: dict[str
                                                            tmp_path: Path) -> None:
     import shutil
 
-    from ctscan.datasets import upload_dataset
+    from ctscan.data.versions import upload_dataset
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_dataset_dir, broken)

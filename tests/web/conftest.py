@@ -331,9 +331,9 @@ def inference_service(tiny_model_store: Path, data_dir: Path, service_audit_dir:
 
 @pytest.fixture(scope="session")
 def published_datasets(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
-    """The real UCSD data published (`ctscan.datasets.upload_dataset`) to a local datasets
+    """The real UCSD data published (`ctscan.data.versions.upload_dataset`) to a local datasets
     folder, as the trainer expects before it accepts a job. Returns (url, name, version)."""
-    from ctscan.datasets import upload_dataset
+    from ctscan.data.versions import upload_dataset
 
     root = tmp_path_factory.mktemp("datasets")
     upload_dataset(data_dir, str(root / "ucsd-covid-ct"), version="web-test")

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ctscan.data import CTDataset, Sample
+from ctscan.data.dataset import CTDataset, Sample
 from ctscan.errors import DataError, ImageError
 from ctscan.imaging.decoding import decode_image
 from ctscan.imaging.preprocessing import DEFAULT_PREPROCESSING, prepare

@@ -14,7 +14,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
-from ctscan.data import CHECKSUM_FILE, SPLIT_FILE, CTDataset
+from ctscan.data.dataset import CHECKSUM_FILE, SPLIT_FILE, CTDataset
 from ctscan.errors import ChecksumError, DataError, VersionExistsError
 from ctscan.storage.objects import ObjectStore, open_objects
 from ctscan.storage.records import DatasetManifest

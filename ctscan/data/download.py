@@ -17,7 +17,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ctscan.data import CHECKSUM_FILE, SPLIT_FILE, CTDataset, sha256_file
+from ctscan.data.dataset import CHECKSUM_FILE, SPLIT_FILE, CTDataset, sha256_file
 from ctscan.errors import DataError
 
 DEFAULT_BASE_URL = "https://github.com/UCSD-AI4H/COVID-CT/raw/master"
