@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ctscan.models import get_spec
     from ctscan.publishing import train_and_store
     from ctscan.settings import get_core_settings
-    from ctscan.training import TrainConfig
+    from ctscan.training.runs import TrainConfig
 
     get_spec(args.model)
     data_dirs = args.data or [str(get_core_settings().data_dir)]

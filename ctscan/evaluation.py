@@ -33,7 +33,7 @@ from ctscan.robustness import attention_report, robustness_report
 from ctscan.settings import PromotionSettings
 from ctscan.storage.records import EnsembleRecord, ModelCard
 from ctscan.storage.store import ModelStore
-from ctscan.training import _subset, predict_probabilities
+from ctscan.training.runs import _subset, predict_probabilities
 
 __all__ = ["ENSEMBLE", "calibrate_ensemble", "ensemble_record_for", "evaluate_store", "predict_split"]
 
@@ -167,7 +167,7 @@ def calibrate_ensemble(
     calibrated again) and the models left out with why. With `extra_data_dirs`, on the val
     splits of every source together (each source's numbers recorded apart, as for a model).
     One member is allowed: the ensemble is then that model with its own val calibration."""
-    from ctscan.training import combined_fingerprint
+    from ctscan.training.runs import combined_fingerprint
 
     datasets = [CTDataset(folder) for folder in [data_dir, *(extra_data_dirs or [])]]
     samples = [s for dataset in datasets for s in _subset(dataset.split("val"), limit_per_class, 42)]

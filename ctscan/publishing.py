@@ -25,7 +25,7 @@ from ctscan.storage.store import ModelStore
 if TYPE_CHECKING:
     import keras
 
-    from ctscan.training import EpochReport, TrainConfig
+    from ctscan.training.runs import EpochReport, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def train_and_store(
 
     Nothing is written to the store until training and evaluation have succeeded.
     """
-    from ctscan.training import Trainer, build_card
+    from ctscan.training.runs import Trainer, build_card
 
     if promote not in PROMOTE_POLICIES:
         raise CTScanError(f"promote must be auto, always or never, got {promote!r}")

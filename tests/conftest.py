@@ -150,7 +150,7 @@ def tiny_model_store(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -
     from ctscan.models import build_model, pack_weights
     from ctscan.publishing import pick_verification_images, publish_version, train_and_store
     from ctscan.storage.store import open_store
-    from ctscan.training import TrainConfig, _subset, predict_probabilities
+    from ctscan.training.runs import TrainConfig, _subset, predict_probabilities
 
     root = tmp_path_factory.mktemp("tiny-store")
     store = open_store(root / "store")

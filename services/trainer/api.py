@@ -17,11 +17,11 @@ from typing import Any
 from ctscan.access.admin_credential import AdminCredentialError, AdminVerifier
 from ctscan.data.versions import open_dataset
 from ctscan.errors import CTScanError, DataError
-from ctscan.hyperparameters import HyperParameterError, checked_hyperparameters, estimated_data_bytes
 from ctscan.models import get_spec, parse_init
 from ctscan.settings import TrainerSettings, get_trainer_settings
 from ctscan.storage.job_records import FINISHED_STATES, JobNotFoundError, JobRecords, new_job_id, now, sign
 from ctscan.storage.records import DatasetManifest, DatasetRef, JobRecord
+from ctscan.training.hyperparameters import HyperParameterError, checked_hyperparameters, estimated_data_bytes
 from services.trainer.jobs import train_config
 from services.trainer.liveness import lease_holder
 from services.trainer.queueing import send_job

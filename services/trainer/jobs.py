@@ -26,11 +26,11 @@ from typing import Any
 
 from ctscan.data.versions import fetch_dataset
 from ctscan.errors import CTScanError, StoreError
-from ctscan.hyperparameters import checked_hyperparameters
 from ctscan.settings import TrainerSettings
 from ctscan.storage.job_records import FINISHED_STATES, Checkpoints, JobRecords, now, signature_matches
 from ctscan.storage.records import JobAttempt, JobProgress, JobRecord, ModelCard
-from ctscan.training import BEST_WEIGHTS, LAST_CHECKPOINT, STATE_FILE, EpochReport, TrainConfig
+from ctscan.training.hyperparameters import checked_hyperparameters
+from ctscan.training.runs import BEST_WEIGHTS, LAST_CHECKPOINT, STATE_FILE, EpochReport, TrainConfig
 from services.trainer.liveness import Heartbeat, JobLease, LeaseLost, lease_holder
 from services.trainer.reaper import attempts_summary, close_attempt
 
@@ -300,7 +300,7 @@ def _train(
 ) -> ModelCard:
     from ctscan.models import pack_weights
     from ctscan.publishing import pick_verification_images, publish_version
-    from ctscan.training import Trainer, TrainingCancelled, build_card
+    from ctscan.training.runs import Trainer, TrainingCancelled, build_card
 
     job_id = record.id
     resumed_from = checkpoints.restore()

@@ -13,8 +13,8 @@ pytestmark = pytest.mark.slow  # fits a (tiny) Keras model
 def test_a_cancel_stops_fit_at_the_next_batch_and_the_epoch_does_not_finish() -> None:
     import keras
 
-    from ctscan.callbacks import CancelBetweenBatches
-    from ctscan.training import TrainingCancelled
+    from ctscan.training.callbacks import CancelBetweenBatches
+    from ctscan.training.runs import TrainingCancelled
 
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1, activation="sigmoid")])
     model.compile(optimizer="sgd", loss="binary_crossentropy")
@@ -44,7 +44,7 @@ def test_a_cancel_stops_fit_at_the_next_batch_and_the_epoch_does_not_finish() ->
 
 
 def test_the_cancel_flag_is_read_at_most_once_per_poll_interval() -> None:
-    from ctscan.callbacks import CancelBetweenBatches
+    from ctscan.training.callbacks import CancelBetweenBatches
 
     reads: list[int] = []
     callback = CancelBetweenBatches(lambda: bool(reads.append(1)), cancelled=RuntimeError, poll_s=3600.0)

@@ -64,7 +64,7 @@ def test_train_one_epoch_then_evaluate_on_test(data_dir: Path, tmp_path: Path) -
 def test_an_interrupted_run_resumes_after_its_last_finished_epoch(data_dir: Path, tmp_path: Path) -> None:
     from ctscan.publishing import train_and_store
     from ctscan.storage.store import open_store
-    from ctscan.training import EpochReport, TrainConfig, Trainer, TrainingCancelled
+    from ctscan.training.runs import EpochReport, TrainConfig, Trainer, TrainingCancelled
 
     config = TrainConfig(model="mobilenetv2", data_dir=str(data_dir), init="none", input_size=32,
                          epochs=2, batch_size=8, limit_per_class=4)
@@ -95,7 +95,7 @@ def test_a_run_killed_while_writing_its_checkpoint_still_resumes(data_dir: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     import keras
 
-    from ctscan.training import BEST_WEIGHTS, LAST_CHECKPOINT, EpochReport, TrainConfig, Trainer, TrainingCancelled
+    from ctscan.training.runs import BEST_WEIGHTS, LAST_CHECKPOINT, EpochReport, TrainConfig, Trainer, TrainingCancelled
 
     config = TrainConfig(model="mobilenetv2", data_dir=str(data_dir), init="none", input_size=32,
                          epochs=3, batch_size=8, limit_per_class=4)

@@ -50,14 +50,15 @@ def _docstrings(tree: ast.Module) -> set[int]:
 LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": ("ctscan", "errors", "schemas", "metrics", "calibration"),
     "imaging": ("imaging", "imaging.decoding", "imaging.formats", "imaging.preprocessing", "imaging.screening"),
-    "models": ("study", "robustness", "models", "gate", "decision", "gradcam", "hyperparameters"),
+    "models": ("study", "robustness", "models", "gate", "decision", "gradcam"),
     "settings": ("settings",),
     "storage": ("storage", "storage.objects", "storage.s3store", "storage.records", "storage.store",
                 "storage.job_records", "release"),
     "access": ("access", "access.keys_and_accounts", "access.admin_credential", "access.audit_trail"),
     "data pipeline": ("data", "data.dataset", "data.versions", "data.download", "data.shortcut_audit"),
     "serving": ("predictor", "answers", "onnx_runtime"),
-    "training and evaluation": ("callbacks", "training", "evaluation", "lesion_metrics", "publishing", "safety"),
+    "training": ("training", "training.runs", "training.callbacks", "training.hyperparameters"),
+    "evaluation and publishing": ("evaluation", "lesion_metrics", "publishing", "safety"),
     "command line": ("cli", "cli_access"),
 }
 # A subpackage's own rule, narrower than its layer's: the layers of the core it may import
@@ -67,7 +68,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
 # decodes and crops without TensorFlow. Access needs no image or model code; storage needs
 # neither. Data reads images and publishes versions to storage; its `tf.data` pipelines are the
 # only reason it may load TensorFlow (never Keras: it builds no model), and a slice's source
-# variant comes from the models layer's robustness perturbations.
+# variant comes from the models layer's robustness perturbations. Training learns from the data
+# pipeline with the models layer's networks and needs no storage or serving (a run's model
+# becomes a version through publishing, a layer above); it may load TensorFlow and Keras.
 FRAMEWORKS = ("tensorflow", "keras", "tf2onnx", "onnxruntime", "fastapi", "starlette", "flask", "werkzeug",
               "celery")
 SUBPACKAGE_IMPORTS: dict[str, tuple[str, ...]] = {
@@ -75,14 +78,16 @@ SUBPACKAGE_IMPORTS: dict[str, tuple[str, ...]] = {
     "storage": ("foundation", "settings"),
     "access": ("foundation", "settings", "storage"),
     "data": ("foundation", "imaging", "models", "storage"),
+    "training": ("foundation", "imaging", "models", "data pipeline"),
 }
 SUBPACKAGE_FRAMEWORKS: dict[str, tuple[str, ...]] = {
     "data": ("tensorflow",),
+    "training": ("tensorflow", "keras"),
 }
 # What the inference service must not load on import (it serves; it neither trains nor evaluates):
 # these modules and packages, and every module inside them.
-NOT_IN_THE_INFERENCE_SERVICE = ("ctscan.data", "ctscan.callbacks", "ctscan.training", "ctscan.evaluation",
-                                "ctscan.publishing", "ctscan.safety", "ctscan.cli", "tensorflow", "keras", "tf2onnx")
+NOT_IN_THE_INFERENCE_SERVICE = ("ctscan.data", "ctscan.training", "ctscan.evaluation", "ctscan.publishing",
+                                "ctscan.safety", "ctscan.cli", "tensorflow", "keras", "tf2onnx")
 
 
 def _module_name(path: Path) -> str:

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctscan.callbacks import selection_auc
 from ctscan.data.dataset import source_weights
 from ctscan.errors import CTScanError
-from ctscan.training import TrainConfig
+from ctscan.training.callbacks import selection_auc
+from ctscan.training.runs import TrainConfig
 
 
 def test_each_source_and_each_class_within_it_weigh_the_same() -> None:
@@ -87,7 +87,7 @@ def test_the_ensemble_is_calibrated_on_the_val_splits_of_several_sources(
     from ctscan.data.dataset import CTDataset
     from ctscan.evaluation import calibrate_ensemble
     from ctscan.storage.store import open_store
-    from ctscan.training import combined_fingerprint
+    from ctscan.training.runs import combined_fingerprint
 
     copy = shutil.copytree(tiny_model_store, tmp_path / "store")  # the shared fixture keeps its record
     record = calibrate_ensemble(store=open_store(copy), data_dir=str(data_dir), extra_data_dirs=[str(radiopaedia_dir)],

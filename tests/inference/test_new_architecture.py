@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from ctscan.hyperparameters import checked_hyperparameters
 from ctscan.models import architecture_names, ensemble_members, get_spec
 from ctscan.schemas import ModelsResponse, Prediction
 from ctscan.settings import InferenceSettings
 from ctscan.storage.store import open_store
+from ctscan.training.hyperparameters import checked_hyperparameters
 from inference.conftest import start_service, stop_service
 
 NEW = "efficientnetb0"

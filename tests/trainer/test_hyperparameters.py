@@ -1,4 +1,4 @@
-"""Hyper-parameters are checked at submit by one pydantic model (ctscan.hyperparameters),
+"""Hyper-parameters are checked at submit by one pydantic model (ctscan.training.hyperparameters),
 the same for the CLI, the console and the worker; `data upload` decodes every image."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from ctscan.errors import CTScanError
-from ctscan.hyperparameters import HyperParameterError, HyperParameters, checked_hyperparameters
+from ctscan.training.hyperparameters import HyperParameterError, HyperParameters, checked_hyperparameters
 
 # value -> what the refusal must say
 BAD_VALUES: list[tuple[dict[str, Any], str]] = [

@@ -514,7 +514,7 @@ class Trainer:
     def _callbacks(self, state: RunState, phase: Phase, total_epochs: int, epoch_variable: Any) -> list[Any]:
         import keras
 
-        from ctscan.callbacks import (
+        from ctscan.training.callbacks import (
             CancelBetweenBatches,
             EpochHook,
             ResumableEarlyStopping,

@@ -1,4 +1,4 @@
-"""Keras callbacks of a training run (`ctscan.training.Trainer` hands them in): exact
+"""Keras callbacks of a training run (`ctscan.training.runs.Trainer` hands them in): exact
 validation AUC, early stopping that survives a resume, weight averaging, a hook at each
 epoch's end, and a cancel checked between batches. They know nothing of the trainer (it
 imports them, never the other way)."""
@@ -18,7 +18,7 @@ from ctscan.metrics import SOURCE_AUC_PREFIX, point_metrics
 from ctscan.models import predict_probabilities
 
 if TYPE_CHECKING:
-    from ctscan.training import RunState
+    from ctscan.training.runs import RunState
 
 
 CANCEL_POLL_S = 2.0  # how often a running job asks whether it was cancelled (one store read)
