@@ -3,7 +3,7 @@
 A model card, a production pointer, the ensemble record, an ONNX copy's manifest, a dataset
 manifest and a job record are written by one process (trainer, CLI, web console) and read
 by others (inference, web, CLI). They are pydantic models here, serialised as JSON by the
-repositories (`ctscan.storage.store`, `ctscan.datasets`, `ctscan.storage.job_records`).
+repositories (`ctscan.storage.store`, `ctscan.data.versions`, `ctscan.storage.job_records`).
 
 Records are open (`extra="allow"`): keys written by a newer version of the code survive a
 round trip through an older one, and old records (the shipped release's cards) still load.
