@@ -215,11 +215,12 @@ def _measured_on_unseen_sources(split: SplitPredictions, name: str, datasets: li
     chosen = np.array([s.source in unseen for s in split.samples])
     if not chosen.any():
         return None
-    samples = [s for s, keep in zip(split.samples, chosen, strict=True) if keep]
-    targets, probabilities = split.targets[chosen], split.calibrated[name][chosen]
-    return card.model_copy(update={"metrics": {
-        "val": full_report(targets, probabilities, card.threshold),
-        **_by_source(samples, targets, probabilities, card.threshold)}})
+    sources = np.array([s.source for s in split.samples])
+    targets, probabilities = split.targets, split.calibrated[name]
+    return card.model_copy(update={"metrics": {  # per source even for one: the refusal names it
+        "val": full_report(targets[chosen], probabilities[chosen], card.threshold),
+        "val_sources": {source: full_report(targets[sources == source], probabilities[sources == source],
+                                            card.threshold) for source in sorted(unseen)}}})
 
 
 def _by_source(samples: list[Sample], targets: np.ndarray, probabilities: np.ndarray,

@@ -125,5 +125,6 @@ def test_a_model_never_judged_on_a_val_source_is_measured_there_before_it_joins(
     for name in ("mobilenetv2", "inceptionv3"):
         assert f"{name} " in message
     assert message.count("on the ensemble's val sources, val") == 2, message
+    assert message.count(f"(worst val source: {radiopaedia_dir.name})") == 2, message
     assert "(worst val source: sirm-covid-ct)" in message  # densenet121: its own card's failure
     assert open_store(store_path).ensemble_record() == before
