@@ -80,6 +80,31 @@ def test_a_run_on_two_sources_records_them_and_selects_on_the_worst(
 
 
 @pytest.mark.slow
+def test_the_weight_average_is_judged_by_the_epochs_own_rule(
+        data_dir: Path, radiopaedia_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # SWA once won on the pooled val AUC against the epochs' worst-source AUC.
+    import ctscan.training.callbacks as callbacks
+    from ctscan.training.runs import Trainer
+
+    seen: list[tuple[float, dict[str, float]]] = []
+
+    def spy(targets: np.ndarray, probabilities: np.ndarray,
+            sources: np.ndarray | None) -> tuple[float, dict[str, float]]:
+        result = selection_auc(targets, probabilities, sources)
+        seen.append(result)
+        return result
+
+    monkeypatch.setattr(callbacks, "selection_auc", spy)
+    config = TrainConfig(model="mobilenetv2", data_dir=str(data_dir), extra_data_dirs=[str(radiopaedia_dir)],
+                         init="none", input_size=32, epochs=2, swa_epochs=2, batch_size=8, limit_per_class=3,
+                         input_gate=False)
+    _, state, _ = Trainer(config, tmp_path / "run", verbose=0).run()
+    assert state.swa_count == 2 and len(seen) == 3  # two epochs, then the average
+    worst, per_source = seen[-1]
+    assert len(per_source) == 2 and state.swa_val_auc == worst == min(per_source.values())
+
+
+@pytest.mark.slow
 def test_the_ensemble_is_calibrated_on_the_val_splits_of_several_sources(
         tiny_model_store: Path, data_dir: Path, radiopaedia_dir: Path, tmp_path: Path) -> None:
     import shutil
