@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # --- evaluate -----------------------------------------------------------------------------
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ctscan.evaluation import evaluate_store, lesion_evaluation
+    from ctscan.evaluation.reports import evaluate_store, lesion_evaluation
     from ctscan.settings import get_core_settings
 
     folders = args.data or [str(get_core_settings().data_dir)]
@@ -199,8 +199,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 # --- safety-report ------------------------------------------------------------------------
 def cmd_safety_report(args: argparse.Namespace) -> int:
+    from ctscan.evaluation.safety import safety_report
     from ctscan.models import ensemble_members
-    from ctscan.safety import safety_report
 
     data = {f"{Path(d).name}-{args.split}": (d, args.split) for d in [_data_dir(args), *args.external]}
     models = ensemble_members() if args.model == "all" else [args.model]
@@ -375,7 +375,7 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
     print(f"{args.name}: production is now {args.version}")
     kept = ", ".join(f"{n} {v}" for n, v in (ensemble.members.items() if ensemble is not None else ()))
     if recalibrate:
-        from ctscan.evaluation import calibrate_ensemble
+        from ctscan.evaluation.reports import calibrate_ensemble
 
         try:
             record = calibrate_ensemble(store=store, data_dir=_data_dir(args), members=members)
@@ -419,7 +419,7 @@ def cmd_models_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_models_calibrate(args: argparse.Namespace) -> int:
-    from ctscan.evaluation import calibrate_ensemble
+    from ctscan.evaluation.reports import calibrate_ensemble
 
     folders = args.data or [str(_data_dir(args))]
     members = [name.strip() for name in args.members.split(",") if name.strip()] if args.members else None

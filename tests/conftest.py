@@ -145,7 +145,7 @@ def tiny_model_store(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -
     import numpy as np
 
     from ctscan.data.dataset import CTDataset, load_arrays
-    from ctscan.evaluation import calibrate_ensemble
+    from ctscan.evaluation.reports import calibrate_ensemble
     from ctscan.metrics import choose_threshold, full_report
     from ctscan.models import build_model, pack_weights
     from ctscan.publishing import pick_verification_images, publish_version, train_and_store

@@ -21,6 +21,7 @@ import numpy as np
 from ctscan import NEGATIVE_LABEL, POSITIVE_LABEL
 from ctscan.errors import ChecksumError, DataError, ImageError
 from ctscan.imaging.decoding import DecodedImage, decode_image
+from ctscan.imaging.perturbations import change_slice
 from ctscan.imaging.preprocessing import DEFAULT_PREPROCESSING, PreparedSlice, get_preprocessor, prepare
 
 if TYPE_CHECKING:
@@ -232,8 +233,6 @@ def source_variant(decoded: DecodedImage, rng: np.random.Generator) -> DecodedIm
     """The slice as another hospital or paper might have sent it: shifted, rotated,
     rescaled, in another window, gamma and JPEG quality. Applied before preprocessing, so
     the model also learns that the lung crop moves a little from copy to copy."""
-    from ctscan.robustness import change_slice
-
     return change_slice(
         decoded, shift=(float(rng.uniform(-0.08, 0.08)), float(rng.uniform(-0.08, 0.08))),
         degrees=float(rng.uniform(-10, 10)), scale=float(np.exp(rng.uniform(np.log(0.6), np.log(1.5)))),

@@ -49,8 +49,9 @@ def _docstrings(tree: ast.Module) -> set[int]:
 # The core's layers, lowest first: a module may import its own layer and those below it.
 LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": ("ctscan", "errors", "schemas", "metrics", "calibration"),
-    "imaging": ("imaging", "imaging.decoding", "imaging.formats", "imaging.preprocessing", "imaging.screening"),
-    "models": ("study", "robustness", "models", "gate", "decision", "gradcam"),
+    "imaging": ("imaging", "imaging.decoding", "imaging.formats", "imaging.preprocessing", "imaging.screening",
+                "imaging.perturbations"),
+    "models": ("study", "models", "gate", "decision", "gradcam"),
     "settings": ("settings",),
     "storage": ("storage", "storage.objects", "storage.s3store", "storage.records", "storage.store",
                 "storage.job_records", "release"),
@@ -58,7 +59,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "data pipeline": ("data", "data.dataset", "data.versions", "data.download", "data.shortcut_audit"),
     "serving": ("predictor", "answers", "onnx_runtime"),
     "training": ("training", "training.runs", "training.callbacks", "training.hyperparameters"),
-    "evaluation and publishing": ("evaluation", "lesion_metrics", "publishing", "safety"),
+    "publishing": ("publishing",),
+    "evaluation": ("evaluation", "evaluation.reports", "evaluation.lesion_metrics", "evaluation.robustness",
+                   "evaluation.safety"),
     "command line": ("cli", "cli_access"),
 }
 # A subpackage's own rule, narrower than its layer's: the layers of the core it may import
@@ -68,17 +71,22 @@ LAYERS: dict[str, tuple[str, ...]] = {
 # decodes and crops without TensorFlow. Access needs no image or model code; storage needs
 # neither. Data reads images and publishes versions to storage; its `tf.data` pipelines are the
 # only reason it may load TensorFlow (never Keras: it builds no model), and a slice's source
-# variant comes from the models layer's robustness perturbations. Training learns from the data
-# pipeline with the models layer's networks and needs no storage or serving (a run's model
-# becomes a version through publishing, a layer above); it may load TensorFlow and Keras.
+# variant comes from imaging's perturbations. Training learns from the data pipeline with the
+# models layer's networks and needs no storage or serving (a run's model becomes a version
+# through publishing, a layer above); it may load TensorFlow and Keras. Evaluation measures what
+# the layers below make (the models, served predictions, training's predictions, publishing's
+# floors) on the data pipeline's splits; it needs no access code and loads no framework itself
+# (the models layer loads TensorFlow for it).
 FRAMEWORKS = ("tensorflow", "keras", "tf2onnx", "onnxruntime", "fastapi", "starlette", "flask", "werkzeug",
               "celery")
 SUBPACKAGE_IMPORTS: dict[str, tuple[str, ...]] = {
     "imaging": ("foundation",),
     "storage": ("foundation", "settings"),
     "access": ("foundation", "settings", "storage"),
-    "data": ("foundation", "imaging", "models", "storage"),
+    "data": ("foundation", "imaging", "storage"),
     "training": ("foundation", "imaging", "models", "data pipeline"),
+    "evaluation": ("foundation", "imaging", "models", "settings", "storage", "data pipeline", "serving", "training",
+                   "publishing"),
 }
 SUBPACKAGE_FRAMEWORKS: dict[str, tuple[str, ...]] = {
     "data": ("tensorflow",),
@@ -87,7 +95,7 @@ SUBPACKAGE_FRAMEWORKS: dict[str, tuple[str, ...]] = {
 # What the inference service must not load on import (it serves; it neither trains nor evaluates):
 # these modules and packages, and every module inside them.
 NOT_IN_THE_INFERENCE_SERVICE = ("ctscan.data", "ctscan.training", "ctscan.evaluation", "ctscan.publishing",
-                                "ctscan.safety", "ctscan.cli", "tensorflow", "keras", "tf2onnx")
+                                "ctscan.cli", "tensorflow", "keras", "tf2onnx")
 
 
 def _module_name(path: Path) -> str:

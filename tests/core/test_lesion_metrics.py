@@ -1,4 +1,4 @@
-"""Lesion-true evaluation (ctscan.lesion_metrics) on constructed scores and on the real data
+"""Lesion-true evaluation (ctscan.evaluation.lesion_metrics) on constructed scores and on the real data
 sets' slice tables: within-patient AUC, anatomy-matched pairs, served outcome shares, baselines."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ctscan.data.dataset import CTDataset
-from ctscan.lesion_metrics import (
+from ctscan.evaluation.lesion_metrics import (
     LesionSet,
     density_score,
     lesion_set,
@@ -99,7 +99,7 @@ def test_one_class_sets_report_no_auc(name: str, sirm_dir: Path, ccccii_dir: Pat
 
 
 def test_lung_segmentation_matches_the_radiologists_masks(radiopaedia_dir: Path, data_dir: Path) -> None:
-    from ctscan.lesion_metrics import dice, segmentation_report
+    from ctscan.evaluation.lesion_metrics import dice, segmentation_report
 
     assert dice(np.ones((2, 2), bool), np.zeros((2, 2), bool)) == 0.0
     report = segmentation_report(CTDataset(radiopaedia_dir), "val")
@@ -112,7 +112,7 @@ def test_lung_segmentation_matches_the_radiologists_masks(radiopaedia_dir: Path,
 
 
 def test_cue_correlations_name_what_a_score_follows_besides_the_label() -> None:
-    from ctscan.lesion_metrics import cue_correlations
+    from ctscan.evaluation.lesion_metrics import cue_correlations
 
     rng = np.random.default_rng(1)
     targets = np.repeat([0.0, 1.0], 40)

@@ -50,7 +50,7 @@ def _enlarged(decoded: DecodedImage) -> DecodedImage:
 
 def reference_slices(data_dir: Path, ctmd_dir: Path) -> Iterator[tuple[str, DecodedImage]]:
     from ctscan.data.dataset import CTDataset
-    from ctscan.safety import generated_patterns, skimage_samples
+    from ctscan.evaluation.safety import generated_patterns, skimage_samples
 
     ucsd = CTDataset(data_dir).split("test")[::3]
     for number, item in enumerate(ucsd):

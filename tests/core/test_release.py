@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from ctscan.errors import ChecksumError
-from ctscan.evaluation import evaluate_store
+from ctscan.evaluation.reports import evaluate_store
 from ctscan.models import ensemble_members, load_keras_model
 from ctscan.release import seed_store
 from ctscan.storage.store import ONNX_FOLDER, WEIGHTS_FILE, open_store

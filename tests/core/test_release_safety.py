@@ -12,10 +12,10 @@ import pytest
 from ctscan.calibration import Calibration, calibration_metrics, fit_method
 from ctscan.data.dataset import CTDataset
 from ctscan.decision import INDETERMINATE, REFUSALS
-from ctscan.evaluation import card_band, decode_samples, predict_split
+from ctscan.evaluation.reports import card_band, decode_samples, predict_split
+from ctscan.evaluation.safety import generated_patterns, outcome_counts, skimage_samples
 from ctscan.models import ensemble_members
 from ctscan.predictor import Predictor
-from ctscan.safety import generated_patterns, outcome_counts, skimage_samples
 from ctscan.storage.store import ModelStore, open_store
 
 RELEASE = Path(__file__).resolve().parents[2] / "models"
@@ -99,7 +99,7 @@ def test_calibration_lowers_the_error_on_held_out_validation_slices(release: Mod
 @pytest.fixture(scope="module")
 def lesion_report(release: ModelStore, data_dir: Path, radiopaedia_dir: Path, sirm_dir: Path,
                   ccccii_dir: Path) -> dict:
-    from ctscan.evaluation import lesion_evaluation
+    from ctscan.evaluation.reports import lesion_evaluation
 
     return lesion_evaluation(store=release, data_dirs=[str(radiopaedia_dir), str(sirm_dir), str(ccccii_dir)],
                              split="test", baseline_folders=[str(data_dir), str(radiopaedia_dir)])

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 
 from ctscan.data.dataset import CTDataset
+from ctscan.evaluation.safety import generated_patterns, skimage_samples
 from ctscan.gate import OUTCOME_NOT_CHEST_CT
 from ctscan.imaging.decoding import DecodedImage, decode_image
 from ctscan.imaging.preprocessing import LUNG_V1, prepare
 from ctscan.imaging.screening import MAX_ROUGHNESS, appearance_refusal, roughness
 from ctscan.predictor import input_refusal
-from ctscan.safety import generated_patterns, skimage_samples
 
 
 @pytest.fixture(scope="module")

@@ -110,7 +110,7 @@ def test_the_ensemble_is_calibrated_on_the_val_splits_of_several_sources(
     import shutil
 
     from ctscan.data.dataset import CTDataset
-    from ctscan.evaluation import calibrate_ensemble
+    from ctscan.evaluation.reports import calibrate_ensemble
     from ctscan.storage.store import open_store
     from ctscan.training.runs import combined_fingerprint
 

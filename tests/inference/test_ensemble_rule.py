@@ -24,7 +24,7 @@ TIMEOUT_S = 180
 @pytest.fixture(scope="module")
 def two_model_service(tiny_model_store: Path, data_dir: Path,
                       tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
-    from ctscan.evaluation import calibrate_ensemble
+    from ctscan.evaluation.reports import calibrate_ensemble
 
     root = tmp_path_factory.mktemp("ensemble-rule")
     store_dir = copy_store(tiny_model_store, root / "store")
@@ -63,7 +63,7 @@ def _image(real_ct_images: dict[str, Path]) -> bytes:
 
 def test_a_promoted_member_leaves_the_ensemble_on_its_pinned_version_until_it_is_recalibrated(
         two_model_service: RunningService, data_dir: Path, real_ct_images: dict[str, Path]) -> None:
-    from ctscan.evaluation import calibrate_ensemble
+    from ctscan.evaluation.reports import calibrate_ensemble
 
     service, image = two_model_service, _image(real_ct_images)
     store = open_store(service.store_dir)

@@ -87,7 +87,7 @@ def safety_report(*, store: Any, data_dirs: dict[str, tuple[str, str]], models: 
     named data set's split (`{"ucsd-test": (folder, "test")}`) and on non-CT inputs."""
     from ctscan.data.dataset import CTDataset
     from ctscan.errors import CTScanError
-    from ctscan.evaluation import decode_samples
+    from ctscan.evaluation.reports import decode_samples
     from ctscan.models import ENSEMBLE
     from ctscan.predictor import Predictor
 

@@ -23,13 +23,13 @@ from ctscan.calibration import Calibration, calibration_metrics, fit_calibration
 from ctscan.data.dataset import CTDataset, Sample, decode_sample
 from ctscan.decision import DEFAULT_BAND, choose_band
 from ctscan.errors import CTScanError, StoreError
+from ctscan.evaluation.robustness import attention_report, robustness_report
 from ctscan.gradcam import make_gradcam
 from ctscan.imaging.decoding import DecodedImage
 from ctscan.imaging.preprocessing import LUNG_V1, card_preprocessing, get_preprocessor, prepare
 from ctscan.metrics import choose_threshold, full_report
 from ctscan.models import ENSEMBLE, architecture_names, get_spec, load_keras_model
 from ctscan.predictor import EnsembleNotCalibratedError, card_band, ensemble_record_for
-from ctscan.robustness import attention_report, robustness_report
 from ctscan.settings import PromotionSettings
 from ctscan.storage.records import EnsembleRecord, ModelCard
 from ctscan.storage.store import ModelStore
@@ -393,7 +393,7 @@ def fit_histogram_baseline(folders: list[str]) -> Any:
     """The lung-histogram logistic regression on the train splits of `folders`, each slice
     weighted like the networks' (classes balanced within each source, sources alike)."""
     from ctscan.data.dataset import source_weights
-    from ctscan.lesion_metrics import HistogramBaseline, histogram_features, prepared_for_baselines
+    from ctscan.evaluation.lesion_metrics import HistogramBaseline, histogram_features, prepared_for_baselines
 
     samples = [s for folder in folders for s in CTDataset(folder).split("train")]
     if not samples:
@@ -456,12 +456,12 @@ def _served_rows(predictor: Any, decoded: list[DecodedImage], served: list[str])
 
 def lesion_evaluation(*, store: ModelStore, data_dirs: list[str], split: str = "test", models: str = "all",
                       baseline_folders: list[str] | None = None) -> dict[str, Any]:
-    """Lesion-true numbers (`ctscan.lesion_metrics`) of each served model, the ensemble and
+    """Lesion-true numbers (`ctscan.evaluation.lesion_metrics`) of each served model, the ensemble and
     the two baselines on each data set: pooled AUC, AUC within each patient, matched-pair
     concordance, and what the served answers were (share of clean slices called COVID-19,
     recall, specificity; refusals and indeterminate answers apart). Scores are the served
     probabilities (screening, gate, calibration as the service applies them)."""
-    from ctscan.lesion_metrics import (
+    from ctscan.evaluation.lesion_metrics import (
         DENSITY,
         HISTOGRAM,
         cue_correlations,
