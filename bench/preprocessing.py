@@ -90,7 +90,7 @@ def time_stages(data: bytes) -> dict[str, float]:
     """Milliseconds of each stage of the served path for one upload."""
     from ctscan.imaging.formats import decode
     from ctscan.imaging.preprocessing import LUNG_V1, prepare
-    from ctscan.predictor import input_refusal
+    from ctscan.serving.predictor import input_refusal
 
     started = time.perf_counter()
     decoded = decode(data)

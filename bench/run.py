@@ -143,7 +143,7 @@ def batch_outputs(entry: Any) -> Any:
 
 def decide(entries: list[Any], rows: list[Any], rule: Any) -> Any:
     """Calibration, gate and (for the ensemble) the ensemble rule: the service's decision."""
-    from ctscan.predictor import slice_decision
+    from ctscan.serving.predictor import slice_decision
     from services.inference.prediction import member_output
 
     return slice_decision([member_output(e, r) for e, r in zip(entries, rows, strict=True)], ensemble=rule)

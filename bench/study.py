@@ -79,7 +79,7 @@ def in_process_limit(entries: list[Any], slices: list[bytes], *, rule: Any, batc
     pass (probability and gate distance) in batches, the decisions, ordering and aggregation."""
     from bench.run import batch_outputs
     from ctscan.imaging.decoding import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE
-    from ctscan.predictor import SliceResult, slice_decision, study_decision
+    from ctscan.serving.predictor import SliceResult, slice_decision, study_decision
     from ctscan.study import order_series
     from services.inference.prediction import member_output, sniff_format
     from services.inference.study import _expand, _screen

@@ -230,15 +230,15 @@ def _read_inputs(paths: Sequence[str], limits: Any) -> list[bytes]:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Print the answer the inference API would give (`ctscan.answers`), or a summary of it."""
+    """Print the answer the inference API would give (`ctscan.serving.answers`), or a summary of it."""
     import time
     import uuid
 
-    from ctscan.answers import ensemble_version, is_calibrated, png_base64, slice_prediction, study_prediction
     from ctscan.imaging.decoding import decode_image
     from ctscan.models import ENSEMBLE, ensemble_members
-    from ctscan.predictor import Predictor
     from ctscan.schemas import StudyTimings, Timings
+    from ctscan.serving.answers import ensemble_version, is_calibrated, png_base64, slice_prediction, study_prediction
+    from ctscan.serving.predictor import Predictor
     from ctscan.study import StudyLimits
 
     started = time.perf_counter()

@@ -58,7 +58,7 @@ def publish_version(
     or storing it fails, the version is saved without one (servers then use TensorFlow and
     say why) and a warning is logged."""
     from ctscan.models import unpack_weights
-    from ctscan.onnx_runtime import OnnxConversionError, export_onnx
+    from ctscan.serving.onnx_runtime import OnnxConversionError, export_onnx
 
     unpack_weights(model, weights)  # the copy is made from exactly the weights stored
     export = None
@@ -295,7 +295,7 @@ def export_missing_onnx(store: ModelStore, *, data_dir: Path, models: list[str] 
     from ctscan.errors import DataError
     from ctscan.imaging.decoding import resize_for_model
     from ctscan.models import load_keras_model
-    from ctscan.onnx_runtime import OnnxConversionError, export_onnx, load_verification_images
+    from ctscan.serving.onnx_runtime import OnnxConversionError, export_onnx, load_verification_images
 
     grey = load_verification_images(Path(data_dir), VERIFICATION_IMAGES)
     if not grey:

@@ -6,7 +6,7 @@
 Top row, before: MobileNetV2's map at its last convolutional activation (`out_relu`, 4x4 at
 the served 128 px), stretched over the lung crop it saw and blended over all of it (the rule
 of commit 2118298). Bottom row, after: the ensemble's heatmap as served now
-(`ctscan.predictor.explain_members`): each model's map at a layer of at least 8x8, placed
+(`ctscan.serving.predictor.explain_members`): each model's map at a layer of at least 8x8, placed
 where its crop lies on the uploaded slice, averaged, masked to the body, over the original.
 """
 
@@ -67,7 +67,7 @@ def main() -> None:
 
     from ctscan.imaging.preprocessing import LUNG_V1, get_preprocessor, prepare
     from ctscan.models import FASTEST_ARCHITECTURE, ensemble_members
-    from ctscan.predictor import Predictor
+    from ctscan.serving.predictor import Predictor
     from ctscan.storage.store import open_store
 
     predictor = Predictor.from_store(open_store(args.store), ensemble_members())

@@ -29,7 +29,7 @@ from ctscan.imaging.decoding import DecodedImage
 from ctscan.imaging.preprocessing import LUNG_V1, card_preprocessing, get_preprocessor, prepare
 from ctscan.metrics import choose_threshold, full_report
 from ctscan.models import ENSEMBLE, architecture_names, get_spec, load_keras_model
-from ctscan.predictor import EnsembleNotCalibratedError, card_band, ensemble_record_for
+from ctscan.serving.predictor import EnsembleNotCalibratedError, card_band, ensemble_record_for
 from ctscan.settings import PromotionSettings
 from ctscan.storage.records import EnsembleRecord, ModelCard
 from ctscan.storage.store import ModelStore
@@ -424,7 +424,7 @@ def _served_scores(results: list[Any], rule: Any) -> np.ndarray:
 def _served_rows(predictor: Any, decoded: list[DecodedImage], served: list[str]) -> dict[str, Any]:
     """Each served model's scores and outcomes. The members run once: a member's own answer
     is the decision rule applied to its output alone, as the service does for that model."""
-    from ctscan.predictor import slice_decision
+    from ctscan.serving.predictor import slice_decision
 
     model = ENSEMBLE if ENSEMBLE in served else served[0]
     results = predictor.classify(decoded, model=model)
@@ -474,7 +474,7 @@ def lesion_evaluation(*, store: ModelStore, data_dirs: list[str], split: str = "
         segmentation_report,
         slice_cues,
     )
-    from ctscan.predictor import Predictor
+    from ctscan.serving.predictor import Predictor
 
     names = _resolve_models(store, models)
     predictor = Predictor.from_store(store, names)

@@ -89,7 +89,7 @@ def safety_report(*, store: Any, data_dirs: dict[str, tuple[str, str]], models: 
     from ctscan.errors import CTScanError
     from ctscan.evaluation.reports import decode_samples
     from ctscan.models import ENSEMBLE
-    from ctscan.predictor import Predictor
+    from ctscan.serving.predictor import Predictor
 
     predictor = Predictor.from_store(store, list(models))
     served = [*predictor.models, *([ENSEMBLE] if predictor.ensemble is not None else [])]

@@ -2,7 +2,7 @@
 
 Plain domain code with keyword-only arguments; the routes turn its exceptions into HTTP
 errors. The rules (lung screening, input gate, calibration, indeterminate band, ensemble
-agreement) are the core's (`ctscan.predictor`, `ctscan.decision`), shared with
+agreement) are the core's (`ctscan.serving.predictor`, `ctscan.decision`), shared with
 `ctscan predict`; here they run on the service's batched, ONNX outputs. Nothing from a
 DICOM header is read beyond what the answer needs, and nothing of the upload is logged or
 kept.
@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from ctscan.answers import ensemble_version, is_calibrated, slice_prediction
 from ctscan.calibration import Calibration
 from ctscan.decision import Decision
 from ctscan.gradcam import Explanation
@@ -28,8 +27,9 @@ from ctscan.imaging.decoding import DecodedImage, announced_pixels
 from ctscan.imaging.formats import InputFormat, describe_formats, sniff
 from ctscan.imaging.preprocessing import LUNG_V1, PreparedSlice, get_preprocessor, prepare
 from ctscan.models import ENSEMBLE
-from ctscan.predictor import EnsembleRule, MemberOutput, explain_members, input_refusal, slice_decision
 from ctscan.schemas import Prediction, Timings
+from ctscan.serving.answers import ensemble_version, is_calibrated, slice_prediction
+from ctscan.serving.predictor import EnsembleRule, MemberOutput, explain_members, input_refusal, slice_decision
 from services.inference.decoding import SINGLE
 from services.inference.registry import EnsembleInfo, ModelRegistry, ServedModel
 
@@ -97,7 +97,7 @@ def ensemble_rule(ensemble: EnsembleInfo | None) -> EnsembleRule | None:
 
 
 def heatmap_for(entries: list[ServedModel], screened: Screened) -> Explanation:
-    """The served heatmap (the core's one rule, `ctscan.predictor.explain_members`)."""
+    """The served heatmap (the core's one rule, `ctscan.serving.predictor.explain_members`)."""
     return explain_members(screened.decoded, screened.screen, [
         (entry.name, entry.gradcam(pixels), seen)
         for entry, pixels, seen in zip(entries, screened.inputs, screened.prepared, strict=True)])

@@ -12,7 +12,7 @@ started with, and a retired version's batcher closes only after its last request
 A version that fails its checksum, weight restore, smoke prediction or warm-up never
 replaces a working one.
 
-The ensemble is exactly its record's member versions (pinned; `ctscan.predictor.
+The ensemble is exactly its record's member versions (pinned; `ctscan.serving.predictor.
 ensemble_record_for`): when a member's production version moves on, single-model requests
 get the new version and the ensemble keeps the one it was calibrated for, loaded apart if
 need be. An entry is retired only when neither production nor the ensemble uses it.
@@ -40,14 +40,14 @@ from ctscan.gradcam import HeatmapFunction, make_gradcam
 from ctscan.imaging.decoding import resize_for_model
 from ctscan.imaging.preprocessing import LEGACY, card_preprocessing
 from ctscan.models import ENSEMBLE, keras_model_from
-from ctscan.onnx_runtime import (
+from ctscan.serving.onnx_runtime import (
     NO_COPY_REASON,
     FastPredictor,
     load_verification_images,
     stored_onnx_predictor,
     tensorflow_fallback,
 )
-from ctscan.predictor import EnsembleNotCalibratedError, card_band, ensemble_order, ensemble_record_for
+from ctscan.serving.predictor import EnsembleNotCalibratedError, card_band, ensemble_order, ensemble_record_for
 from ctscan.settings import InferenceSettings
 from ctscan.storage.records import ModelCard
 from ctscan.storage.store import ModelStore

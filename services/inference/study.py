@@ -1,11 +1,11 @@
 """Whole-study prediction: unpack, screen and classify every slice, order them along the
-body, and aggregate one verdict (`ctscan.study`, `ctscan.predictor.study_decision`).
+body, and aggregate one verdict (`ctscan.study`, `ctscan.serving.predictor.study_decision`).
 
 Slices are decoded on the decode pool and go to the same dynamic batchers as single-slice
 requests, so a study's slices fill batches. Only small copies of each slice are kept (the
 model inputs as 8-bit greyscale): a 500-slice study does not hold 500 decoded scans in
 memory; the few top slices are decoded again for their heatmaps (the one heatmap rule,
-`ctscan.predictor.explain_members`, draws on the original slice). Nothing from the DICOM headers is kept
+`ctscan.serving.predictor.explain_members`, draws on the original slice). Nothing from the DICOM headers is kept
 beyond the slice positions and one-way digests that check the series.
 """
 
@@ -19,15 +19,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ctscan.answers import ensemble_version, study_prediction, top_slices
 from ctscan.decision import Decision
 from ctscan.errors import ImageError
 from ctscan.gradcam import Explanation
 from ctscan.imaging.decoding import DicomSliceInfo
 from ctscan.imaging.formats import InputFormat, describe_formats, sniff
 from ctscan.models import ENSEMBLE
-from ctscan.predictor import SliceResult, slice_decision, study_decision
 from ctscan.schemas import StudyPrediction, StudyTimings
+from ctscan.serving.answers import ensemble_version, study_prediction, top_slices
+from ctscan.serving.predictor import SliceResult, slice_decision, study_decision
 from ctscan.study import StudyLimits, check_pixel_budget, is_zip, order_series, unpack_zip
 from services.inference.decoding import STUDY
 from services.inference.prediction import (

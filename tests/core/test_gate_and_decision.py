@@ -8,7 +8,7 @@ import pytest
 from ctscan.calibration import IDENTITY, Calibration
 from ctscan.decision import BAND_STEPS, COVID, INDETERMINATE, NON_COVID, choose_band, decide, refuse
 from ctscan.gate import OUTCOME_NO_LUNGS, OUTCOME_NOT_CHEST_CT, FeatureGate, fit_gate
-from ctscan.predictor import EnsembleRule, MemberOutput, SliceResult, slice_decision, study_decision
+from ctscan.serving.predictor import EnsembleRule, MemberOutput, SliceResult, slice_decision, study_decision
 
 
 def _features(count: int, seed: int, shift: float = 0.0) -> np.ndarray:

@@ -1,6 +1,6 @@
 """The served heatmap on real slices with the shipped release: computed at a layer fine enough
 to localise, placed where each model's lung crop lies on the original slice, masked to the
-body, and naming the models whose maps it combines (`ctscan.predictor.explain_members`, the
+body, and naming the models whose maps it combines (`ctscan.serving.predictor.explain_members`, the
 one rule of the API, `ctscan predict` and the page)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ctscan.gradcam import MIN_HEATMAP_SIDE
 from ctscan.imaging.decoding import DecodedImage, decode_image
 from ctscan.imaging.preprocessing import LUNG_V1, get_preprocessor, prepare
 from ctscan.models import ENSEMBLE, ensemble_members
-from ctscan.predictor import Predictor
+from ctscan.serving.predictor import Predictor
 from ctscan.storage.store import open_store
 
 RELEASE = Path(__file__).resolve().parents[2] / "models"

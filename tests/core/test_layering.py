@@ -57,7 +57,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
                 "storage.job_records", "release"),
     "access": ("access", "access.keys_and_accounts", "access.admin_credential", "access.audit_trail"),
     "data pipeline": ("data", "data.dataset", "data.versions", "data.download", "data.shortcut_audit"),
-    "serving": ("predictor", "answers", "onnx_runtime"),
+    "serving": ("serving", "serving.predictor", "serving.answers", "serving.onnx_runtime"),
     "training": ("training", "training.runs", "training.callbacks", "training.hyperparameters"),
     "publishing": ("publishing",),
     "evaluation": ("evaluation", "evaluation.reports", "evaluation.lesion_metrics", "evaluation.robustness",
@@ -76,7 +76,11 @@ LAYERS: dict[str, tuple[str, ...]] = {
 # through publishing, a layer above); it may load TensorFlow and Keras. Evaluation measures what
 # the layers below make (the models, served predictions, training's predictions, publishing's
 # floors) on the data pipeline's splits; it needs no access code and loads no framework itself
-# (the models layer loads TensorFlow for it).
+# (the models layer loads TensorFlow for it). Serving predicts with the models layer's networks
+# from imaging's slices and storage's versions; the data pipeline only for the real CT slices an
+# ONNX copy is checked on (a function-local import, never at import: the inference service's
+# sys.modules test below). It may load TensorFlow, Keras, tf2onnx (a copy is made when a version
+# is saved) and ONNX Runtime, no web or queue framework: the HTTP is the services'.
 FRAMEWORKS = ("tensorflow", "keras", "tf2onnx", "onnxruntime", "fastapi", "starlette", "flask", "werkzeug",
               "celery")
 SUBPACKAGE_IMPORTS: dict[str, tuple[str, ...]] = {
@@ -85,12 +89,14 @@ SUBPACKAGE_IMPORTS: dict[str, tuple[str, ...]] = {
     "access": ("foundation", "settings", "storage"),
     "data": ("foundation", "imaging", "storage"),
     "training": ("foundation", "imaging", "models", "data pipeline"),
+    "serving": ("foundation", "imaging", "models", "storage", "data pipeline"),
     "evaluation": ("foundation", "imaging", "models", "settings", "storage", "data pipeline", "serving", "training",
                    "publishing"),
 }
 SUBPACKAGE_FRAMEWORKS: dict[str, tuple[str, ...]] = {
     "data": ("tensorflow",),
     "training": ("tensorflow", "keras"),
+    "serving": ("tensorflow", "keras", "tf2onnx", "onnxruntime"),
 }
 # What the inference service must not load on import (it serves; it neither trains nor evaluates):
 # these modules and packages, and every module inside them.
@@ -245,7 +251,7 @@ def test_the_inference_service_loads_no_training_data_or_evaluation_code() -> No
                           cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = set(json.loads(done.stdout.splitlines()[-1]))
-    assert "services.inference.registry" in loaded and "ctscan.predictor" in loaded
+    assert "services.inference.registry" in loaded and "ctscan.serving.predictor" in loaded
     assert sorted(name for name in loaded for banned in NOT_IN_THE_INFERENCE_SERVICE
                   if name == banned or name.startswith(f"{banned}.")) == []
 

@@ -31,7 +31,7 @@ from PIL import Image
 
 from ctscan.imaging.decoding import DecodedImage, decode_image, lung_window
 from ctscan.imaging.preprocessing import LUNG_V1, prepare
-from ctscan.predictor import input_refusal
+from ctscan.serving.predictor import input_refusal
 
 REFERENCE = Path(__file__).parent / "data" / "lung_v1_reference.json"
 THUMB = 24

@@ -15,7 +15,7 @@ from ctscan.decision import INDETERMINATE, REFUSALS
 from ctscan.evaluation.reports import card_band, decode_samples, predict_split
 from ctscan.evaluation.safety import generated_patterns, outcome_counts, skimage_samples
 from ctscan.models import ensemble_members
-from ctscan.predictor import Predictor
+from ctscan.serving.predictor import Predictor
 from ctscan.storage.store import ModelStore, open_store
 
 RELEASE = Path(__file__).resolve().parents[2] / "models"

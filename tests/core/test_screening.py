@@ -14,7 +14,7 @@ from ctscan.gate import OUTCOME_NOT_CHEST_CT
 from ctscan.imaging.decoding import DecodedImage, decode_image
 from ctscan.imaging.preprocessing import LUNG_V1, prepare
 from ctscan.imaging.screening import MAX_ROUGHNESS, appearance_refusal, roughness
-from ctscan.predictor import input_refusal
+from ctscan.serving.predictor import input_refusal
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
 """`ctscan predict --json` prints the answer the API gives for the same image: one schema
-(`ctscan.schemas`), built in one place (`ctscan.answers`), for the slice and the study."""
+(`ctscan.schemas`), built in one place (`ctscan.serving.answers`), for the slice and the study."""
 
 from __future__ import annotations
 

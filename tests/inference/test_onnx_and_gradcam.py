@@ -16,7 +16,7 @@ from ctscan.errors import ChecksumError, ModelError, StoreError, VersionExistsEr
 from ctscan.gradcam import gradcam_heatmap, make_gradcam, overlay_png
 from ctscan.imaging.decoding import decode_image, resize_for_model
 from ctscan.models import load_keras_model
-from ctscan.onnx_runtime import (
+from ctscan.serving.onnx_runtime import (
     BACKEND_ONNX,
     BACKEND_TF,
     NO_COPY_REASON,
@@ -93,7 +93,7 @@ def test_copies_are_attached_once_and_bound_to_their_weights(store, mobilenet, r
 
 def test_a_copy_outside_the_tolerance_is_refused_when_made_and_when_served(  # type: ignore[no-untyped-def]
         mobilenet, real_batch, store, monkeypatch: pytest.MonkeyPatch) -> None:
-    from ctscan import onnx_runtime
+    from ctscan.serving import onnx_runtime
 
     model, card = mobilenet
     # A converter that gets the model wrong (here: hands back DenseNet's copy, same input size).

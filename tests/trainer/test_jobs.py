@@ -69,7 +69,7 @@ def test_job_runs_from_submission_to_a_promoted_model(
     # What the library decides for this image with the stored card (preprocessing, gate,
     # calibration): the service must answer the same.
     from ctscan.imaging.decoding import decode_image
-    from ctscan.predictor import Predictor
+    from ctscan.serving.predictor import Predictor
 
     expected = Predictor.from_store(store, ["mobilenetv2"]).classify(
         [decode_image(image.read_bytes())], model="mobilenetv2")[0].decision

@@ -33,7 +33,7 @@ from ctscan.study import AGGREGATION_RULE
 if TYPE_CHECKING:
     from ctscan.calibration import Calibration
     from ctscan.imaging.preprocessing import LungFindings as FoundLungs
-    from ctscan.predictor import MemberOutput, SliceResult
+    from ctscan.serving.predictor import MemberOutput, SliceResult
 
 TOP_SLICES = 3  # the study's most suspicious slices, shown with heatmaps
 
