@@ -171,12 +171,12 @@ def calibrate_ensemble(
 
     datasets = [CTDataset(folder) for folder in [data_dir, *(extra_data_dirs or [])]]
     samples = [s for dataset in datasets for s in _subset(dataset.split("val"), limit_per_class, 42)]
-    dataset = datasets[0]
+    fingerprints = {d.name: d.fingerprint() for d in datasets}  # read once: every candidate is checked on them
     candidates = list(dict.fromkeys([*_resolve_models(store, "all"), *(members or [])]))
     split = predict_split(store, candidates, samples)
     targets = split.targets
     measured = {name: card for name in candidates
-                if (card := _measured_on_unseen_sources(split, name, datasets)) is not None}
+                if (card := _measured_on_unseen_sources(split, name, fingerprints)) is not None}
     choice = choose_members(store, members=members, floors=floors, measured=measured)
     names = choice.members
     mean = np.mean([split.calibrated[n] for n in names], axis=0)
@@ -190,8 +190,8 @@ def calibrate_ensemble(
         overrides=choice.overrides or None,
         threshold=threshold,
         threshold_rule=rule,
-        dataset_fingerprint=dataset.fingerprint() if len(datasets) == 1 else combined_fingerprint(
-            [{"fingerprint": d.fingerprint()} for d in datasets]),
+        dataset_fingerprint=next(iter(fingerprints.values())) if len(fingerprints) == 1 else combined_fingerprint(
+            [{"fingerprint": f} for f in fingerprints.values()]),
         metrics={"val": full_report(targets, probabilities, threshold), **_by_source(samples, targets, probabilities,
                                                                                      threshold)},
         created_at=datetime.now(UTC).isoformat(),
@@ -204,23 +204,23 @@ def calibrate_ensemble(
     return record
 
 
-def _measured_on_unseen_sources(split: SplitPredictions, name: str, datasets: list[CTDataset]) -> ModelCard | None:
+def _measured_on_unseen_sources(split: SplitPredictions, name: str, fingerprints: dict[str, str]) -> ModelCard | None:
     """`name`'s card with its val metrics measured on those of the ensemble's val sources its
     card has no numbers for (a model trained and validated on UCSD alone has never been judged
     on Radiopaedia val); None when its card covers them all. Its own threshold and calibration."""
     card = split.cards[name]
     recorded = card.dataset or {}
     seen = {recorded.get("fingerprint")} | {s.get("fingerprint") for s in recorded.get("sources") or []}
-    unseen = {d.name for d in datasets if d.fingerprint() not in seen}
-    chosen = np.array([s.source in unseen for s in split.samples])
+    unseen = sorted(source for source, fingerprint in fingerprints.items() if fingerprint not in seen)
+    sources = np.array([s.source for s in split.samples])
+    chosen = np.isin(sources, unseen)
     if not chosen.any():
         return None
-    sources = np.array([s.source for s in split.samples])
     targets, probabilities = split.targets, split.calibrated[name]
     return card.model_copy(update={"metrics": {  # per source even for one: the refusal names it
         "val": full_report(targets[chosen], probabilities[chosen], card.threshold),
         "val_sources": {source: full_report(targets[sources == source], probabilities[sources == source],
-                                            card.threshold) for source in sorted(unseen)}}})
+                                            card.threshold) for source in unseen}}})
 
 
 def _by_source(samples: list[Sample], targets: np.ndarray, probabilities: np.ndarray,
