@@ -9,6 +9,8 @@
 # on both val splits over the members that pass (calibrate-ensemble picks them by the same
 # floors and records the others with their reason). Test splits are reported, never chosen on.
 # Resumable: rerun after an interruption and each model continues from its last checkpoint.
+# RELEASE_MODELS="a b" trains only those members, so two invocations can share the cores (one
+# TensorFlow thread each); the ensemble is calibrated by whichever finishes the last member.
 #   scripts/train_release.sh            (data: ../shared/data/<set>, or RELEASE_DATA_ROOT)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +34,7 @@ train() {
 recipe() {  # one model's release recipe: input size, epochs, learning rate, then its own flags
   case $1 in
     densenet121) echo "128 ${DENSENET_EPOCHS:-40} 3e-4 --swa-epochs 12" ;;
-    inceptionv3) echo "112 ${INCEPTION_EPOCHS:-40} 1e-3" ;;
+    inceptionv3) echo "112 ${INCEPTION_EPOCHS:-40} 1e-3 --swa-epochs 12" ;;
     mobilenetv2) echo "112 ${MOBILENET_EPOCHS:-90} 1e-3 --ema" ;;
     *) echo "no release recipe for $1 (an ensemble member in ctscan/models.py): add one here" >&2; return 1 ;;
   esac
@@ -40,9 +42,12 @@ recipe() {  # one model's release recipe: input size, epochs, learning rate, the
 mkdir -p "$RUNS"
 # The release is the registry's ensemble (ctscan.models.ensemble_members), never a list here.
 members=$(.venv/bin/python -c 'from ctscan.models import ensemble_members; print(*ensemble_members())')
-for model in $members; do
+for model in ${RELEASE_MODELS:-$members}; do
   spec=$(recipe "$model")
   read -r -a arguments <<< "$spec"
   train "$model" "${arguments[@]}"
+done
+for model in $members; do
+  if [ ! -f "$RUNS/$model/.done" ]; then echo "$model not trained yet: the ensemble waits for it"; exit 0; fi
 done
 .venv/bin/ctscan models calibrate-ensemble --store "$STORE" "${SOURCES[@]}"
