@@ -26,6 +26,14 @@ SERVICES_GROUP = "ctscan.services"  # name -> callable(args) that runs the servi
 COMMANDS_GROUP = "ctscan.commands"  # name -> callable(subparsers) that adds a command
 
 
+def _source_share(text: str) -> tuple[str, float]:
+    name, _, factor = text.partition("=")
+    try:
+        return name.strip(), float(factor)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=FACTOR (a data folder's name, a number)") from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -78,6 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         augment=not args.no_augment, preprocessing=args.preprocessing, augmentation=args.augmentation,
         mixup=args.mixup, ema=args.ema, label_smoothing=args.label_smoothing, weight_decay=args.weight_decay,
         source_variants=args.source_variants, swa_epochs=args.swa_epochs,
+        source_weights=dict(args.source_weight or []),
     )
     run_dir = args.run_dir or (get_core_settings().runs_dir / args.model)
     version, card, promoted = train_and_store(
@@ -466,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "sources at once (their train splits; selection on the worst val source)")
     train.add_argument("--anatomy-balance", action="store_true",
                        help="weight slices so that where a slice lies in the chest cannot predict its label")
+    train.add_argument("--source-weight", action="append", type=_source_share, metavar="NAME=FACTOR",
+                       help="scale one source's total weight (default: every source alike), e.g. "
+                            "ucsd-covid-ct=2; NAME is the data folder's name")
     train.add_argument("--init", default="imagenet", help="imagenet | none | PATH to backbone weights")
     train.add_argument("--input-size", type=_positive_int)
     train.add_argument("--epochs", type=_positive_int, default=30)

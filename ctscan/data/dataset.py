@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -445,7 +445,7 @@ def make_pipeline(
 
 
 def source_weights(targets: np.ndarray, sources: np.ndarray, anatomy: np.ndarray | None = None,
-                   *, clip: float = 0.1) -> np.ndarray:
+                   *, clip: float = 0.1, shares: Mapping[str, float] | None = None) -> np.ndarray:
     """Per-slice loss weights for training on several sources: within each source the two
     classes weigh the same, and every source (with both classes) weighs the same in total,
     so neither a source's size nor its class mix can be learnt as "this source = COVID".
@@ -453,7 +453,10 @@ def source_weights(targets: np.ndarray, sources: np.ndarray, anatomy: np.ndarray
     With `anatomy` (see ANATOMY_FEATURES), each slice is also weighted by the inverse of the
     probability of its label given its anatomy, fitted per source (logistic regression,
     probabilities clipped to [clip, 1 - clip]): COVID and clean slices then look alike in
-    where they lie in the chest, and reading the slice's height stops paying."""
+    where they lie in the chest, and reading the slice's height stops paying.
+
+    `shares` (source name -> factor, default 1) scales a source's total weight: a source whose
+    labels the others contradict can be given more say than one vote among equals."""
     from sklearn.linear_model import LogisticRegression
 
     targets = np.asarray(targets, dtype=np.float32)
@@ -473,7 +476,7 @@ def source_weights(targets: np.ndarray, sources: np.ndarray, anatomy: np.ndarray
             group = chosen & (targets == label)
             if group.any():
                 # Each class of the source gets half of the source's share.
-                weights[group] *= (0.5 / weights[group].sum())
+                weights[group] *= (0.5 * (shares or {}).get(name, 1.0) / weights[group].sum())
     return (weights * len(targets) / weights.sum()).astype(np.float32)
 
 

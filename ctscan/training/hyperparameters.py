@@ -52,6 +52,7 @@ class HyperParameters(BaseModel):
     swa_epochs: int | None = Field(default=None, ge=0, le=1000)
     input_gate: StrictBool | None = None
     anatomy_balance: StrictBool | None = None
+    source_weights: dict[str, Annotated[float, Field(gt=0, le=100)]] | None = None
 
     @model_validator(mode="after")
     def _known_preprocessing(self) -> HyperParameters:

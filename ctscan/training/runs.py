@@ -88,6 +88,8 @@ class TrainConfig:
     # by the worst source's AUC: no epoch can win on one source alone).
     extra_data_dirs: list[str] = field(default_factory=list)
     anatomy_balance: bool = False  # weight slices so anatomy cannot predict the label (data.source_weights)
+    # Source name -> factor on its total weight (default: every source alike).
+    source_weights: dict[str, float] = field(default_factory=dict)
     source_names: list[str] = field(default_factory=list)  # one per data folder; default: the folders' names
 
     @property
@@ -127,6 +129,12 @@ class TrainConfig:
             raise CTScanError(f"{len(self.source_names)} source names for {len(self.data_dirs)} data folders")
         if len(set(names)) != len(names):
             raise CTScanError(f"each data folder must be another source; got {', '.join(names)}")
+        unknown = sorted(set(self.source_weights) - set(names))
+        if unknown:
+            raise CTScanError(f"source_weights names {', '.join(unknown)}, which is not among the sources "
+                              f"({', '.join(names)})")
+        if any(not 0.0 < float(w) <= 100.0 for w in self.source_weights.values()):
+            raise CTScanError(f"source_weights must lie in (0, 100], got {self.source_weights!r}")
         if not 0.0 <= self.weight_decay <= 1.0:
             raise CTScanError(f"weight_decay must lie in 0..1, got {self.weight_decay!r}")
 
@@ -371,8 +379,8 @@ class Trainer:
         self.class_weights = weights
         self.sample_weights = source_weights(
             self.train_y, self.train_split.sources,
-            self.train_split.anatomy if config.anatomy_balance else None)
-        first = sources[0]
+            self.train_split.anatomy if config.anatomy_balance else None, shares=config.source_weights)
+        first, shares = sources[0], config.source_weights
         self.data_summary = {
             "path": first["path"],
             # One source: its own fingerprint (cards before multi-source training read the same);
@@ -383,7 +391,8 @@ class Trainer:
             "val_images": len(val_samples),
             "class_weights": weights,
             "sources": sources,
-            "weighting": "per source and class" + (", inverse anatomy propensity" if config.anatomy_balance else ""),
+            "weighting": "per source and class" + (", inverse anatomy propensity" if config.anatomy_balance else "")
+                         + "".join(f", {name} weighs {share:g}x" for name, share in sorted(shares.items())),
         }
 
     def run(self, *, resume: bool = False) -> tuple[Any, RunState, dict[str, Any]]:

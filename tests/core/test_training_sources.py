@@ -123,3 +123,21 @@ def test_the_ensemble_is_calibrated_on_the_val_splits_of_several_sources(
     assert record.dataset_fingerprint == combined_fingerprint(
         [{"fingerprint": CTDataset(d).fingerprint()} for d in (data_dir, radiopaedia_dir)])
     assert open_store(copy).ensemble_record() == record
+
+
+def test_a_source_share_scales_that_source_and_keeps_its_classes_even() -> None:
+    targets = np.array([1] * 30 + [0] * 10 + [1] * 5 + [0] * 15, np.float32)
+    sources = np.array(["ucsd"] * 40 + ["radio"] * 20)
+    weights = source_weights(targets, sources, shares={"ucsd": 2.0})
+    total = {name: weights[sources == name].sum() for name in ("ucsd", "radio")}
+    assert total["ucsd"] == pytest.approx(2 * total["radio"])
+    for name in ("ucsd", "radio"):
+        chosen = sources == name
+        assert weights[chosen & (targets == 1)].sum() == pytest.approx(weights[chosen & (targets == 0)].sum())
+
+
+def test_a_share_for_a_source_not_trained_on_is_refused(data_dir: Path) -> None:
+    config = TrainConfig(model="mobilenetv2", data_dir=str(data_dir), init="none",
+                         source_weights={"elsewhere": 2.0})
+    with pytest.raises(CTScanError, match="not among the sources"):
+        config.validate()
