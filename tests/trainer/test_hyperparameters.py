@@ -29,6 +29,8 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"preprocessing": "magic"}, "preprocessing must be one of"),
     ({"swa_epochs": 9}, "swa_epochs: at most epochs (3), got 9"),
     ({"learning_rat": 0.1}, "unknown hyper-parameter learning_rat"),
+    ({"source_weights": {"ucsd-covid-ct": 0}}, "source_weights.ucsd-covid-ct: Input should be greater than 0"),
+    ({"source_weights": "ucsd=2"}, "source_weights: Input should be a valid dictionary"),
 ]
 
 
