@@ -190,7 +190,14 @@ def _print_lesions(lesions: dict[str, Any]) -> None:
 def cmd_audit(args: argparse.Namespace) -> int:
     from ctscan.data.shortcut_audit import audit_dataset
 
-    report = audit_dataset(_data_dir(args), preprocessing=args.preprocessing,
+    if args.lung_features:
+        return _lung_feature_audit(args)
+    if args.data and len(args.data) > 1:
+        raise CTScanError("the shortcut audit reads one data set (--data once); several go with --lung-features")
+    from ctscan.settings import get_core_settings
+
+    report = audit_dataset(args.data[0] if args.data else str(get_core_settings().data_dir),
+                           preprocessing=args.preprocessing,
                            splits=args.split or None, resamples=args.resamples)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -203,6 +210,25 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(f"  {cue_set:12s} cue-only AUC {result['auc']:.3f} [{low:.3f}-{high:.3f}]  strongest: {top}")
     for warning in report["warnings"]:
         print(f"ctscan: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _lung_feature_audit(args: argparse.Namespace) -> int:
+    from ctscan.evaluation.lesion_metrics import lung_feature_audit
+    from ctscan.settings import get_core_settings
+
+    folders = args.data or [str(get_core_settings().data_dir)]
+    report = lung_feature_audit(folders, args.split or ("train", "val", "test"))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    names = report["features"]
+    print("AUC of untrained lung features (lung-v1; above 0.5: higher on COVID-19 slices)")
+    print(f"{'split':32s} " + " ".join(f"{n:>9s}" for n in names))
+    for split, row in report["splits"].items():
+        cells = " ".join(f"{v:9.3f}" if v is not None else f"{'-':>9s}" for v in (row["auc"][n] for n in names))
+        print(f"{split:32s} {cells}")
+    print("same direction on every split: " + (", ".join(report["consistent"]) or "none"))
     return 0
 
 
@@ -533,7 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     audit = sub.add_parser("audit", help="can non-clinical cues (file format, size, intensity) predict the labels?")
-    audit.add_argument("--data", help="dataset folder (default: CTSCAN_DATA_DIR)")
+    audit.add_argument("--data", action="append",
+                       help="dataset folder (default: CTSCAN_DATA_DIR); several with --lung-features")
+    audit.add_argument("--lung-features", action="store_true",
+                       help="AUC of untrained lung features (density, ground glass, texture) on every split "
+                            "of every --data: where do the sources' labels disagree about what infection looks like?")
     audit.add_argument("--preprocessing", choices=tuple(PREPROCESSORS), default=DEFAULT_PREPROCESSING,
                        help="preprocessing whose output the model_input cues are measured on")
     audit.add_argument("--split", action="append", choices=("train", "val", "test"),

@@ -137,6 +137,11 @@ def _auc(targets: np.ndarray, scores: np.ndarray) -> float | None:
     return float(roc_auc_score(targets.astype(int), scores))
 
 
+def _finite_auc(targets: np.ndarray, scores: np.ndarray) -> float | None:
+    finite = np.isfinite(scores)
+    return _auc(targets[finite], scores[finite])
+
+
 def within_patient(targets: np.ndarray, scores: np.ndarray, patients: Sequence[str | None]) -> dict[str, Any]:
     """AUC inside each patient with both classes, and their mean."""
     result: dict[str, Any] = {}
@@ -346,3 +351,62 @@ def prepared_for_baselines(decoded: Sequence[Any]) -> list[PreparedSlice]:
     from ctscan.imaging.preprocessing import prepare
 
     return [prepare(d, LUNG_V1) for d in decoded]
+
+
+# Untrained lung features (standardised lung-v1 intensities inside the lung mask) whose
+# direction the feature audit compares across sources and splits. Lesions raise the first
+# ones; the last two are texture and where in the lung the density sits.
+LUNG_FEATURES = ("mean", "p10", "p50", "p90", "std", "above_0.3", "above_0.8", "texture", "rim_minus_core")
+GROUND_GLASS_LEVEL = 0.3  # between aerated lung (AIR_LEVEL 0.08) and soft tissue (1.0)
+CONSOLIDATION_LEVEL = 0.8
+
+
+def lung_features(prepared: PreparedSlice) -> dict[str, float]:
+    """LUNG_FEATURES of one lung-v1 slice (NaN without a lung mask)."""
+    from scipy import ndimage
+
+    values = lung_intensities(prepared)
+    if values.size < 20 or prepared.lung_mask is None:
+        return dict.fromkeys(LUNG_FEATURES, float("nan"))
+    grey, mask = prepared.grey.astype(np.float32) / 255.0, prepared.lung_mask
+    p10, p50, p90 = np.percentile(values, (10, 50, 90))
+    depth = ndimage.distance_transform_edt(mask)
+    rim = mask & (depth < np.percentile(depth[mask], 40))  # the outer 40 %: where COVID-19 GGO starts
+    return {"mean": float(values.mean()), "p10": float(p10), "p50": float(p50), "p90": float(p90),
+            "std": float(values.std()), "above_0.3": float((values > GROUND_GLASS_LEVEL).mean()),
+            "above_0.8": float((values > CONSOLIDATION_LEVEL).mean()),
+            "texture": float(np.abs(ndimage.gaussian_laplace(grey, 1.0))[mask].mean()),
+            "rim_minus_core": float(grey[rim].mean() - grey[mask & ~rim].mean()) if (mask & ~rim).any() else 0.0}
+
+
+def lung_feature_audit(data_dirs: Sequence[str], splits: Sequence[str] = ("train", "val", "test"),
+                       limit_per_class: int | None = None) -> dict[str, Any]:
+    """AUC of every untrained lung feature on each source's splits (above 0.5: higher on
+    COVID-19 slices), and the features whose direction holds on all of them. A feature, or a
+    network that learns it, cannot be selected on a split where it points the other way:
+    this shows where the sources' labels disagree about what infection looks like."""
+    from ctscan.data.dataset import decode_sample
+    from ctscan.imaging.preprocessing import prepare
+
+    table: dict[str, dict[str, Any]] = {}
+    for folder in data_dirs:
+        dataset = CTDataset(folder)
+        for split in splits:
+            if not any(s.split == split for s in dataset.samples):
+                continue  # a test-only set (CT-MD) has no train or val split
+            samples = dataset.split(split)
+            if limit_per_class is not None:
+                samples = [s for label in (0, 1) for s in [q for q in samples if q.target == label][:limit_per_class]]
+            prepared = [prepare(decode_sample(s), LUNG_V1) for s in samples]
+            kept = [(s, p) for s, p in zip(samples, prepared, strict=True) if p.lungs_visible]
+            targets = np.array([s.target for s, _ in kept], np.float64)
+            features = [lung_features(p) for _, p in kept]
+            table[f"{dataset.name}/{split}"] = {
+                "slices": len(kept), "screened_out": len(samples) - len(kept),
+                "auc": {name: _finite_auc(targets, np.array([f[name] for f in features], np.float64))
+                        for name in LUNG_FEATURES}}
+    directions = {name: {np.sign(row["auc"][name] - 0.5) for row in table.values() if row["auc"][name] is not None}
+                  for name in LUNG_FEATURES}
+    return {"features": list(LUNG_FEATURES), "splits": table,
+            "consistent": [name for name, signs in directions.items() if len(signs) == 1],
+            "note": "AUC of the untrained feature as a score; above 0.5 means higher on COVID-19 slices"}
