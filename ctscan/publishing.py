@@ -9,7 +9,7 @@ checked against TensorFlow on real images here, once (servers only load it).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +25,7 @@ from ctscan.storage.store import ModelStore
 if TYPE_CHECKING:
     import keras
 
+    from ctscan.data.dataset import Sample
     from ctscan.training.runs import EpochReport, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -152,12 +153,15 @@ def below_floors(card: ModelCard, floors: PromotionSettings | None = None) -> st
 
 
 def decide_promotion(store: ModelStore, name: str, version: str, card: ModelCard, *, metric: str = "auc",
-                     floors: PromotionSettings | None = None) -> PromotionDecision:
+                     floors: PromotionSettings | None = None,
+                     production_measured: ModelCard | None = None) -> PromotionDecision:
     """The promotion gate. A candidate is promoted only when it clears the AUC and
     balanced-accuracy floors on val (`below_floors`, whatever `metric` is: a model that says
     COVID for every image has a recall of 1 and a balanced accuracy of 0.5), and either there
-    is no production version, or production was validated on the same dataset version, split
-    and images and the candidate beats it on val `metric`."""
+    is no production version, or the candidate beats production on val `metric` on the same
+    images: production's card when it was validated on the same dataset version, split and
+    images, else `production_measured` (production's card with its val numbers measured on the
+    candidate's val split, `production_on_val_of`), else it is not comparable."""
     from ctscan.settings import get_promotion_settings
 
     floors = floors or get_promotion_settings()
@@ -187,6 +191,13 @@ def decide_promotion(store: ModelStore, name: str, version: str, card: ModelCard
     production_value = production_card.val_metric(metric)
     compared["production"] = production_value
     ours, theirs = validation_set(card), validation_set(production_card)
+    if (ours is None or ours != theirs) and production_measured is not None:
+        production_value = production_measured.val_metric(metric)
+        compared["production"] = production_value
+        shown = "undefined" if production_value is None else f"{production_value:.4f}"
+        beats = production_value is None or candidate > production_value
+        return decided(beats, f"val {metric} {candidate:.4f} {'beats' if beats else 'does not beat'} production "
+                       f"{current} measured on the candidate's val split ({shown})")
     if ours is None or ours != theirs:
         return decided(False, _different_sets(ours, theirs, current))
     if production_value is None:
@@ -209,9 +220,70 @@ def _different_sets(ours: dict[str, Any] | None, theirs: dict[str, Any] | None, 
             f"{describe(theirs)}; promote it by hand (ctscan models promote) if that is intended")
 
 
+def production_on_val_of(store: ModelStore, name: str, candidate: ModelCard,
+                         samples: Sequence[Sample] | None = None) -> ModelCard | None:
+    """Production's card with its val numbers measured on `samples` (a candidate's val split;
+    default: the val splits of the sources its card names, where they are on disk), each
+    source apart, with production's own preprocessing, calibration and threshold, so the gate
+    compares the two on the same images. None when there is no production version, it was
+    validated on the candidate's own val set already, or either cannot be read."""
+    from ctscan.calibration import Calibration
+    from ctscan.data.dataset import load_split
+    from ctscan.imaging.preprocessing import card_preprocessing
+    from ctscan.metrics import full_report
+    from ctscan.models import load_keras_model, predict_probabilities
+
+    current = store.production(name)
+    if current is None:
+        return None
+    try:
+        production = store.card(name, current)
+        if validation_set(production) == validation_set(candidate):
+            return None
+        samples = _val_samples_of(candidate) if samples is None else samples
+        if not samples:
+            return None
+        model, production = load_keras_model(store, name, current)
+    except CTScanError as exc:
+        logger.warning("%s %s cannot be measured on the candidate's val split: %s", name, current, exc)
+        return None
+    split = load_split(samples, int(production.input_size), preprocessing=card_preprocessing(production))
+    probabilities = Calibration.from_dict(production.calibration).apply(predict_probabilities(model, split.images))
+    threshold = float(production.threshold)
+    sources = sorted(set(split.sources.tolist()))
+    metrics: dict[str, Any] = {"val": full_report(split.targets, probabilities, threshold, resamples=200)}
+    if len(sources) > 1:
+        metrics["val_sources"] = {source: full_report(split.targets[split.sources == source],
+                                                      probabilities[split.sources == source], threshold, resamples=200)
+                                  for source in sources}
+    return production.model_copy(update={"metrics": metrics})
+
+
+def _val_samples_of(card: ModelCard) -> list[Sample] | None:
+    """The val slices a card was selected on, read again from its sources' folders (None for a
+    subset run, or when a folder is gone or changed since)."""
+    from ctscan.data.dataset import CTDataset
+
+    recorded = card.dataset or {}
+    if (card.hyperparameters or {}).get("limit_per_class"):
+        return None
+    sources = recorded.get("sources") or [{"name": None, "path": recorded.get("path"),
+                                           "fingerprint": recorded.get("fingerprint")}]
+    samples: list[Sample] = []
+    for source in sources:
+        if not source.get("path") or not Path(source["path"]).is_dir():
+            return None
+        dataset = CTDataset(source["path"], name=source.get("name"))
+        if dataset.fingerprint() != source.get("fingerprint"):
+            return None
+        samples += dataset.split("val")
+    return samples
+
+
 def promote_with_reason(store: ModelStore, name: str, version: str, card: ModelCard, *,
                         policy: str = "auto", metric: str = "auc", source: str = "trained",
-                        floors: PromotionSettings | None = None) -> PromotionDecision:
+                        floors: PromotionSettings | None = None,
+                        production_measured: ModelCard | None = None) -> PromotionDecision:
     """Apply the promotion policy to a saved version and return the decision with its reason.
 
     "auto" asks the gate (`decide_promotion`), "always" promotes, "never" does not. A version
@@ -221,7 +293,8 @@ def promote_with_reason(store: ModelStore, name: str, version: str, card: ModelC
         raise CTScanError(f"promote must be auto, always or never, got {policy!r}")
     if metric not in PROMOTION_METRICS:
         raise CTScanError(f"the promotion metric must be one of {', '.join(PROMOTION_METRICS)}, got {metric!r}")
-    decision = decide_promotion(store, name, version, card, metric=metric, floors=floors)
+    decision = decide_promotion(store, name, version, card, metric=metric, floors=floors,
+                                production_measured=production_measured)
     if store.production(name) == version:
         return decision
     if policy == "never":
@@ -262,8 +335,12 @@ def train_and_store(
         store, name=config.model, model=model, weights=weights, card=card,
         verification_images=pick_verification_images(val_x, val_y),
         verified_on=f"val split of dataset {str(trainer.data_summary['fingerprint'])[:12]}", version=version)
+    # Production validated on another val set (one source, where the candidate had several) is
+    # measured on the candidate's, so the gate compares like with like.
+    measured = production_on_val_of(store, config.model, saved, trainer.val_samples) \
+        if promote == "auto" and below_floors(saved) is None else None
     decision = promote_with_reason(store, config.model, version, saved, policy=promote, metric=metric,
-                                   source="trained with ctscan train")
+                                   source="trained with ctscan train", production_measured=measured)
     logger.warning("%s %s %s: %s", config.model, version, "promoted" if decision.promote else "not promoted",
                    decision.reason)
     return version, saved, decision.promote

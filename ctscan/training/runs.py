@@ -373,6 +373,7 @@ class Trainer:
         self.train_split = load_split(train_samples, self.input_size, preprocessing=config.preprocessing,
                                       variants=variants, seed=config.seed)
         self.train_x, self.train_y = self.train_split.images, self.train_split.targets
+        self.val_samples = val_samples  # the promotion gate measures production on them too
         self.val_split = load_split(val_samples, self.input_size, preprocessing=config.preprocessing)
         self.val_data = (self.val_split.images, self.val_split.targets)
         weights = class_weights(self.train_y)

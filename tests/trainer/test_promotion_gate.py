@@ -141,3 +141,42 @@ def test_promote_and_rollback_need_the_admin_credential(
     assert store.production_record("mobilenetv2").reason == "promoted by an admin"
     rolled = ctscan_cli("models", "rollback", "mobilenetv2", "--store", store.url)
     assert rolled.returncode == 0 and store.production("mobilenetv2") == first
+
+
+@pytest.mark.slow
+def test_production_validated_on_one_source_is_measured_on_the_candidates_sources(
+        tmp_path: Path, data_dir: Path, radiopaedia_dir: Path) -> None:
+    """The first multi-source candidate meets a production model validated on UCSD val alone:
+    the gate measures production (the shipped MobileNetV2) on the candidate's val split, each
+    source apart, and compares the two by the same worst-source rule instead of refusing them as
+    not comparable."""
+    from ctscan.data.dataset import CTDataset
+    from ctscan.publishing import production_on_val_of
+    from ctscan.release import seed_store
+
+    store = open_store(tmp_path / "store")
+    seed_store(Path(__file__).resolve().parents[2] / "models", store)
+    production = store.production("mobilenetv2")
+    sources = [{"name": d.name, "path": str(d), "fingerprint": CTDataset(d).fingerprint()}
+               for d in (data_dir, radiopaedia_dir)]
+    report = {"auc": 0.75, "balanced_accuracy": 0.70, "recall": 0.7, "accuracy": 0.7,
+              "confusion_matrix": [[35, 15], [15, 35]]}
+    card = {**_card(auc=0.75, matrix=[[35, 15], [15, 35]], val_images=190, fingerprint="f" * 64),
+            "architecture": "mobilenetv2"}
+    card["dataset"] = {"fingerprint": "f" * 64, "val_images": 190, "path": str(data_dir), "sources": sources}
+    card["metrics"]["val_sources"] = {s["name"]: report for s in sources}
+    candidate = _candidate(store, card)
+
+    measured = production_on_val_of(store, "mobilenetv2", candidate)
+    assert measured is not None and set(measured.metrics["val_sources"]) == {s["name"] for s in sources}
+    ucsd = CTDataset(data_dir).split("val")
+    assert sum(map(sum, measured.metrics["val_sources"][data_dir.name]["confusion_matrix"])) == len(ucsd)
+    worst = measured.val_metric("auc")
+    assert worst is not None and worst < 0.75  # measured: 0.445 on Radiopaedia val, which its card never saw
+    decision = decide_promotion(store, "mobilenetv2", "20260102T000000Z-bbbb", candidate, floors=FLOORS,
+                                production_measured=measured)
+    assert decision.promote is True
+    assert decision.reason == (f"val auc 0.7500 beats production {production} measured on the candidate's val "
+                               f"split ({worst:.4f})")
+    # Without the measurement the two are not compared at all.
+    assert decide_promotion(store, "mobilenetv2", "x", candidate, floors=FLOORS).reason.startswith("not comparable")
