@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Trains a release (models/) from random initialisation on several sources at once (issue 22):
 # UCSD train + Radiopaedia train, classes balanced within each source and slices weighted so
-# that anatomy (lung area, crop share) cannot predict the label (--anatomy-balance; DenseNet-121
-# gives UCSD twice Radiopaedia's say, --source-weight, since UCSD val is where it fell); lung-v1
+# that anatomy (lung area, crop share) cannot predict the label (--anatomy-balance), UCSD given
+# twice Radiopaedia's say (--source-weight: UCSD val is where every recipe fell); lung-v1
 # preprocessing, domain-randomising augmentation, a cosine schedule. The epoch, calibration,
 # threshold and band are chosen on the val splits of both sources by the worst source's AUC,
 # and a model is promoted only when it passes the floors on EVERY val source (--promote auto):
@@ -32,11 +32,14 @@ train() {
     | tee "$RUNS/$model.summary.json"
   touch "$RUNS/$model/.done"
 }
+# UCSD's labels (other lung diseases among its non-COVID slices) disagree with Radiopaedia's about
+# density (`ctscan audit --lung-features`); with equal say every recipe fell on UCSD val.
+UCSD_SHARE="--source-weight ucsd-covid-ct=${UCSD_SHARE_FACTOR:-2}"
 recipe() {  # one model's release recipe: input size, epochs, learning rate, then its own flags
   case $1 in
-    densenet121) echo "128 ${DENSENET_EPOCHS:-40} 3e-4 --swa-epochs 12 --source-weight ucsd-covid-ct=2" ;;
-    inceptionv3) echo "112 ${INCEPTION_EPOCHS:-40} 1e-3 --swa-epochs 12" ;;
-    mobilenetv2) echo "112 ${MOBILENET_EPOCHS:-90} 1e-3 --ema" ;;
+    densenet121) echo "128 ${DENSENET_EPOCHS:-40} 3e-4 --swa-epochs 12 $UCSD_SHARE" ;;
+    inceptionv3) echo "112 ${INCEPTION_EPOCHS:-40} 1e-3 --swa-epochs 12 $UCSD_SHARE" ;;
+    mobilenetv2) echo "112 ${MOBILENET_EPOCHS:-90} 1e-3 --ema $UCSD_SHARE" ;;
     *) echo "no release recipe for $1 (an ensemble member in ctscan/models.py): add one here" >&2; return 1 ;;
   esac
 }
