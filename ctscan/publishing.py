@@ -127,11 +127,13 @@ class PromotionDecision:
 def floor_measurements(card: ModelCard, floors: PromotionSettings) -> dict[str, Any]:
     """The numbers the promotion floors are checked on: with several val sources, each
     metric's worst source (every floor must hold on each of them)."""
-    per_source = [b for b in (balanced_accuracy(m) for m in (card.metrics.get("val_sources") or {}).values())
-                  if b is not None]
-    balanced = min(per_source) if per_source else balanced_accuracy(card.metrics.get("val") or {})
-    return {"min_auc": floors.min_auc, "auc": card.val_metric("auc"),
-            "min_balanced_accuracy": floors.min_balanced_accuracy, "balanced_accuracy": balanced}
+    per_source = {name: b for name, m in (card.metrics.get("val_sources") or {}).items()
+                  if (b := balanced_accuracy(m)) is not None}
+    worst = min(per_source, key=lambda name: per_source[name]) if per_source else None
+    balanced = per_source[worst] if worst is not None else balanced_accuracy(card.metrics.get("val") or {})
+    return {"min_auc": floors.min_auc, "auc": card.val_metric("auc"), "auc_source": card.worst_val_source("auc"),
+            "min_balanced_accuracy": floors.min_balanced_accuracy, "balanced_accuracy": balanced,
+            "balanced_accuracy_source": worst}
 
 
 def below_floors(card: ModelCard, floors: PromotionSettings | None = None) -> str | None:
@@ -141,10 +143,9 @@ def below_floors(card: ModelCard, floors: PromotionSettings | None = None) -> st
     from ctscan.settings import get_promotion_settings
 
     measured = floor_measurements(card, floors or get_promotion_settings())
-    worst = card.worst_val_source("auc")
-    for label, value, floor in (("AUC", measured["auc"], measured["min_auc"]),
-                                ("balanced accuracy", measured["balanced_accuracy"],
-                                 measured["min_balanced_accuracy"])):
+    for label, value, floor, worst in (("AUC", measured["auc"], measured["min_auc"], measured["auc_source"]),
+                                       ("balanced accuracy", measured["balanced_accuracy"],
+                                        measured["min_balanced_accuracy"], measured["balanced_accuracy_source"])):
         if floor > 0 and (value is None or value != value or value < floor):  # NaN: one class only
             shown = "unknown" if value is None or value != value else f"{value:.3f}"
             where = f" (worst val source: {worst})" if worst else ""

@@ -99,6 +99,15 @@ def test_with_several_val_sources_every_floor_holds_on_the_worst_one(tmp_path: P
                                                                   "metrics": {"val": card.metrics["val"],
                                                                               "val_sources": sources}})
     card = store.card("mobilenetv2", "v2")
-    # Radiopaedia's balanced accuracy (0.61) is now the worst: still refused, on that floor.
+    # Radiopaedia's balanced accuracy (0.612) is now the worst: still refused, on that floor.
     decision = decide_promotion(store, "mobilenetv2", "v2", card)
     assert not decision.promote and "balanced accuracy" in decision.reason
+    # The refusal names the source that fails that floor, not the one with the lowest AUC.
+    sources["radiopaedia-covid-seg"]["auc"] = 0.90
+    sources["ucsd-covid-ct"]["auc"] = 0.72
+    store.save("mobilenetv2", weights=b"w3", version="v3", card={**card.model_dump(), "version": "v3",
+                                                                  "metrics": {"val": card.metrics["val"],
+                                                                              "val_sources": sources}})
+    decision = decide_promotion(store, "mobilenetv2", "v3", store.card("mobilenetv2", "v3"))
+    assert decision.reason == ("val balanced accuracy 0.612 (worst val source: radiopaedia-covid-seg) is below the "
+                               "promotion floor 0.650")
