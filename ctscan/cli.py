@@ -189,15 +189,14 @@ def _print_lesions(lesions: dict[str, Any]) -> None:
 # --- audit --------------------------------------------------------------------------------
 def cmd_audit(args: argparse.Namespace) -> int:
     from ctscan.data.shortcut_audit import audit_dataset
-
-    if args.lung_features:
-        return _lung_feature_audit(args)
-    if args.data and len(args.data) > 1:
-        raise CTScanError("the shortcut audit reads one data set (--data once); several go with --lung-features")
     from ctscan.settings import get_core_settings
 
-    report = audit_dataset(args.data[0] if args.data else str(get_core_settings().data_dir),
-                           preprocessing=args.preprocessing,
+    folders = args.data or [str(get_core_settings().data_dir)]
+    if args.lung_features:
+        return _lung_feature_audit(args, folders)
+    if len(folders) > 1:
+        raise CTScanError("the shortcut audit reads one data set (--data once); several go with --lung-features")
+    report = audit_dataset(folders[0], preprocessing=args.preprocessing,
                            splits=args.split or None, resamples=args.resamples)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -213,11 +212,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lung_feature_audit(args: argparse.Namespace) -> int:
+def _lung_feature_audit(args: argparse.Namespace, folders: list[str]) -> int:
     from ctscan.evaluation.lesion_metrics import lung_feature_audit
-    from ctscan.settings import get_core_settings
 
-    folders = args.data or [str(get_core_settings().data_dir)]
     report = lung_feature_audit(folders, args.split or ("train", "val", "test"))
     if args.json:
         print(json.dumps(report, indent=2))

@@ -284,18 +284,23 @@ def _val_samples_of(card: ModelCard) -> list[Sample] | None:
 def promote_with_reason(store: ModelStore, name: str, version: str, card: ModelCard, *,
                         policy: str = "auto", metric: str = "auc", source: str = "trained",
                         floors: PromotionSettings | None = None,
-                        production_measured: ModelCard | None = None) -> PromotionDecision:
+                        val_samples: Sequence[Sample] | None = None) -> PromotionDecision:
     """Apply the promotion policy to a saved version and return the decision with its reason.
 
     "auto" asks the gate (`decide_promotion`), "always" promotes, "never" does not. A version
     that is production already (a redelivered job) stays so. The reason goes into the
-    production pointer when the version is promoted."""
+    production pointer when the version is promoted. Under "auto", a candidate that clears the
+    floors is compared with production measured on its own val split (`val_samples`, default
+    read from its card's sources: `production_on_val_of`) where production was validated on
+    another one."""
     if policy not in PROMOTE_POLICIES:
         raise CTScanError(f"promote must be auto, always or never, got {policy!r}")
     if metric not in PROMOTION_METRICS:
         raise CTScanError(f"the promotion metric must be one of {', '.join(PROMOTION_METRICS)}, got {metric!r}")
+    measured = production_on_val_of(store, name, card, val_samples) \
+        if policy == "auto" and store.production(name) != version and below_floors(card, floors) is None else None
     decision = decide_promotion(store, name, version, card, metric=metric, floors=floors,
-                                production_measured=production_measured)
+                                production_measured=measured)
     if store.production(name) == version:
         return decision
     if policy == "never":
@@ -336,12 +341,8 @@ def train_and_store(
         store, name=config.model, model=model, weights=weights, card=card,
         verification_images=pick_verification_images(val_x, val_y),
         verified_on=f"val split of dataset {str(trainer.data_summary['fingerprint'])[:12]}", version=version)
-    # Production validated on another val set (one source, where the candidate had several) is
-    # measured on the candidate's, so the gate compares like with like.
-    measured = production_on_val_of(store, config.model, saved, trainer.val_samples) \
-        if promote == "auto" and below_floors(saved) is None else None
     decision = promote_with_reason(store, config.model, version, saved, policy=promote, metric=metric,
-                                   source="trained with ctscan train", production_measured=measured)
+                                   source="trained with ctscan train", val_samples=trainer.val_samples)
     logger.warning("%s %s %s: %s", config.model, version, "promoted" if decision.promote else "not promoted",
                    decision.reason)
     return version, saved, decision.promote

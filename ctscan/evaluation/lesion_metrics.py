@@ -379,8 +379,7 @@ def lung_features(prepared: PreparedSlice) -> dict[str, float]:
             "rim_minus_core": float(grey[rim].mean() - grey[mask & ~rim].mean()) if (mask & ~rim).any() else 0.0}
 
 
-def lung_feature_audit(data_dirs: Sequence[str], splits: Sequence[str] = ("train", "val", "test"),
-                       limit_per_class: int | None = None) -> dict[str, Any]:
+def lung_feature_audit(data_dirs: Sequence[str], splits: Sequence[str] = ("train", "val", "test")) -> dict[str, Any]:
     """AUC of every untrained lung feature on each source's splits (above 0.5: higher on
     COVID-19 slices), and the features whose direction holds on all of them. A feature, or a
     network that learns it, cannot be selected on a split where it points the other way:
@@ -395,8 +394,6 @@ def lung_feature_audit(data_dirs: Sequence[str], splits: Sequence[str] = ("train
             if not any(s.split == split for s in dataset.samples):
                 continue  # a test-only set (CT-MD) has no train or val split
             samples = dataset.split(split)
-            if limit_per_class is not None:
-                samples = [s for label in (0, 1) for s in [q for q in samples if q.target == label][:limit_per_class]]
             prepared = [prepare(decode_sample(s), LUNG_V1) for s in samples]
             kept = [(s, p) for s, p in zip(samples, prepared, strict=True) if p.lungs_visible]
             targets = np.array([s.target for s, _ in kept], np.float64)

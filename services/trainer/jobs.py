@@ -179,7 +179,7 @@ def _run_leased(
     settings: TrainerSettings,
     on_progress: Callable[[dict[str, Any]], None] | None,
 ) -> JobRecord:
-    from ctscan.publishing import below_floors, production_on_val_of, promote_with_reason
+    from ctscan.publishing import promote_with_reason
     from ctscan.storage.store import open_store
 
     job_id = record.id
@@ -199,11 +199,8 @@ def _run_leased(
                     card = _train(record, records=records, store=store, checkpoints=checkpoints,
                                   settings=settings, on_progress=on_progress, guard=guard)
                 guard.check()
-                # As `ctscan train`: production validated elsewhere is measured on this job's val split.
-                measured = production_on_val_of(store, record.model, card) \
-                    if below_floors(card, settings.promotion) is None else None
                 decision = promote_with_reason(store, record.model, job_id, card,
-                                               metric=settings.promotion_metric, production_measured=measured,
+                                               metric=settings.promotion_metric,
                                                source=f"trained by job {job_id}", floors=settings.promotion)
                 break
             except StoreError as exc:

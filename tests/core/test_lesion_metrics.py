@@ -148,3 +148,6 @@ def test_the_lung_feature_audit_shows_where_the_sources_disagree(data_dir: Path,
     assert set(report["features"]) == set(ucsd["auc"])
     table = ctscan("audit", "--lung-features", "--data", str(radiopaedia_dir), "--split", "val")
     assert table.returncode == 0 and "radiopaedia-covid-seg/val" in table.stdout, table.stderr
+    # The shortcut audit reads one data set: two are refused with one clear line.
+    refused = ctscan("audit", "--data", str(data_dir), "--data", str(radiopaedia_dir))
+    assert refused.returncode == 2 and "reads one data set" in refused.stderr, refused.stderr

@@ -9,9 +9,12 @@ import pytest
 
 from ctscan.errors import CTScanError
 from ctscan.publishing import decide_promotion, promote_with_reason
+from ctscan.settings import PromotionSettings
 from ctscan.storage.records import ModelCard
 from ctscan.storage.store import ModelStore, open_store
 
+# The shipped floors, given explicitly: the trainer tests switch the environment's off.
+FLOORS = PromotionSettings.from_values(_env_file=None, min_auc=0.7, min_balanced_accuracy=0.65)
 
 def promote_if_better(store: ModelStore, name: str, version: str, card: ModelCard, **options: Any) -> bool:
     """Whether the version is production after the policy ran."""
@@ -91,7 +94,7 @@ def test_with_several_val_sources_every_floor_holds_on_the_worst_one(tmp_path: P
         "metrics": {"val": {"auc": 0.80, "confusion_matrix": [[60, 23], [24, 83]]}, "val_sources": sources}})
     card = store.card("mobilenetv2", version)
     assert card.val_metric("auc") == 0.62 and card.worst_val_source("auc") == "radiopaedia-covid-seg"
-    decision = decide_promotion(store, "mobilenetv2", version, card)
+    decision = decide_promotion(store, "mobilenetv2", version, card, floors=FLOORS)
     assert not decision.promote
     assert "0.620 (worst val source: radiopaedia-covid-seg) is below the promotion floor" in decision.reason
     sources["radiopaedia-covid-seg"]["auc"] = 0.75
@@ -100,7 +103,7 @@ def test_with_several_val_sources_every_floor_holds_on_the_worst_one(tmp_path: P
                                                                               "val_sources": sources}})
     card = store.card("mobilenetv2", "v2")
     # Radiopaedia's balanced accuracy (0.612) is now the worst: still refused, on that floor.
-    decision = decide_promotion(store, "mobilenetv2", "v2", card)
+    decision = decide_promotion(store, "mobilenetv2", "v2", card, floors=FLOORS)
     assert not decision.promote and "balanced accuracy" in decision.reason
     # The refusal names the source that fails that floor, not the one with the lowest AUC.
     sources["radiopaedia-covid-seg"]["auc"] = 0.90
@@ -108,6 +111,6 @@ def test_with_several_val_sources_every_floor_holds_on_the_worst_one(tmp_path: P
     store.save("mobilenetv2", weights=b"w3", version="v3", card={**card.model_dump(), "version": "v3",
                                                                   "metrics": {"val": card.metrics["val"],
                                                                               "val_sources": sources}})
-    decision = decide_promotion(store, "mobilenetv2", "v3", store.card("mobilenetv2", "v3"))
+    decision = decide_promotion(store, "mobilenetv2", "v3", store.card("mobilenetv2", "v3"), floors=FLOORS)
     assert decision.reason == ("val balanced accuracy 0.612 (worst val source: radiopaedia-covid-seg) is below the "
                                "promotion floor 0.650")

@@ -180,3 +180,6 @@ def test_production_validated_on_one_source_is_measured_on_the_candidates_source
                                f"split ({worst:.4f})")
     # Without the measurement the two are not compared at all.
     assert decide_promotion(store, "mobilenetv2", "x", candidate, floors=FLOORS).reason.startswith("not comparable")
+    # The policy's own path (`ctscan train` and training jobs) measures production itself.
+    promoted = promote_with_reason(store, "mobilenetv2", "20260102T000000Z-bbbb", candidate, floors=FLOORS)
+    assert promoted.reason == decision.reason and store.production("mobilenetv2") == "20260102T000000Z-bbbb"
